@@ -1,0 +1,109 @@
+/* model.h - the checkpoint format of this engine, version 1.
+
+   One file holds everything needed to run a model: the config, the tokenizer
+   and the weights. It is mmapped and used in place (no copies), so every
+   tensor starts at a 64-byte aligned offset. All numbers are little-endian.
+
+   Layout
+     [0, 256)                  ModelHeader (below), zero padded
+     [tokenizer_offset, +tokenizer_bytes)   tokenizer section (below)
+     [weights_offset, file_bytes)           tensors, in this order, each at
+                                            a 64-byte aligned offset:
+       token_embedding (vocab_size, dim)
+       for each layer l = 0 .. n_layers-1:
+         attn_norm  (dim)                         always f32
+         wq         (n_heads * head_dim, dim)
+         wk         (n_kv_heads * head_dim, dim)
+         wv         (n_kv_heads * head_dim, dim)
+         wo         (dim, n_heads * head_dim)
+         ffn_norm   (dim)                         always f32
+         w1 (gate)  (hidden_dim, dim)
+         w2 (down)  (dim, hidden_dim)
+         w3 (up)    (hidden_dim, dim)
+       final_norm (dim)                           always f32
+       classifier (vocab_size, dim)               only if tied_classifier == 0
+     Matrices are row-major (out_features, in_features), as in PyTorch: y = W x.
+     Zero bytes pad each tensor up to the next multiple of 64; the file ends
+     right after the last tensor's padding, at file_bytes.
+
+   Weight types (dtype)
+     DTYPE_F32:  float32 values.
+     DTYPE_Q8_0: a matrix (rows, cols) with cols % group_size == 0 is stored as
+                 int8 q[rows * cols], then (at the next 64-byte boundary)
+                 float32 scale[rows * cols / group_size]; the value of element
+                 i is q[i] * scale[i / group_size]. Norm vectors stay f32.
+                 group_size is 32 for files written by export.py.
+
+   RoPE convention
+     Rotation pairs are adjacent elements (2i, 2i+1) of each head, as in Meta's
+     original checkpoints and llama2.c. Hugging Face checkpoints permute the
+     rows of wq and wk for rotate_half (pairs (i, i + head_dim/2)); export.py
+     undoes that permutation once, on the way in.
+
+   Tokenizer section
+     uint32 n_tokens         (== vocab_size)
+     uint32 max_token_bytes  (longest token, in bytes)
+     then for each token id 0 .. n_tokens-1:
+       float32 score    merge priority, higher merges first. llama2c kind: the
+                        SentencePiece score; llama3 kind: -rank (= -id), so
+                        the lowest rank merges first, as in tiktoken
+       uint32  flags    TOKEN_SPECIAL: a control token (<|eot_id|>, <s>, ...),
+                        never produced by merging, never printed as text
+       uint32  len      number of bytes that follow
+       uint8   bytes[len]   the token's raw bytes (llama3: the byte-level BPE
+                        string mapped back to bytes; llama2c: as in tokenizer.bin,
+                        e.g. " the", "<0x0A>", "\n<s>\n")
+*/
+#ifndef MODEL_H
+#define MODEL_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define MODEL_MAGIC 0x4B43334Cu /* "L3CK" read as a little-endian uint32 */
+#define MODEL_VERSION 1
+#define MODEL_HEADER_BYTES 256
+#define MODEL_ALIGN 64
+#define MODEL_MAX_STOP_IDS 8
+
+enum { DTYPE_F32 = 0, DTYPE_Q8_0 = 1 };
+enum { ROPE_SCALING_NONE = 0, ROPE_SCALING_LLAMA3 = 1 };
+enum { TOKENIZER_LLAMA2C = 1, TOKENIZER_LLAMA3 = 2 };
+enum { TOKEN_SPECIAL = 1 };
+
+typedef struct {
+    uint32_t magic;            // MODEL_MAGIC
+    uint32_t version;          // MODEL_VERSION
+    int32_t dim;               // width of the residual stream
+    int32_t hidden_dim;        // inner width of the SwiGLU feed-forward
+    int32_t n_layers;
+    int32_t n_heads;           // query heads
+    int32_t n_kv_heads;        // key/value heads; n_heads % n_kv_heads == 0
+    int32_t head_dim;          // per head; may differ from dim / n_heads; even
+    int32_t vocab_size;
+    int32_t max_seq_len;       // longest context the model was trained for
+    float rope_theta;          // RoPE base (10000 Llama 2, 500000 Llama 3)
+    int32_t rope_scaling;      // ROPE_SCALING_*
+    float rope_factor;         // Llama 3.1 scaling: factor (8),
+    float rope_low_freq_factor;   //   low_freq_factor (1),
+    float rope_high_freq_factor;  //   high_freq_factor (4),
+    int32_t rope_original_max_pos; //  original_max_position_embeddings (8192)
+    float norm_eps;            // RMSNorm epsilon
+    int32_t tied_classifier;   // 1: logits use token_embedding; 0: own classifier
+    int32_t dtype;             // DTYPE_* of the matrices
+    int32_t group_size;        // DTYPE_Q8_0: values per scale; DTYPE_F32: 0
+    int32_t bos_id;            // prepended to every prompt; -1: none
+    int32_t n_stop_ids;        // 0 .. MODEL_MAX_STOP_IDS
+    int32_t stop_ids[MODEL_MAX_STOP_IDS]; // generation ends at any of these
+    int32_t tokenizer_kind;    // TOKENIZER_*
+    int32_t reserved;          // 0
+    uint64_t tokenizer_offset; // start of the tokenizer section
+    uint64_t tokenizer_bytes;
+    uint64_t weights_offset;   // start of token_embedding, 64-byte aligned
+    uint64_t file_bytes;       // total file length
+    uint8_t pad[MODEL_HEADER_BYTES - 160];
+} ModelHeader;
+
+_Static_assert(sizeof(ModelHeader) == MODEL_HEADER_BYTES, "header is 256 bytes");
+
+#endif
