@@ -1,0 +1,1117 @@
+/* run.c - inference for Llama-3-style models in one file of plain C.
+
+   Read top to bottom: the model (config, weights, KV cache), loading a
+   checkpoint by mmap, a small thread pool, the building blocks (rmsnorm,
+   softmax, matmul, rope), the forward pass with grouped-query attention, the
+   sampler, then generation, perplexity, chat and the command line.
+
+   Build: make        Run: ./run model.bin -i "Once upon a time"
+   The file format is documented in model.h; export/export.py writes it. */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef USE_OPENMP
+#include <omp.h>
+#endif
+
+#include "model.h"
+#include "tokenizer.h"
+
+// ----------------------------------------------------------------------------
+// Errors: one line on stderr, a non-zero exit. Used for every user-facing error.
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xcalloc(size_t n, size_t size, const char *what) {
+    void *p = (n == 0 || size == 0) ? malloc(1) : calloc(n, size);
+    if (!p) die("out of memory allocating %s (%zu x %zu bytes); try a smaller -c", what, n, size);
+    return p;
+}
+
+// ----------------------------------------------------------------------------
+// The model: config, weights (pointers into the mmapped file), run state
+
+typedef struct {
+    int dim;         // residual stream width
+    int hidden_dim;  // SwiGLU inner width
+    int n_layers;
+    int n_heads;     // query heads
+    int n_kv_heads;  // key/value heads, each shared by kv_mul query heads
+    int head_dim;
+    int kv_mul;      // n_heads / n_kv_heads: query heads per KV head
+    int q_dim;       // n_heads * head_dim
+    int kv_dim;      // n_kv_heads * head_dim: what one position adds to the cache
+    int vocab_size;
+    int max_seq_len; // trained context
+    int seq_len;     // context in use (-c), <= max_seq_len
+    float norm_eps;
+} Config;
+
+// A weight matrix (rows, cols), y = W x. For DTYPE_Q8_0, q and s are used.
+typedef struct {
+    const float *f;  // DTYPE_F32: (rows, cols)
+    const int8_t *q; // DTYPE_Q8_0: (rows, cols)
+    const float *s;  // DTYPE_Q8_0: (rows, cols / group_size) scales
+    int rows, cols;
+} Matrix;
+
+typedef struct {
+    const float *attn_norm; // (dim)
+    Matrix wq;              // (q_dim, dim)
+    Matrix wk;              // (kv_dim, dim)
+    Matrix wv;              // (kv_dim, dim)
+    Matrix wo;              // (dim, q_dim)
+    const float *ffn_norm;  // (dim)
+    Matrix w1;              // (hidden_dim, dim)  gate
+    Matrix w2;              // (dim, hidden_dim)  down
+    Matrix w3;              // (hidden_dim, dim)  up
+} Layer;
+
+typedef struct {
+    Matrix token_embedding; // (vocab_size, dim)
+    Layer *layers;          // (n_layers)
+    const float *final_norm;// (dim)
+    Matrix classifier;      // (vocab_size, dim); the embedding when tied
+} Weights;
+
+#define MAX_BATCH 32 // tokens per forward call during prefill
+
+// Activations for a block of up to MAX_BATCH tokens, and the KV cache.
+typedef struct {
+    float *x;       // (B, dim) residual stream
+    float *xb;      // (B, max(dim, q_dim)) normed input / attention output
+    float *xb2;     // (B, dim)
+    float *q;       // (B, q_dim)
+    float *hb;      // (B, hidden_dim)
+    float *hb2;     // (B, hidden_dim)
+    float *att;     // (n_threads, kv_mul, seq_len) attention scores
+    float *logits;  // (B, vocab_size)
+    // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
+    float *key_cache;   // (n_layers, seq_len, kv_dim)
+    float *value_cache; // (n_layers, seq_len, kv_dim)
+    size_t kv_cache_elems; // of both caches together
+    float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
+} RunState;
+
+typedef struct ThreadPool ThreadPool;
+
+typedef struct {
+    Config c;
+    ModelHeader h;
+    Weights w;
+    RunState s;
+    Tokenizer *tok;
+    ThreadPool *pool;
+    int n_threads;
+    void *map;        // the mmapped file
+    size_t map_bytes;
+} Transformer;
+
+// ----------------------------------------------------------------------------
+// Loading: mmap the file, check every header field, point the weights into it
+
+static size_t align_up(size_t n) { return (n + MODEL_ALIGN - 1) / MODEL_ALIGN * MODEL_ALIGN; }
+
+// Bytes a (rows, cols) tensor occupies in the file, padding included.
+static size_t tensor_bytes(const ModelHeader *h, size_t rows, size_t cols, int is_matrix) {
+    if (!is_matrix || h->dtype == DTYPE_F32) return align_up(rows * cols * sizeof(float));
+    return align_up(rows * cols) + align_up(rows * cols / h->group_size * sizeof(float));
+}
+
+// Walks the tensors in file order (model.h); with m != NULL, points them into the map.
+static size_t layout_weights(const ModelHeader *h, Transformer *m) {
+    size_t dim = h->dim, hid = h->hidden_dim, qd = (size_t)h->n_heads * h->head_dim;
+    size_t kvd = (size_t)h->n_kv_heads * h->head_dim, V = h->vocab_size;
+    size_t off = h->weights_offset;
+    const uint8_t *base = m ? m->map : NULL;
+#define MATRIX(dst, R, C) do { \
+        if (m) { Matrix *mt = (dst); mt->rows = (int)(R); mt->cols = (int)(C); \
+            if (h->dtype == DTYPE_F32) mt->f = (const float *)(base + off); \
+            else { mt->q = (const int8_t *)(base + off); \
+                   mt->s = (const float *)(base + off + align_up((size_t)(R) * (C))); } } \
+        off += tensor_bytes(h, (R), (C), 1); } while (0)
+#define VECTOR(dst, N) do { if (m) (dst) = (const float *)(base + off); \
+        off += tensor_bytes(h, (N), 1, 0); } while (0)
+    MATRIX(m ? &m->w.token_embedding : NULL, V, dim);
+    for (int l = 0; l < h->n_layers; l++) {
+        Layer *L = m ? &m->w.layers[l] : NULL;
+        VECTOR(L->attn_norm, dim);
+        MATRIX(L ? &L->wq : NULL, qd, dim);
+        MATRIX(L ? &L->wk : NULL, kvd, dim);
+        MATRIX(L ? &L->wv : NULL, kvd, dim);
+        MATRIX(L ? &L->wo : NULL, dim, qd);
+        VECTOR(L->ffn_norm, dim);
+        MATRIX(L ? &L->w1 : NULL, hid, dim);
+        MATRIX(L ? &L->w2 : NULL, dim, hid);
+        MATRIX(L ? &L->w3 : NULL, hid, dim);
+    }
+    VECTOR(m->w.final_norm, dim);
+    if (h->tied_classifier) { if (m) m->w.classifier = m->w.token_embedding; }
+    else MATRIX(m ? &m->w.classifier : NULL, V, dim);
+#undef MATRIX
+#undef VECTOR
+    return off;
+}
+
+// Range checks of the header, before any size is computed from it.
+static void check_header(const ModelHeader *h, const char *path, size_t file_bytes) {
+    if (h->magic != MODEL_MAGIC) {
+        const int32_t *legacy = (const int32_t *)h; // llama2.c: dim, hidden, layers, heads, kv heads, vocab, seq
+        if (legacy[0] > 0 && legacy[0] < 65536 && legacy[2] > 0 && legacy[2] < 1024 && legacy[3] > 0)
+            die("%s: not a model file of this engine (it looks like a llama2.c checkpoint); convert it: "
+                "python3 export/export.py out.bin --llama2c %s --tokenizer tokenizer.bin", path, path);
+        die("%s: not a model file of this engine (bad magic); convert a checkpoint with export/export.py", path);
+    }
+    if (h->version != MODEL_VERSION)
+        die("%s: format version %u, this engine reads version %d; re-export the model", path, h->version, MODEL_VERSION);
+    struct { const char *name; int32_t v, lo, hi; } f[] = {
+        {"dim", h->dim, 1, 1 << 16}, {"hidden_dim", h->hidden_dim, 1, 1 << 18},
+        {"n_layers", h->n_layers, 1, 1024}, {"n_heads", h->n_heads, 1, 1024},
+        {"n_kv_heads", h->n_kv_heads, 1, 1024}, {"head_dim", h->head_dim, 2, 1 << 12},
+        {"vocab_size", h->vocab_size, 1, 1 << 22}, {"max_seq_len", h->max_seq_len, 1, 1 << 24},
+        {"n_stop_ids", h->n_stop_ids, 0, MODEL_MAX_STOP_IDS}, {"dtype", h->dtype, DTYPE_F32, DTYPE_Q8_0},
+        {"rope_scaling", h->rope_scaling, ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3},
+        {"tied_classifier", h->tied_classifier, 0, 1},
+        {"tokenizer_kind", h->tokenizer_kind, TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3},
+        {"bos_id", h->bos_id, -1, h->vocab_size - 1},
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+        if (f[i].v < f[i].lo || f[i].v > f[i].hi)
+            die("%s: header field %s = %d is out of range [%d, %d]; corrupt file?", path, f[i].name, f[i].v, f[i].lo, f[i].hi);
+    if (h->n_heads % h->n_kv_heads != 0)
+        die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, h->n_heads, h->n_kv_heads);
+    if (h->head_dim % 2 != 0) die("%s: head_dim (%d) must be even for RoPE", path, h->head_dim);
+    if (h->dtype == DTYPE_Q8_0 && (h->group_size <= 0 || h->dim % h->group_size || h->hidden_dim % h->group_size
+                                   || ((size_t)h->n_heads * h->head_dim) % h->group_size))
+        die("%s: q8_0 group_size %d does not divide the matrix widths", path, h->group_size);
+    for (int i = 0; i < h->n_stop_ids; i++)
+        if (h->stop_ids[i] < 0 || h->stop_ids[i] >= h->vocab_size)
+            die("%s: stop id %d is outside the vocabulary (%d)", path, h->stop_ids[i], h->vocab_size);
+    if (!(h->norm_eps > 0 && h->norm_eps < 1)) die("%s: norm_eps %g is out of range (0, 1)", path, h->norm_eps);
+    if (!(h->rope_theta > 1)) die("%s: rope_theta %g must be > 1", path, h->rope_theta);
+    if (h->rope_scaling == ROPE_SCALING_LLAMA3 &&
+        !(h->rope_factor >= 1 && h->rope_low_freq_factor > 0 && h->rope_high_freq_factor > h->rope_low_freq_factor
+          && h->rope_original_max_pos > 0))
+        die("%s: inconsistent llama3 rope scaling parameters", path);
+    if (h->file_bytes != file_bytes)
+        die("%s: file is %zu bytes, header says %llu; truncated download or corrupt file? re-export it",
+            path, file_bytes, (unsigned long long)h->file_bytes);
+    if (h->tokenizer_offset < MODEL_HEADER_BYTES || h->tokenizer_bytes > file_bytes
+        || h->tokenizer_offset > file_bytes - h->tokenizer_bytes
+        || h->tokenizer_offset + h->tokenizer_bytes > h->weights_offset)
+        die("%s: the tokenizer section [%llu, +%llu) is outside its place in the file", path,
+            (unsigned long long)h->tokenizer_offset, (unsigned long long)h->tokenizer_bytes);
+    if (h->weights_offset % MODEL_ALIGN || h->weights_offset > file_bytes)
+        die("%s: weights_offset %llu is not 64-byte aligned inside the file", path, (unsigned long long)h->weights_offset);
+    size_t end = layout_weights(h, NULL); // all factors < 2^24, so no size_t overflow
+    if (end != file_bytes)
+        die("%s: the header implies %zu bytes of file, the file has %zu; corrupt or truncated", path, end, file_bytes);
+}
+
+static void build_transformer(Transformer *m, const char *path) {
+    memset(m, 0, sizeof *m);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    if ((size_t)st.st_size < MODEL_HEADER_BYTES)
+        die("%s: file is %lld bytes, too short for a model header (%d); truncated?", path, (long long)st.st_size, MODEL_HEADER_BYTES);
+    m->map_bytes = (size_t)st.st_size;
+    m->map = mmap(NULL, m->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    memcpy(&m->h, m->map, sizeof m->h);
+    const ModelHeader *h = &m->h;
+    check_header(h, path, m->map_bytes);
+
+    Config *c = &m->c;
+    c->dim = h->dim; c->hidden_dim = h->hidden_dim; c->n_layers = h->n_layers;
+    c->n_heads = h->n_heads; c->n_kv_heads = h->n_kv_heads; c->head_dim = h->head_dim;
+    c->kv_mul = h->n_heads / h->n_kv_heads;
+    c->q_dim = h->n_heads * h->head_dim;
+    c->kv_dim = h->n_kv_heads * h->head_dim;
+    c->vocab_size = h->vocab_size;
+    c->max_seq_len = c->seq_len = h->max_seq_len;
+    c->norm_eps = h->norm_eps;
+
+    m->w.layers = xcalloc(c->n_layers, sizeof(Layer), "layers");
+    layout_weights(h, m);
+
+    char err[256];
+    m->tok = tokenizer_build(h->tokenizer_kind, (const uint8_t *)m->map + h->tokenizer_offset,
+                             h->tokenizer_bytes, err, sizeof err);
+    if (!m->tok) die("%s: bad tokenizer section: %s", path, err);
+    if (tokenizer_n_tokens(m->tok) != c->vocab_size)
+        die("%s: the tokenizer has %d tokens, the model %d", path, tokenizer_n_tokens(m->tok), c->vocab_size);
+}
+
+// RoPE frequency of each pair i of a head: theta^(-2i/head_dim), with Llama 3.1's
+// rescaling: long wavelengths (low frequencies) are slowed by `factor`, short
+// ones kept, and the band between interpolated smoothly.
+static void rope_frequencies(const ModelHeader *h, float *freq) {
+    for (int i = 0; i < h->head_dim / 2; i++) {
+        double f = pow(h->rope_theta, -2.0 * i / h->head_dim);
+        if (h->rope_scaling == ROPE_SCALING_LLAMA3) {
+            double wavelen = 2 * M_PI / f, old_ctx = h->rope_original_max_pos;
+            double low_wavelen = old_ctx / h->rope_low_freq_factor;   // longer than this: scaled
+            double high_wavelen = old_ctx / h->rope_high_freq_factor; // shorter than this: kept
+            if (wavelen > low_wavelen) f /= h->rope_factor;
+            else if (wavelen >= high_wavelen) {
+                double smooth = (old_ctx / wavelen - h->rope_low_freq_factor)
+                              / (h->rope_high_freq_factor - h->rope_low_freq_factor);
+                f = (1 - smooth) * f / h->rope_factor + smooth * f;
+            }
+        }
+        freq[i] = (float)f;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Thread pool: persistent workers; pool_run(fn) runs fn(arg, i, n) on n threads
+// (the caller is thread 0) and returns when all are done. Workers spin briefly
+// between tasks (a decode step issues ~7 matmuls per layer), then sleep.
+
+typedef void (*TaskFn)(void *arg, int ith, int nth);
+
+struct ThreadPool {
+    int n_threads;
+    pthread_t *threads;
+    TaskFn fn;
+    void *arg;
+    atomic_int generation; // bumped to start a task
+    atomic_int pending;    // workers still running it
+    atomic_int stop;
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+};
+
+typedef struct { ThreadPool *pool; int ith; } WorkerArg;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *p) {
+    WorkerArg *wa = p;
+    ThreadPool *pool = wa->pool;
+    int seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen) {
+            if (++spins < 200000) { cpu_relax(); continue; }
+            pthread_mutex_lock(&pool->mu);
+            while (atomic_load(&pool->generation) == seen) pthread_cond_wait(&pool->wake, &pool->mu);
+            pthread_mutex_unlock(&pool->mu);
+        }
+        seen = atomic_load(&pool->generation);
+        if (atomic_load(&pool->stop)) break;
+        pool->fn(pool->arg, wa->ith, pool->n_threads);
+        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
+    }
+    free(wa);
+    return NULL;
+}
+
+static ThreadPool *pool_create(int n_threads) {
+    ThreadPool *pool = xcalloc(1, sizeof *pool, "thread pool");
+    pool->n_threads = n_threads;
+#ifndef USE_OPENMP
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pool->threads = xcalloc(n_threads, sizeof(pthread_t), "threads");
+    for (int i = 1; i < n_threads; i++) {
+        WorkerArg *wa = xcalloc(1, sizeof *wa, "worker");
+        wa->pool = pool; wa->ith = i;
+        if (pthread_create(&pool->threads[i], NULL, worker_main, wa) != 0) die("cannot create thread %d", i);
+    }
+#endif
+    return pool;
+}
+
+static void pool_run(ThreadPool *pool, TaskFn fn, void *arg) {
+#ifdef USE_OPENMP
+    #pragma omp parallel num_threads(pool->n_threads)
+    fn(arg, omp_get_thread_num(), omp_get_num_threads());
+#else
+    if (pool->n_threads == 1) { fn(arg, 0, 1); return; }
+    pool->fn = fn; pool->arg = arg;
+    atomic_store(&pool->pending, pool->n_threads - 1);
+    pthread_mutex_lock(&pool->mu);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    fn(arg, 0, pool->n_threads);
+    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
+#endif
+}
+
+static void pool_free(ThreadPool *pool) {
+#ifndef USE_OPENMP
+    pthread_mutex_lock(&pool->mu);
+    atomic_store(&pool->stop, 1);
+    atomic_fetch_add(&pool->generation, 1);
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mu);
+    for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
+    free(pool->threads);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->wake);
+#endif
+    free(pool);
+}
+
+// The share [*lo, *hi) of n items that thread ith of nth works on, in
+// multiples of `quantum` so threads never share a cache line of output.
+static void split_range(int n, int ith, int nth, int quantum, int *lo, int *hi) {
+    int chunks = (n + quantum - 1) / quantum;
+    int per = chunks / nth, extra = chunks % nth;
+    int c0 = ith * per + (ith < extra ? ith : extra);
+    int c1 = c0 + per + (ith < extra);
+    *lo = c0 * quantum < n ? c0 * quantum : n;
+    *hi = c1 * quantum < n ? c1 * quantum : n;
+}
+
+// ----------------------------------------------------------------------------
+// Building blocks
+
+// The vector width of this build: 64 bytes with AVX-512, 32 with AVX, else 16
+// (SSE, NEON, or plain scalar code the compiler maps onto 4-wide registers).
+#if defined(__AVX512F__)
+#define VEC_BYTES 64
+#elif defined(__AVX__)
+#define VEC_BYTES 32
+#else
+#define VEC_BYTES 16
+#endif
+#define VEC_LEN (VEC_BYTES / 4)
+typedef float vfloat __attribute__((vector_size(VEC_BYTES), aligned(4)));
+
+// Reference dot product, in the order of the math; the SIMD one is tested against it.
+static float dot_scalar(const float *a, const float *b, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Dot product with four vector accumulators (to hide FMA latency). The
+// summation order differs from dot_scalar, so results agree to rounding.
+static float dot(const float *a, const float *b, int n) {
+    vfloat acc[4] = {0};
+    int i = 0;
+    for (; i + 4 * VEC_LEN <= n; i += 4 * VEC_LEN)
+        for (int j = 0; j < 4; j++)
+            acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
+    for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
+    vfloat v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float sum = 0;
+    for (int j = 0; j < VEC_LEN; j++) sum += v[j];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// y += a * x
+static void axpy(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+// RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0; // in double: for wide models the mean of squares loses digits in float
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    float sum = 0;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+// Row i of a matrix as floats: the embedding lookup dequantizes one row.
+static void matrix_row(const Matrix *w, int i, float *out) {
+    memcpy(out, w->f + (size_t)i * w->cols, w->cols * sizeof(float));
+}
+
+// out (T, W.rows) = x (T, W.cols) @ W^T, rows split across threads. Each
+// weight row is read from memory once and used for all T tokens of the block.
+typedef struct { float *out; const float *x; const Matrix *w; int T; } MatmulTask;
+
+static void matmul_task(void *p, int ith, int nth) {
+    const MatmulTask *a = p;
+    const Matrix *w = a->w;
+    int lo, hi;
+    split_range(w->rows, ith, nth, 16, &lo, &hi);
+    for (int r = lo; r < hi; r++) {
+        const float *row = w->f + (size_t)r * w->cols;
+        for (int t = 0; t < a->T; t++)
+            a->out[(size_t)t * w->rows + r] = dot(row, a->x + (size_t)t * w->cols, w->cols);
+    }
+}
+
+static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
+    MatmulTask task = {out, x, w, T};
+    pool_run(m->pool, matmul_task, &task);
+}
+
+// RoPE: rotate each pair (x[2i], x[2i+1]) of every head by the angle pos * freq[i].
+static void rope(float *vec, int n_heads, int head_dim, int pos, const float *freq) {
+    for (int i = 0; i < head_dim / 2; i++) {
+        double angle = (double)pos * freq[i];
+        float c = (float)cos(angle), s = (float)sin(angle);
+        for (int h = 0; h < n_heads; h++) {
+            float *v = vec + h * head_dim + 2 * i;
+            float v0 = v[0], v1 = v[1];
+            v[0] = v0 * c - v1 * s;
+            v[1] = v0 * s + v1 * c;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The forward pass
+
+static void malloc_run_state(Transformer *m) {
+    const Config *c = &m->c;
+    RunState *s = &m->s;
+    int xb_dim = c->dim > c->q_dim ? c->dim : c->q_dim;
+    s->x = xcalloc((size_t)MAX_BATCH * c->dim, sizeof(float), "activations");
+    s->xb = xcalloc((size_t)MAX_BATCH * xb_dim, sizeof(float), "activations");
+    s->xb2 = xcalloc((size_t)MAX_BATCH * c->dim, sizeof(float), "activations");
+    s->q = xcalloc((size_t)MAX_BATCH * c->q_dim, sizeof(float), "activations");
+    s->hb = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
+    s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
+    s->att = xcalloc((size_t)m->n_threads * c->kv_mul * c->seq_len, sizeof(float), "attention scores");
+    s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
+    size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
+    s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
+    s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
+    s->kv_cache_elems = 2 * cache;
+    s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
+    rope_frequencies(&m->h, s->rope_freq);
+}
+
+static void free_run_state(RunState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
+    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
+}
+
+// Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
+// and values are already in the cache. One task is one (token, KV head) pair:
+// the KV head's kv_mul query heads are handled together, so each cached K and
+// V row is read once per group, not once per query head.
+typedef struct { Transformer *m; int layer, pos, T; } AttentionTask;
+
+static void attention_task(void *arg, int ith, int nth) {
+    const AttentionTask *a = arg;
+    const Config *c = &a->m->c;
+    RunState *s = &a->m->s;
+    const float scale = 1.0f / sqrtf((float)c->head_dim);
+    int lo, hi;
+    split_range(a->T * c->n_kv_heads, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) {
+        int t = item / c->n_kv_heads, g = item % c->n_kv_heads; // token t, KV head g
+        int pos = a->pos + t;                                   // attends to 0 .. pos
+        // k, v cache rows of this layer: (seq_len, kv_dim); head g at offset g * head_dim
+        const float *k_cache = s->key_cache + (size_t)a->layer * c->seq_len * c->kv_dim + g * c->head_dim;
+        const float *v_cache = s->value_cache + (size_t)a->layer * c->seq_len * c->kv_dim + g * c->head_dim;
+        // query heads g*kv_mul .. g*kv_mul + kv_mul-1 share KV head g
+        const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * c->head_dim;
+        float *att = s->att + (size_t)ith * c->kv_mul * c->seq_len; // (kv_mul, seq_len)
+        for (int p = 0; p <= pos; p++) {
+            const float *k = k_cache + (size_t)p * c->kv_dim;
+            for (int j = 0; j < c->kv_mul; j++)
+                att[j * c->seq_len + p] = dot(q + j * c->head_dim, k, c->head_dim) * scale;
+        }
+        for (int j = 0; j < c->kv_mul; j++) softmax(att + j * c->seq_len, pos + 1);
+        float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * c->head_dim;
+        memset(out, 0, (size_t)c->kv_mul * c->head_dim * sizeof(float));
+        for (int p = 0; p <= pos; p++) {
+            const float *v = v_cache + (size_t)p * c->kv_dim;
+            for (int j = 0; j < c->kv_mul; j++)
+                axpy(out + j * c->head_dim, att[j * c->seq_len + p], v, c->head_dim);
+        }
+    }
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Runs T tokens (T <= MAX_BATCH) at positions pos .. pos+T-1 through the
+// model, appending their keys and values to the cache. Returns the logits of
+// the last token (vocab_size), or with all_logits those of every token (T, vocab_size).
+static float *forward(Transformer *m, const int *tokens, int T, int pos, int all_logits) {
+    const Config *c = &m->c;
+    const Weights *w = &m->w;
+    RunState *s = &m->s;
+    int dim = c->dim, hid = c->hidden_dim;
+
+    for (int t = 0; t < T; t++) matrix_row(&w->token_embedding, tokens[t], s->x + (size_t)t * dim);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &w->layers[l];
+        // attention: x += wo @ attention(rope(wq @ norm(x)), cache)
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->attn_norm, dim, c->norm_eps);
+        // k and v go straight into the cache: rows pos .. pos+T-1 of this layer, (T, kv_dim)
+        float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
+        float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
+        matmul(m, s->q, s->xb, &L->wq, T);
+        matmul(m, k, s->xb, &L->wk, T);
+        matmul(m, v, s->xb, &L->wv, T);
+        for (int t = 0; t < T; t++) {
+            rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
+            rope(k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
+        }
+        AttentionTask at = {m, l, pos, T};
+        pool_run(m->pool, attention_task, &at);
+        matmul(m, s->xb2, s->xb, &L->wo, T);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
+
+        // feed-forward: x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->ffn_norm, dim, c->norm_eps);
+        matmul(m, s->hb, s->xb, &L->w1, T);
+        matmul(m, s->hb2, s->xb, &L->w3, T);
+        for (size_t i = 0; i < (size_t)T * hid; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
+        matmul(m, s->xb2, s->hb, &L->w2, T);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
+    }
+
+    int first = all_logits ? 0 : T - 1; // tokens whose logits are wanted
+    for (int t = first; t < T; t++)
+        rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, w->final_norm, dim, c->norm_eps);
+    matmul(m, s->logits, s->xb, &w->classifier, T - first);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// The sampler: greedy (temperature 0), or temperature + top-p (nucleus)
+
+typedef struct { float p; int id; } ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature, topp;
+    uint64_t rng;
+    ProbIndex *cand; // (vocab_size) top-p candidates
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) { // xorshift*
+    *state ^= *state >> 12; *state ^= *state << 25; *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0, 1)
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int compare_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->p, pb = ((const ProbIndex *)b)->p;
+    return (pa < pb) - (pa > pb);
+}
+
+// Samples from the smallest set of tokens whose probabilities add up to topp.
+static int sample_topp(const float *probs, int n, float topp, ProbIndex *cand, float coin) {
+    // tokens below (1 - topp) / (n - 1) cannot be in the nucleus: skip sorting them
+    const float cutoff = (1.0f - topp) / (n - 1);
+    int n0 = 0;
+    for (int i = 0; i < n; i++)
+        if (probs[i] >= cutoff) { cand[n0].p = probs[i]; cand[n0].id = i; n0++; }
+    if (n0 == 0) return argmax(probs, n); // a tiny topp over a flat distribution
+    qsort(cand, n0, sizeof(ProbIndex), compare_prob_desc);
+    float cum = 0;
+    int last = n0 - 1;
+    for (int i = 0; i < n0; i++) { cum += cand[i].p; if (cum > topp) { last = i; break; } }
+    float r = coin * cum, acc = 0;
+    for (int i = 0; i <= last; i++) { acc += cand[i].p; if (r < acc) return cand[i].id; }
+    return cand[last].id;
+}
+
+static int sample(Sampler *sp, float *logits) {
+    if (sp->temperature == 0) return argmax(logits, sp->vocab_size);
+    for (int i = 0; i < sp->vocab_size; i++) logits[i] /= sp->temperature;
+    softmax(logits, sp->vocab_size);
+    float coin = random_f32(&sp->rng);
+    if (sp->topp <= 0 || sp->topp >= 1) { // plain sampling from the distribution
+        float acc = 0;
+        for (int i = 0; i < sp->vocab_size; i++) { acc += logits[i]; if (coin < acc) return i; }
+        return sp->vocab_size - 1;
+    }
+    return sample_topp(logits, sp->vocab_size, sp->topp, sp->cand, coin);
+}
+
+// ----------------------------------------------------------------------------
+// Text in, text out
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Writes out to stdout; a failed write (disk full, closed pipe) is an error.
+static void emit(const char *text, size_t n) {
+    if (n && fwrite(text, 1, n, stdout) != n) die("cannot write the output: %s", strerror(errno));
+}
+
+static void emit_flush(void) {
+    if (fflush(stdout) != 0) die("cannot write the output: %s", strerror(errno));
+}
+
+// Prints the text of token `id` (UTF-8 safe: see tokenizer.h) and flushes.
+static void emit_token(Transformer *m, Utf8Stream *us, int prev, int id, char *buf) {
+    size_t n = tokenizer_decode(m->tok, us, prev, id, buf, tokenizer_max_decode_bytes(m->tok));
+    emit(buf, n);
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = xcalloc(cap, 1, "the input file");
+    for (;;) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        buf = realloc(buf, cap *= 2);
+        if (!buf) die("out of memory reading %s", path);
+    }
+    if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+// BOS (if the model has one) followed by the tokens of text.
+static int *encode_with_bos(Transformer *m, const char *text, size_t len, int *n_tokens) {
+    size_t n = 0;
+    int *ids = tokenizer_encode(m->tok, text, len, 1, &n);
+    if (!ids) die("out of memory tokenizing the input");
+    if (n > (size_t)INT_MAX - 1) die("the input is too long (%zu tokens)", n);
+    int bos = m->h.bos_id >= 0;
+    int *out = xcalloc(n + bos, sizeof(int), "tokens");
+    if (bos) out[0] = m->h.bos_id;
+    memcpy(out + bos, ids, n * sizeof(int));
+    free(ids);
+    *n_tokens = (int)n + bos;
+    return out;
+}
+
+static int is_stop(const Transformer *m, int id) {
+    for (int i = 0; i < m->h.n_stop_ids; i++) if (m->h.stop_ids[i] == id) return 1;
+    return 0;
+}
+
+// Feeds tokens[0..n) at positions pos.. in blocks of MAX_BATCH; returns the
+// logits of the last one.
+static float *prefill(Transformer *m, const int *tokens, int n, int pos) {
+    float *logits = NULL;
+    for (int i = 0; i < n; i += MAX_BATCH) {
+        int T = n - i < MAX_BATCH ? n - i : MAX_BATCH;
+        logits = forward(m, tokens + i, T, pos + i, 0);
+    }
+    return logits;
+}
+
+// ----------------------------------------------------------------------------
+// Generation: print the prompt, then sample until a stop token or `steps`
+// positions (prompt included, as in llama2.c).
+
+static void generate(Transformer *m, Sampler *sp, const char *prompt, size_t prompt_len, int steps) {
+    int n_prompt;
+    int *tokens = encode_with_bos(m, prompt, prompt_len, &n_prompt);
+    if (n_prompt == 0) die("empty prompt and the model has no BOS token to start from");
+    if (n_prompt > m->c.seq_len)
+        die("the prompt is %d tokens, longer than the context of %d (-c)", n_prompt, m->c.seq_len);
+    if (steps < n_prompt) die("-n %d is less than the prompt's %d tokens (BOS included)", steps, n_prompt);
+
+    char *buf = xcalloc(tokenizer_max_decode_bytes(m->tok), 1, "decode buffer");
+    Utf8Stream us = {0};
+    for (int i = 0; i < n_prompt; i++) emit_token(m, &us, i ? tokens[i - 1] : -1, tokens[i], buf);
+    emit_flush();
+
+    double t0 = now_seconds();
+    float *logits = prefill(m, tokens, n_prompt, 0);
+    double t1 = now_seconds();
+    int prev = tokens[n_prompt - 1], n_decoded = 0;
+    for (int pos = n_prompt; pos < steps; pos++) {
+        int next = sample(sp, logits);
+        if (is_stop(m, next)) break;
+        emit_token(m, &us, prev, next, buf);
+        emit_flush();
+        n_decoded++;
+        prev = next;
+        if (pos + 1 < steps) logits = forward(m, &next, 1, pos, 0);
+    }
+    double t2 = now_seconds();
+    emit(buf, tokenizer_decode_flush(&us, buf, 8));
+    emit("\n", 1);
+    emit_flush();
+    fprintf(stderr, "prefill: %d tokens, %.2f tok/s\n", n_prompt, n_prompt / (t1 - t0));
+    fprintf(stderr, "decode: %d tokens, %.2f tok/s\n", n_decoded, n_decoded > 0 ? n_decoded / (t2 - t1) : 0.0);
+    free(buf);
+    free(tokens);
+}
+
+// ----------------------------------------------------------------------------
+// Perplexity: exp(mean negative log-likelihood) of tokens 1..N-1 of BOS + text.
+// A text longer than the context is scored in chunks of (seq_len - 1) tokens,
+// each after its own BOS.
+
+static double nll_of(const float *logits, int n, int target) { // -log softmax(logits)[target]
+    float max = logits[0];
+    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    return log(sum) - ((double)logits[target] - max);
+}
+
+static void perplexity(Transformer *m, const char *text, size_t len) {
+    int n;
+    int *tokens = encode_with_bos(m, text, len, &n);
+    int bos = m->h.bos_id >= 0;
+    if (n - bos < 1 + !bos) die("the text has too few tokens to score");
+    int chunk = m->c.seq_len - bos; // scored tokens per window
+    int *window = xcalloc(m->c.seq_len, sizeof(int), "window");
+    double nll = 0;
+    long scored = 0;
+    int tty = isatty(STDERR_FILENO);
+    for (int start = bos; start < n; start += chunk) {
+        int len_w = 0;
+        if (bos) window[len_w++] = m->h.bos_id;
+        for (int i = start; i < n && i < start + chunk; i++) window[len_w++] = tokens[i];
+        // logits at window position i predict window[i + 1]
+        for (int i = 0; i < len_w - 1; i += MAX_BATCH) {
+            int T = len_w - 1 - i < MAX_BATCH ? len_w - 1 - i : MAX_BATCH;
+            float *logits = forward(m, window + i, T, i, 1);
+            for (int t = 0; t < T; t++) nll += nll_of(logits + (size_t)t * m->c.vocab_size, m->c.vocab_size, window[i + t + 1]);
+            scored += T;
+            if (tty) fprintf(stderr, "\rppl: %ld / %d tokens, running perplexity %.4f", scored, n - 1, exp(nll / scored));
+        }
+    }
+    if (tty) fputc('\n', stderr);
+    printf("tokens: %ld\nperplexity: %.6f\n", scored, exp(nll / scored));
+    free(window);
+    free(tokens);
+}
+
+// ----------------------------------------------------------------------------
+// Chat: the Llama 3 instruct template, multi-turn, keeping the KV cache
+//   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
+//   <|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>
+//   <|start_header_id|>assistant<|end_header_id|>\n\n  ...the model's reply... <|eot_id|>
+
+static int special_id(const Transformer *m, const char *name) {
+    int id = tokenizer_find(m->tok, name);
+    if (id < 0 || !tokenizer_is_special(m->tok, id))
+        die("chat needs a Llama 3 instruct tokenizer; this one has no %s token", name);
+    return id;
+}
+
+typedef struct { int *ids; int n, cap; } TokenList;
+
+static void push_id(TokenList *l, int id) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 256;
+        l->ids = realloc(l->ids, l->cap * sizeof(int));
+        if (!l->ids) die("out of memory");
+    }
+    l->ids[l->n++] = id;
+}
+
+// Ordinary text: special-token literals in it are not parsed, so a user
+// message cannot forge a turn.
+static void push_text(Transformer *m, TokenList *l, const char *text) {
+    size_t n = 0;
+    int *ids = tokenizer_encode(m->tok, text, strlen(text), 0, &n);
+    if (!ids) die("out of memory tokenizing the chat");
+    for (size_t i = 0; i < n; i++) push_id(l, ids[i]);
+    free(ids);
+}
+
+// <|start_header_id|>role<|end_header_id|>, then "\n\n" and the message as
+// one span of text (as when the whole template is tokenized), then <|eot_id|>.
+// A NULL message leaves the turn open for the model to write.
+static void push_turn(Transformer *m, TokenList *l, const char *role, const char *message) {
+    push_id(l, special_id(m, "<|start_header_id|>"));
+    push_text(m, l, role);
+    push_id(l, special_id(m, "<|end_header_id|>"));
+    char *body = xcalloc(strlen(message ? message : "") + 3, 1, "chat message");
+    strcpy(body, "\n\n");
+    if (message) strcat(body, message);
+    push_text(m, l, body);
+    free(body);
+    if (message) push_id(l, special_id(m, "<|eot_id|>"));
+}
+
+// The tokens of one user turn: BOS and the system message first if the chat
+// starts here, then the message and the assistant's open turn.
+static TokenList chat_turn_tokens(Transformer *m, const char *system, const char *user, int first) {
+    TokenList l = {0};
+    if (first && m->h.bos_id >= 0) push_id(&l, m->h.bos_id);
+    if (first && system) push_turn(m, &l, "system", system);
+    push_turn(m, &l, "user", user);
+    push_turn(m, &l, "assistant", NULL);
+    return l;
+}
+
+static char *read_line(FILE *f) {
+    size_t cap = 0;
+    char *line = NULL;
+    ssize_t len = getline(&line, &cap, f);
+    if (len < 0) { free(line); return NULL; }
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+    return line;
+}
+
+static void chat(Transformer *m, Sampler *sp, const char *system, const char *first_message) {
+    int eot = special_id(m, "<|eot_id|>");
+    int tty = isatty(STDIN_FILENO);
+    char *buf = xcalloc(tokenizer_max_decode_bytes(m->tok), 1, "decode buffer");
+    int pos = 0;
+    for (int turn = 0;; turn++) {
+        char *msg = NULL;
+        if (turn == 0 && first_message) msg = strdup(first_message);
+        else {
+            if (tty) { fputs("> ", stderr); fflush(stderr); }
+            msg = read_line(stdin);
+        }
+        if (!msg) break;
+        TokenList turn_ids = chat_turn_tokens(m, system, msg, turn == 0);
+        free(msg);
+        if (pos + turn_ids.n >= m->c.seq_len) {
+            fprintf(stderr, "chat: the context of %d tokens is full; start a new chat (or raise -c)\n", m->c.seq_len);
+            free(turn_ids.ids);
+            break;
+        }
+        float *logits = prefill(m, turn_ids.ids, turn_ids.n, pos);
+        pos += turn_ids.n;
+        free(turn_ids.ids);
+        Utf8Stream us = {0};
+        int prev = -1;
+        for (;;) { // the reply, until <|eot_id|> (fed back: it closes the turn) or a stop token
+            int next = sample(sp, logits);
+            if (pos >= m->c.seq_len) {
+                emit("\n", 1); emit_flush();
+                fprintf(stderr, "chat: the context of %d tokens is full; start a new chat (or raise -c)\n", m->c.seq_len);
+                free(buf);
+                return;
+            }
+            logits = forward(m, &next, 1, pos++, 0);
+            if (next == eot || is_stop(m, next)) break;
+            emit_token(m, &us, prev, next, buf);
+            emit_flush();
+            prev = next;
+        }
+        emit(buf, tokenizer_decode_flush(&us, buf, 8));
+        emit("\n", 1);
+        emit_flush();
+    }
+    free(buf);
+}
+
+// ----------------------------------------------------------------------------
+// Tokenize and info
+
+static void print_tokens(Transformer *m, const char *text, size_t len) {
+    int n;
+    int *tokens = encode_with_bos(m, text, len, &n);
+    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", tokens[i]);
+    printf("\n");
+    free(tokens);
+}
+
+static void print_info(Transformer *m, const char *path) {
+    const Config *c = &m->c;
+    const ModelHeader *h = &m->h;
+    size_t per_layer = 2 * (size_t)c->dim + 2 * (size_t)c->q_dim * c->dim
+                     + 2 * (size_t)c->kv_dim * c->dim + 3 * (size_t)c->hidden_dim * c->dim;
+    size_t params = (size_t)c->vocab_size * c->dim * (h->tied_classifier ? 1 : 2)
+                  + c->n_layers * per_layer + c->dim;
+    size_t kv_per_token = (size_t)c->n_layers * 2 * c->kv_dim * sizeof(float);
+    printf("model: %s\n", path);
+    printf("dim: %d\nhidden_dim: %d\nn_layers: %d\nn_heads: %d\nn_kv_heads: %d\nkv_mul: %d\nhead_dim: %d\n",
+           c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->kv_mul, c->head_dim);
+    printf("vocab_size: %d\nmax_seq_len: %d\nrope_theta: %g\n", c->vocab_size, c->max_seq_len, h->rope_theta);
+    if (h->rope_scaling == ROPE_SCALING_LLAMA3)
+        printf("rope_scaling: llama3 factor %g, low_freq_factor %g, high_freq_factor %g, original_max_pos %d\n",
+               h->rope_factor, h->rope_low_freq_factor, h->rope_high_freq_factor, h->rope_original_max_pos);
+    else printf("rope_scaling: none\n");
+    printf("norm_eps: %g\ntied_classifier: %d\ndtype: %s\n", h->norm_eps, h->tied_classifier,
+           h->dtype == DTYPE_F32 ? "f32" : "q8_0");
+    printf("tokenizer: %s, %d tokens, bos %d, stop", h->tokenizer_kind == TOKENIZER_LLAMA3 ? "llama3" : "llama2c",
+           tokenizer_n_tokens(m->tok), h->bos_id);
+    for (int i = 0; i < h->n_stop_ids; i++) printf(" %d", h->stop_ids[i]);
+    printf("\nparams: %zu\nweight_bytes: %zu\n", params, (size_t)(h->file_bytes - h->weights_offset));
+    printf("context: %d\nkv_cache_dtype: f32\nkv_bytes_per_token: %zu\nkv_bytes_context: %zu\n",
+           c->seq_len, kv_per_token, kv_per_token * c->seq_len);
+}
+
+// ----------------------------------------------------------------------------
+// Lifecycle
+
+#define DEFAULT_MAX_CONTEXT 4096 // default -c: the model's context, capped here
+
+static void setup_transformer(Transformer *m, int seq_len, int n_threads) {
+    if (seq_len > m->c.max_seq_len)
+        die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
+    m->c.seq_len = seq_len > 0 ? seq_len
+                 : (m->c.max_seq_len < DEFAULT_MAX_CONTEXT ? m->c.max_seq_len : DEFAULT_MAX_CONTEXT);
+    m->n_threads = n_threads;
+    m->pool = pool_create(n_threads);
+    malloc_run_state(m);
+}
+
+static void free_transformer(Transformer *m) {
+    if (m->pool) pool_free(m->pool);
+    free_run_state(&m->s);
+    tokenizer_free(m->tok);
+    free(m->w.layers);
+    munmap(m->map, m->map_bytes);
+}
+
+// ----------------------------------------------------------------------------
+// Command line
+
+#ifndef TESTING
+
+static void usage(FILE *f) {
+    fprintf(f,
+        "usage: ./run MODEL.bin [options]\n"
+        "  -i TEXT   input text (the prompt)\n"
+        "  -f FILE   input text from a file\n"
+        "  -m MODE   generate (default) | chat | ppl | tokenize | info\n"
+        "  -n N      positions to run, the prompt and BOS included (default 256; 0 = to the end of the context)\n"
+        "  -t T      temperature, 0 = greedy (default 1.0)\n"
+        "  -p P      top-p (nucleus) sampling, in [0, 1] (default 0.9)\n"
+        "  -s SEED   random seed (default: the time)\n"
+        "  -T N      threads (default: all cores)\n"
+        "  -c N      context length (default: the model's maximum, at most %d, so the KV cache stays small)\n"
+        "  -y TEXT   system prompt (chat)\n"
+        "  -h        this help\n"
+        "examples:\n"
+        "  ./run model.bin -i \"Once upon a time\"\n"
+        "  ./run model.bin -m ppl -f text.txt\n"
+        "  printf 'Hello!\\n' | ./run model.bin -m chat -y \"You are terse.\"\n",
+        DEFAULT_MAX_CONTEXT);
+}
+
+static void usage_error(const char *fmt, const char *arg) {
+    fputs("error: ", stderr);
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    usage(stderr);
+    exit(1);
+}
+
+// Whole-argument number parsing with a range: "12x", "", "1e99" are errors.
+static long parse_long(const char *flag, const char *s, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        die("%s expects an integer in [%ld, %ld], got '%s'", flag, lo, hi, s);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi))
+        die("%s expects a number in [%g, %g], got '%s'", flag, lo, hi, s);
+    return v;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *input = NULL, *input_file = NULL, *mode = "generate", *system = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    long steps = 256, seq_len = 0, n_threads = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned long long seed = (unsigned long long)time(NULL);
+    if (n_threads < 1) n_threads = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        if (a[0] != '-') {
+            if (model_path) usage_error("unexpected argument '%s'", a);
+            model_path = a;
+            continue;
+        }
+        if (strlen(a) != 2 || !strchr("ifmntpsTcy", a[1])) usage_error("unknown option '%s'", a);
+        if (i + 1 >= argc) usage_error("option %s needs a value", a);
+        const char *v = argv[++i];
+        switch (a[1]) {
+        case 'i': input = v; break;
+        case 'f': input_file = v; break;
+        case 'm': mode = v; break;
+        case 'n': steps = parse_long("-n", v, 0, INT_MAX); break;
+        case 't': temperature = parse_float("-t", v, 0, 1e6f); break;
+        case 'p': topp = parse_float("-p", v, 0, 1); break;
+        case 's': seed = (unsigned long long)parse_long("-s", v, 0, LONG_MAX); break;
+        case 'T': n_threads = parse_long("-T", v, 1, 1024); break;
+        case 'c': seq_len = parse_long("-c", v, 1, INT_MAX); break;
+        case 'y': system = v; break;
+        }
+    }
+    if (!model_path) usage_error("%s", "no model file given");
+    static const char *modes[] = {"generate", "chat", "ppl", "tokenize", "info"};
+    int mode_ok = 0;
+    for (size_t k = 0; k < sizeof modes / sizeof modes[0]; k++) mode_ok |= !strcmp(mode, modes[k]);
+    if (!mode_ok) usage_error("unknown mode '%s' (generate, chat, ppl, tokenize, info)", mode);
+    if (input && input_file) die("give the input with -i or -f, not both");
+
+    char *text = NULL;
+    size_t text_len = 0;
+    if (input_file) text = read_file(input_file, &text_len);
+    else if (input) { text_len = strlen(input); text = strdup(input); }
+
+    Transformer m;
+    build_transformer(&m, model_path);
+    setup_transformer(&m, (int)seq_len, (int)n_threads);
+    if (steps == 0 || steps > m.c.seq_len) steps = m.c.seq_len;
+    Sampler sp = {m.c.vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, NULL};
+    sp.cand = xcalloc(m.c.vocab_size, sizeof(ProbIndex), "sampler");
+
+    if (!strcmp(mode, "generate")) generate(&m, &sp, text ? text : "", text_len, (int)steps);
+    else if (!strcmp(mode, "chat")) chat(&m, &sp, system, text);
+    else if (!strcmp(mode, "info")) print_info(&m, model_path);
+    else {
+        if (!text) die("-m %s needs an input: -i TEXT or -f FILE", mode);
+        if (!strcmp(mode, "ppl")) perplexity(&m, text, text_len);
+        else print_tokens(&m, text, text_len);
+    }
+    emit_flush();
+    free(sp.cand);
+    free(text);
+    free_transformer(&m);
+    return 0;
+}
+#endif

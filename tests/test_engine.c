@@ -1,0 +1,155 @@
+// Unit tests of run.c's internals: kernels against their scalar references,
+// the thread split, the grouped KV cache, the sampler.
+#include "run.c"
+
+static int n_failed = 0;
+static void check(int ok, const char *name, const char *fmt, ...) {
+    if (ok) { printf("ok %s\n", name); return; }
+    va_list ap;
+    va_start(ap, fmt);
+    printf("FAIL %s: ", name);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    n_failed++;
+}
+
+static float frand(uint64_t *s) { return random_f32(s) * 2 - 1; }
+
+static void test_dot_matches_scalar(void) {
+    uint64_t rng = 42;
+    float a[1031], b[1031], worst = 0;
+    for (int i = 0; i < 1031; i++) { a[i] = frand(&rng); b[i] = frand(&rng); }
+    for (int n = 0; n <= 1031; n += (n < 70 ? 1 : 37)) {
+        float ref = dot_scalar(a, b, n), got = dot(a, b, n), scale = 0;
+        for (int i = 0; i < n; i++) scale += fabsf(a[i] * b[i]);
+        float err = fabsf(got - ref) / (scale > 0 ? scale : 1);
+        if (err > worst) worst = err;
+    }
+    check(worst < 1e-6f, "simd_dot_matches_scalar_dot", "worst relative error %g", worst);
+}
+
+static void test_split_range_partitions_rows(void) {
+    int ok = 1;
+    for (int n = 0; n < 200 && ok; n += 7)
+        for (int nth = 1; nth <= 5 && ok; nth++)
+            for (int quantum = 1; quantum <= 16 && ok; quantum *= 4) {
+                int next = 0;
+                for (int ith = 0; ith < nth; ith++) {
+                    int lo, hi;
+                    split_range(n, ith, nth, quantum, &lo, &hi);
+                    if (lo != next || hi < lo || (lo % quantum && lo != n)) ok = 0;
+                    next = hi;
+                }
+                if (next != n) ok = 0;
+            }
+    check(ok, "split_range_covers_every_row_once", "a split left a gap or an overlap");
+}
+
+// Builds an f32 matrix of random values (rows, cols).
+static Matrix random_matrix(int rows, int cols, uint64_t *rng, float **storage) {
+    *storage = xcalloc((size_t)rows * cols, sizeof(float), "test");
+    for (size_t i = 0; i < (size_t)rows * cols; i++) (*storage)[i] = frand(rng);
+    Matrix w = {.f = *storage, .rows = rows, .cols = cols};
+    return w;
+}
+
+static void test_matmul_threads_agree(void) {
+    uint64_t rng = 7;
+    float *wf, *x = xcalloc(5 * 67, sizeof(float), "x");
+    Matrix w = random_matrix(131, 67, &rng, &wf);
+    for (int i = 0; i < 5 * 67; i++) x[i] = frand(&rng);
+    float out1[5 * 131], out3[5 * 131];
+    Transformer m = {0};
+    m.pool = pool_create(1);
+    matmul(&m, out1, x, &w, 5);
+    pool_free(m.pool);
+    m.pool = pool_create(3);
+    matmul(&m, out3, x, &w, 5);
+    pool_free(m.pool);
+    check(!memcmp(out1, out3, sizeof out1), "matmul_1_and_3_threads_bit_identical", "outputs differ");
+    float worst = 0;
+    for (int t = 0; t < 5; t++)
+        for (int r = 0; r < 131; r++) {
+            float ref = dot_scalar(wf + r * 67, x + t * 67, 67);
+            float e = fabsf(out1[t * 131 + r] - ref);
+            if (e > worst) worst = e;
+        }
+    check(worst < 1e-5f, "matmul_block_matches_scalar_rows", "max abs error %g", worst);
+    free(wf); free(x);
+}
+
+static void test_sampler(void) {
+    float logits[6] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, 0.5f};
+    ProbIndex cand[6];
+    Sampler sp = {6, 0.0f, 0.9f, 1, cand};
+    float l[6];
+    memcpy(l, logits, sizeof l);
+    check(sample(&sp, l) == 1, "greedy_picks_argmax", "wrong token");
+    // top-p 0.01 keeps only the most likely token, whatever the coin
+    int all_top = 1;
+    sp.temperature = 1.0f; sp.topp = 0.01f;
+    for (int i = 0; i < 50; i++) { memcpy(l, logits, sizeof l); all_top &= sample(&sp, l) == 1; }
+    check(all_top, "topp_tiny_keeps_only_the_top_token", "sampled another token");
+    // plain sampling follows softmax(logits): compare frequencies
+    sp.topp = 1.0f;
+    int counts[6] = {0}, N = 60000;
+    for (int i = 0; i < N; i++) { memcpy(l, logits, sizeof l); counts[sample(&sp, l)]++; }
+    memcpy(l, logits, sizeof l);
+    softmax(l, 6);
+    float worst = 0;
+    for (int i = 0; i < 6; i++) { float d = fabsf(counts[i] / (float)N - l[i]); if (d > worst) worst = d; }
+    check(worst < 0.01f, "temperature_sampling_follows_softmax", "max frequency error %g", worst);
+}
+
+// The cache is allocated for n_kv_heads, not n_heads: GQA's memory saving.
+static void test_kv_cache_is_grouped(const char *model) {
+    if (!model) { printf("FAIL kv_cache_holds_only_kv_heads: no test model\n"); n_failed++; return; }
+    Transformer m;
+    build_transformer(&m, model);
+    setup_transformer(&m, 100, 1);
+    size_t expect = (size_t)m.c.n_layers * 100 * 2 * m.c.n_kv_heads * m.c.head_dim;
+    check(m.c.n_kv_heads < m.c.n_heads && m.s.kv_cache_elems == expect, "kv_cache_holds_only_kv_heads",
+          "%zu elements, expected n_layers*ctx*2*n_kv_heads*head_dim = %zu", m.s.kv_cache_elems, expect);
+    // one forward step writes exactly kv_dim values per layer at position 0
+    int tok = 1;
+    forward(&m, &tok, 1, 0, 0);
+    int written = 0, beyond = 0;
+    for (int l = 0; l < m.c.n_layers; l++)
+        for (int i = 0; i < 100 * m.c.kv_dim; i++) {
+            float v = m.s.key_cache[(size_t)l * 100 * m.c.kv_dim + i];
+            if (i < m.c.kv_dim) written += v != 0; else beyond += v != 0;
+        }
+    check(written > 0 && beyond == 0, "forward_writes_one_kv_row_per_layer", "written %d, beyond %d", written, beyond);
+    // a block forward equals token-by-token forwards
+    int toks[7] = {5, 9, 2, 77, 3, 3, 100};
+    float *block = xcalloc((size_t)7 * m.c.vocab_size, sizeof(float), "t");
+    memcpy(block, forward(&m, toks, 7, 0, 1), (size_t)7 * m.c.vocab_size * sizeof(float));
+    float worst = 0;
+    for (int t = 0; t < 7; t++) {
+        float *one = forward(&m, toks + t, 1, t, 0);
+        for (int i = 0; i < m.c.vocab_size; i++) {
+            float e = fabsf(one[i] - block[(size_t)t * m.c.vocab_size + i]);
+            if (e > worst) worst = e;
+        }
+    }
+    check(worst < 1e-4f, "block_forward_equals_token_by_token", "max abs difference %g", worst);
+    free(block);
+    free_transformer(&m);
+}
+
+int main(void) {
+    test_dot_matches_scalar();
+    test_split_range_partitions_rows();
+    test_matmul_threads_agree();
+    test_sampler();
+    // a random GQA model: 8 query heads sharing 2 KV heads
+    const char *tmp = getenv("TMPDIR_TESTS"), *py = getenv("PYTHON");
+    char path[4096], cmd[8192];
+    snprintf(path, sizeof path, "%s/engine_gqa.bin", tmp ? tmp : "/tmp");
+    snprintf(cmd, sizeof cmd, "%s export/export.py %s --random --dim 64 --hidden-dim 96 --n-layers 2 "
+             "--n-heads 8 --n-kv-heads 2 --vocab-size 300 --max-seq-len 128 --seed 3 >/dev/null",
+             py ? py : "python3", path);
+    test_kv_cache_is_grouped(system(cmd) == 0 ? path : NULL);
+    return n_failed ? 1 : 0;
+}
