@@ -742,8 +742,9 @@ static float *prefill(Transformer *m, const int *tokens, int n, int pos) {
 }
 
 // ----------------------------------------------------------------------------
-// Generation: print the prompt, then sample until a stop token or `steps`
-// positions (prompt included, as in llama2.c).
+// Generation: print the prompt, then sample until a stop token or until
+// `steps` positions have run through the model (BOS and prompt included, as
+// in llama2.c, which then prints the token sampled at the last position).
 
 static void generate(Transformer *m, Sampler *sp, const char *prompt, size_t prompt_len, int steps) {
     int n_prompt;
@@ -761,15 +762,16 @@ static void generate(Transformer *m, Sampler *sp, const char *prompt, size_t pro
     double t0 = now_seconds();
     float *logits = prefill(m, tokens, n_prompt, 0);
     double t1 = now_seconds();
+    // token i is fed at position i; the one sampled after the last position is printed, not fed
     int prev = tokens[n_prompt - 1], n_decoded = 0;
-    for (int pos = n_prompt; pos < steps; pos++) {
+    for (int pos = n_prompt; pos <= steps; pos++) {
         int next = sample(sp, logits);
         if (is_stop(m, next)) break;
         emit_token(m, &us, prev, next, buf);
         emit_flush();
         n_decoded++;
         prev = next;
-        if (pos + 1 < steps) logits = forward(m, &next, 1, pos, 0);
+        if (pos < steps) logits = forward(m, &next, 1, pos, 0);
     }
     double t2 = now_seconds();
     emit(buf, tokenizer_decode_flush(&us, buf, 8));
