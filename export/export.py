@@ -1,0 +1,819 @@
+#!/usr/bin/env python3
+"""export.py - writes a checkpoint in the format of model.h (one file: header,
+tokenizer section, weights; every tensor 64-byte aligned).
+
+Three sources:
+
+  python3 export/export.py OUT.bin --hf HF_DIR [--dtype f32|q8_0]
+      A Hugging Face Llama 3.x directory: config.json, model.safetensors (or
+      shards listed in model.safetensors.index.json) and tokenizer.json.
+  python3 export/export.py OUT.bin --llama2c MODEL.bin --tokenizer TOK.bin
+      A legacy llama2.c checkpoint and its tokenizer.bin. Needs no numpy
+      (unless --dtype q8_0).
+  python3 export/export.py OUT.bin --random [--preset llama3.2-1b] [--dim N ...]
+      Random weights of any shape, e.g. the Llama-3.2-1B shape for benchmarks.
+
+The file is written to OUT.bin.tmp and renamed at the end, so a failed export
+never leaves a half-written model. Anything this script does not understand is
+refused with a one-line "error: ..." and exit status 1; it never guesses.
+
+Layout written (see model.h for the authoritative description):
+  [0, 256)            header (struct ModelHeader)
+  [256, ...)          tokenizer section (built by tokenizer_section.py)
+  weights_offset ...  token_embedding, per layer: attn_norm wq wk wv wo
+                      ffn_norm w1 w2 w3, final_norm, [classifier]
+Matrices are (out_features, in_features), row-major. The RoPE convention is
+adjacent pairs (2i, 2i+1), so Hugging Face's rotate_half row order of wq/wk
+is undone here, once.
+"""
+import argparse
+import json
+import mmap
+import os
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+np = None  # numpy, imported on demand by need_numpy(): --llama2c runs without it
+
+# ----------------------------------------------------------------------------
+# The format (mirrors model.h)
+
+MODEL_MAGIC = 0x4B43334C  # "L3CK" as a little-endian uint32
+MODEL_VERSION = 1
+MODEL_HEADER_BYTES = 256
+MODEL_ALIGN = 64
+MODEL_MAX_STOP_IDS = 8
+DTYPE_F32, DTYPE_Q8_0 = 0, 1
+ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3 = 0, 1
+TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3 = 1, 2
+Q8_0_GROUP_SIZE = 32
+
+# struct ModelHeader, field by field (160 bytes, then zero padding to 256)
+HEADER_FORMAT = (
+    "<II"   # magic, version
+    "8i"    # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, max_seq_len
+    "f"     # rope_theta
+    "i"     # rope_scaling
+    "3f"    # rope_factor, rope_low_freq_factor, rope_high_freq_factor
+    "i"     # rope_original_max_pos
+    "f"     # norm_eps
+    "4i"    # tied_classifier, dtype, group_size, bos_id
+    "i8i"   # n_stop_ids, stop_ids[8]
+    "2i"    # tokenizer_kind, reserved
+    "4Q"    # tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes
+)
+assert struct.calcsize(HEADER_FORMAT) == 160
+
+
+class ExportError(Exception):
+    """A refusal: printed as one 'error: ...' line, exit status 1."""
+
+
+@dataclass
+class Config:
+    """The model-describing header fields (everything but offsets and dtype)."""
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float
+    norm_eps: float
+    tied_classifier: bool
+    rope_scaling: int = ROPE_SCALING_NONE
+    rope_factor: float = 0.0            # the four rope_* below: Llama 3.1 scaling only
+    rope_low_freq_factor: float = 0.0
+    rope_high_freq_factor: float = 0.0
+    rope_original_max_pos: int = 0
+    bos_id: int = -1
+    stop_ids: list = field(default_factory=list)
+    tokenizer_kind: int = 0
+
+
+def validate_config(c):
+    """Checks every field the engine relies on, by name."""
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+                 "head_dim", "vocab_size", "max_seq_len"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ExportError(f"{name} must be a positive integer, got {value!r}")
+        if value >= 2**31:
+            raise ExportError(f"{name} = {value} does not fit the header's int32")
+    if c.n_heads % c.n_kv_heads:
+        raise ExportError(f"n_heads ({c.n_heads}) must be a multiple of n_kv_heads ({c.n_kv_heads})")
+    if c.head_dim % 2:
+        raise ExportError(f"head_dim must be even for RoPE, got {c.head_dim}")
+    if not c.rope_theta > 0 or not c.norm_eps > 0:
+        raise ExportError(f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive")
+    if c.rope_scaling == ROPE_SCALING_LLAMA3:
+        if not (c.rope_factor > 0 and c.rope_low_freq_factor > 0 and c.rope_original_max_pos > 0
+                and c.rope_high_freq_factor > c.rope_low_freq_factor):
+            raise ExportError("llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 "
+                              "and high_freq_factor > low_freq_factor > 0")
+    if len(c.stop_ids) > MODEL_MAX_STOP_IDS:
+        raise ExportError(f"{len(c.stop_ids)} stop ids, the format holds at most {MODEL_MAX_STOP_IDS}")
+    for i in [c.bos_id] * (c.bos_id != -1) + list(c.stop_ids):
+        if not 0 <= i < c.vocab_size:
+            raise ExportError(f"special token id {i} is outside the vocabulary (0..{c.vocab_size - 1})")
+
+
+def tensor_plan(c):
+    """[(name, shape)] of every tensor, in file order. 1-D shapes are norms
+    (always f32), 2-D shapes are matrices (out_features, in_features)."""
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    plan = [("token_embedding", (c.vocab_size, c.dim))]
+    for l in range(c.n_layers):
+        p = f"layers.{l}."
+        plan += [(p + "attn_norm", (c.dim,)),
+                 (p + "wq", (q_dim, c.dim)),
+                 (p + "wk", (kv_dim, c.dim)),
+                 (p + "wv", (kv_dim, c.dim)),
+                 (p + "wo", (c.dim, q_dim)),
+                 (p + "ffn_norm", (c.dim,)),
+                 (p + "w1", (c.hidden_dim, c.dim)),   # gate
+                 (p + "w2", (c.dim, c.hidden_dim)),   # down
+                 (p + "w3", (c.hidden_dim, c.dim))]   # up
+    plan.append(("final_norm", (c.dim,)))
+    if not c.tied_classifier:
+        plan.append(("classifier", (c.vocab_size, c.dim)))
+    return plan
+
+
+def need_numpy(why):
+    global np
+    if np is None:
+        try:
+            import numpy
+        except ImportError:
+            raise ExportError(f"numpy is required for {why} (apt-get install python3-numpy)") from None
+        np = numpy
+    return np
+
+
+def row_ranges(rows, cols, max_values=1 << 24):
+    """Splits `rows` into [r0, r1) blocks of at most ~max_values values (64 MB
+    of f32), so that converting a tensor never holds more than one block."""
+    step = max(1, max_values // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+# ----------------------------------------------------------------------------
+# Reading: safetensors
+
+SAFETENSORS_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+class SafetensorsFile:
+    """A .safetensors file, mmapped: u64 little-endian header length N, N bytes
+    of JSON {name: {dtype, shape, data_offsets: [begin, end)}}, then the data.
+    Offsets are relative to the start of the data (8 + N) and the tensors may
+    be stored in any order, so each is located by its own offsets."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ExportError(f"{path}: {size} bytes, too short for a safetensors file")
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", self.mm[:8])
+        if n < 2 or 8 + n > size:
+            raise ExportError(f"{path}: header length {n} does not fit in the {size}-byte file (corrupt safetensors)")
+        try:
+            header = json.loads(bytes(self.mm[8:8 + n]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ExportError(f"{path}: header is not valid JSON ({e}) (corrupt safetensors)") from None
+        if not isinstance(header, dict):
+            raise ExportError(f"{path}: header is not a JSON object (corrupt safetensors)")
+        header.pop("__metadata__", None)
+        self.data_start, data_bytes = 8 + n, size - 8 - n
+        self.tensors = {}
+        for name, info in header.items():
+            self.tensors[name] = self._check_entry(name, info, data_bytes)
+
+    def _check_entry(self, name, info, data_bytes):
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ExportError(f"{self.path}: bad header entry for {name} (corrupt safetensors)") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ExportError(f"{self.path}: tensor {name} has dtype {dtype}; "
+                              f"supported: {', '.join(SAFETENSORS_DTYPES)}")
+        itemsize = SAFETENSORS_DTYPES[dtype][1]
+        count = 1
+        for d in shape:
+            if not isinstance(d, int) or d < 0:
+                raise ExportError(f"{self.path}: tensor {name} has shape {shape} (corrupt safetensors)")
+            count *= d
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes
+                and end - begin == count * itemsize):
+            raise ExportError(f"{self.path}: tensor {name}: data_offsets [{begin}, {end}) do not hold "
+                              f"{shape} {dtype} inside the {data_bytes} data bytes (corrupt safetensors)")
+        return dtype, shape, begin
+
+    def to_f32(self, name, r0=None, r1=None):
+        """Tensor `name` (rows r0..r1 of it, if given) as a new float32 array.
+        bf16 is the top half of a float32, so it widens by a 16-bit shift."""
+        need_numpy("reading safetensors")
+        dtype, shape, begin = self.tensors[name]
+        np_dtype, itemsize = SAFETENSORS_DTYPES[dtype]
+        row_values = 1
+        for d in shape[1:]:
+            row_values *= d
+        if r0 is None:
+            r0, r1 = 0, (shape[0] if shape else 1)
+        raw = np.frombuffer(self.mm, dtype=np_dtype, count=(r1 - r0) * row_values,
+                            offset=self.data_start + begin + r0 * row_values * itemsize)
+        if dtype == "BF16":
+            x = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            x = raw.astype(np.float32)
+        return x.reshape([r1 - r0] + shape[1:]) if shape else x
+
+
+class HFWeights:
+    """All tensors of an HF directory: name -> the SafetensorsFile holding it."""
+
+    def __init__(self, hf_dir):
+        single = os.path.join(hf_dir, "model.safetensors")
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        self.where = {}
+        if os.path.exists(single):
+            st = SafetensorsFile(single)
+            self.where = {name: st for name in st.tensors}
+        elif os.path.exists(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ExportError(f"{index}: no weight_map object")
+            shards = {}
+            for name, fname in weight_map.items():
+                if fname not in shards:
+                    shards[fname] = SafetensorsFile(os.path.join(hf_dir, fname))
+                if name not in shards[fname].tensors:
+                    raise ExportError(f"{index}: maps {name} to {fname}, which does not hold it")
+                self.where[name] = shards[fname]
+        else:
+            raise ExportError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json")
+
+    def shape(self, name):
+        return self.where[name].tensors[name][1]
+
+    def to_f32(self, name, r0=None, r1=None):
+        return self.where[name].to_f32(name, r0, r1)
+
+
+# ----------------------------------------------------------------------------
+# Reading: Hugging Face config.json
+
+def read_json(path):
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_hf(hc):
+    """Config from an HF LlamaConfig dict. Missing optional keys take HF's
+    LlamaConfig defaults; anything that would change the math we don't
+    implement is refused."""
+    arch, model_type = hc.get("architectures"), hc.get("model_type")
+    if model_type not in (None, "llama") or arch not in (None, ["LlamaForCausalLM"]) \
+            or (arch is None and model_type is None):
+        raise ExportError(f"config.json: architectures {arch}, model_type {model_type!r}: "
+                          "only LlamaForCausalLM (model_type llama) is supported")
+    if hc.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"config.json: hidden_act {hc['hidden_act']!r}, only silu is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hc.get(key, False):
+            raise ExportError(f"config.json: {key} is true; bias tensors are not supported")
+
+    def need(key):
+        if key not in hc:
+            raise ExportError(f"config.json: missing {key}")
+        return hc[key]
+
+    n_heads = need("num_attention_heads")
+    c = Config(
+        dim=need("hidden_size"),
+        hidden_dim=need("intermediate_size"),
+        n_layers=need("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=hc.get("num_key_value_heads") or n_heads,
+        head_dim=hc.get("head_dim") or need("hidden_size") // n_heads,
+        vocab_size=need("vocab_size"),
+        max_seq_len=hc.get("max_position_embeddings", 2048),
+        rope_theta=float(hc.get("rope_theta", 10000.0)),
+        norm_eps=float(hc.get("rms_norm_eps", 1e-6)),
+        tied_classifier=bool(hc.get("tie_word_embeddings", False)),
+        tokenizer_kind=TOKENIZER_LLAMA3)
+    rope = hc.get("rope_scaling")
+    if "rope_parameters" in hc:  # newer transformers: theta and scaling in one dict
+        rope = dict(hc["rope_parameters"] or {})
+        c.rope_theta = float(rope.get("rope_theta", c.rope_theta))
+    set_rope_scaling(c, rope)
+    if hc.get("head_dim") is None and c.dim % n_heads:
+        raise ExportError(f"config.json: hidden_size {c.dim} is not a multiple of num_attention_heads {n_heads}")
+    c.bos_id = hc.get("bos_token_id")
+    c.bos_id = -1 if c.bos_id is None else c.bos_id
+    eos = hc.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    # Generation stops at EOS, and at BOS too: a model that starts a new document is done.
+    c.stop_ids = unique(eos + ([c.bos_id] if c.bos_id != -1 else []))
+    return c
+
+
+def set_rope_scaling(c, rope):
+    """rope_scaling: null (or rope_type "default") or Llama 3.1's "llama3"."""
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ExportError(f"config.json: rope_scaling {rope!r} is not an object")
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in (None, "default") and not {"factor", "low_freq_factor"} & set(rope):
+        return
+    if kind != "llama3":
+        raise ExportError(f"config.json: rope scaling type {kind!r} is not supported (only llama3)")
+    try:
+        c.rope_scaling = ROPE_SCALING_LLAMA3
+        c.rope_factor = float(rope["factor"])
+        c.rope_low_freq_factor = float(rope["low_freq_factor"])
+        c.rope_high_freq_factor = float(rope["high_freq_factor"])
+        c.rope_original_max_pos = int(rope["original_max_position_embeddings"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"config.json: llama3 rope_scaling: bad or missing {e}") from None
+
+
+def unique(ids):
+    out = []
+    for i in ids:
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def hf_name(name, c):
+    """Our tensor name -> (HF tensor name, heads whose rows to un-permute or 0)."""
+    if name == "token_embedding":
+        return "model.embed_tokens.weight", 0
+    if name == "final_norm":
+        return "model.norm.weight", 0
+    if name == "classifier":
+        return "lm_head.weight", 0
+    _, l, kind = name.split(".")
+    p = f"model.layers.{l}."
+    return {
+        "attn_norm": (p + "input_layernorm.weight", 0),
+        "wq": (p + "self_attn.q_proj.weight", c.n_heads),
+        "wk": (p + "self_attn.k_proj.weight", c.n_kv_heads),
+        "wv": (p + "self_attn.v_proj.weight", 0),
+        "wo": (p + "self_attn.o_proj.weight", 0),
+        "ffn_norm": (p + "post_attention_layernorm.weight", 0),
+        "w1": (p + "mlp.gate_proj.weight", 0),
+        "w2": (p + "mlp.down_proj.weight", 0),
+        "w3": (p + "mlp.up_proj.weight", 0),
+    }[kind]
+
+
+def check_hf_tensors(weights, c):
+    """Every tensor present with the shape the config implies; nothing
+    unexpected (a bias, an extra projection) that we would silently drop."""
+    expected = set()
+    for name, shape in tensor_plan(c):
+        hname, _ = hf_name(name, c)
+        expected.add(hname)
+        if hname not in weights.where:
+            raise ExportError(f"missing tensor {hname}")
+        if tuple(weights.shape(hname)) != shape:
+            raise ExportError(f"tensor {hname} has shape {weights.shape(hname)}, "
+                              f"config.json implies {list(shape)}")
+    for hname in sorted(weights.where):
+        if hname in expected or hname.endswith("rotary_emb.inv_freq"):
+            continue  # inv_freq: a cached buffer in old checkpoints, recomputed by the engine
+        if hname == "lm_head.weight" and c.tied_classifier:
+            continue  # tied: logits use the embedding; a stored copy is ignored
+        if hname.endswith(".bias"):
+            raise ExportError(f"bias tensor {hname}: attention/mlp biases are not supported")
+        raise ExportError(f"unexpected tensor {hname}: not a plain Llama checkpoint")
+
+
+# ----------------------------------------------------------------------------
+# Reading: legacy llama2.c checkpoints (no numpy needed)
+
+class Llama2cCheckpoint:
+    """llama2.c's version-0 file: 7 x int32 (dim, hidden_dim, n_layers,
+    n_heads, n_kv_heads, vocab_size, seq_len; vocab_size < 0 means an untied
+    classifier), then f32 tensors grouped by kind across layers:
+      token_embedding (vocab, dim), rms_att (L, dim), wq (L, dim, dim),
+      wk (L, kv_dim, dim), wv (L, kv_dim, dim), wo (L, dim, dim),
+      rms_ffn (L, dim), w1 (L, hidden, dim), w2 (L, dim, hidden),
+      w3 (L, hidden, dim), rms_final (dim), freq_cis_real (seq_len, head_dim/2),
+      freq_cis_imag (same), [wcls (vocab, dim)].
+    Its RoPE already rotates adjacent pairs, our convention: no permutation."""
+
+    KINDS = ["token_embedding", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm",
+             "w1", "w2", "w3", "final_norm", "freq_cis_real", "freq_cis_imag", "classifier"]
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 28:
+                raise ExportError(f"{path}: {size} bytes, too short for a llama2.c checkpoint")
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("<7i", self.mm[:28])
+        if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab == 0 \
+                or dim % n_heads or n_heads % n_kv_heads:
+            raise ExportError(f"{path}: implausible llama2.c header {[dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len]}")
+        head_dim = dim // n_heads
+        self.config = Config(
+            dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=abs(vocab), max_seq_len=seq_len,
+            rope_theta=10000.0, norm_eps=1e-5, tied_classifier=vocab > 0,
+            bos_id=1, stop_ids=[1, 2],  # llama2.c stops when the model emits BOS (1); 2 is EOS
+            tokenizer_kind=TOKENIZER_LLAMA2C)
+        kv_dim, L, V = n_kv_heads * head_dim, n_layers, abs(vocab)
+        per_layer = {"attn_norm": dim, "wq": dim * dim, "wk": kv_dim * dim, "wv": kv_dim * dim,
+                     "wo": dim * dim, "ffn_norm": dim, "w1": hidden_dim * dim,
+                     "w2": dim * hidden_dim, "w3": hidden_dim * dim}
+        counts = {"token_embedding": V * dim, "final_norm": dim,
+                  "freq_cis_real": seq_len * head_dim // 2, "freq_cis_imag": seq_len * head_dim // 2,
+                  "classifier": 0 if vocab > 0 else V * dim}
+        counts.update({k: L * n for k, n in per_layer.items()})
+        self.per_layer = per_layer
+        self.offset, pos = {}, 28  # byte offset of each kind's block
+        for kind in self.KINDS:
+            self.offset[kind] = pos
+            pos += 4 * counts[kind]
+        if pos != size:
+            raise ExportError(f"{path}: file is {size} bytes, its header {[dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len]} "
+                              f"says {pos}: truncated, or not a llama2.c checkpoint")
+
+    def blocks_of(self, name, shape):
+        """Raw little-endian f32 bytes of tensor `name`, in row blocks."""
+        if name.startswith("layers."):
+            _, l, kind = name.split(".")
+            start = self.offset[kind] + 4 * int(l) * self.per_layer[kind]
+        else:
+            start = self.offset[name]
+        cols = shape[-1]
+        view = memoryview(self.mm)
+        for r0, r1 in row_ranges(shape[0] if len(shape) == 2 else 1, cols):
+            yield view[start + 4 * r0 * cols: start + 4 * r1 * cols]
+
+
+# ----------------------------------------------------------------------------
+# Converting
+
+def unpermute_rope_rows(w, n_heads, head_dim):
+    """HF -> adjacent-pairs RoPE. HF's conversion script reorders the rows of
+    each head of wq/wk from (pair i, element j) -> j * head_dim/2 + i, so that
+    rotate_half pairs row i with row i + head_dim/2. Undo it:
+    (n_heads*head_dim, dim) -> (n_heads, 2, head_dim/2, dim)
+    -> swap the middle axes -> row 2i + j is HF row j*head_dim/2 + i."""
+    rows, cols = w.shape
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, head_dim // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def quantize_q8_0(x, group_size=Q8_0_GROUP_SIZE):
+    """(rows, cols) f32 -> int8 q (rows, cols), f32 scale (rows, cols/group).
+    Per group of `group_size` values along a row: scale = max|x| / 127,
+    q = round(x / scale) in [-127, 127]; an all-zero group has scale 0, q 0."""
+    groups = x.reshape(-1, group_size)
+    scale = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(groups / safe[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), scale
+
+
+def as_f32_rows(block, cols):
+    """A block (numpy array or raw f32 bytes) as a (rows, cols) float32 array."""
+    if isinstance(block, np.ndarray):
+        return block.reshape(-1, cols).astype(np.float32, copy=False)
+    return np.frombuffer(block, dtype="<f4").reshape(-1, cols)
+
+
+# ----------------------------------------------------------------------------
+# Writing
+
+def align_up(n, a=MODEL_ALIGN):
+    return (n + a - 1) // a * a
+
+
+def pad_to_alignment(f):
+    f.write(bytes(align_up(f.tell()) - f.tell()))
+
+
+def pack_header(c, dtype, tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes):
+    stops = list(c.stop_ids) + [-1] * (MODEL_MAX_STOP_IDS - len(c.stop_ids))
+    fields = struct.pack(
+        HEADER_FORMAT, MODEL_MAGIC, MODEL_VERSION,
+        c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_seq_len,
+        c.rope_theta, c.rope_scaling, c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+        c.rope_original_max_pos, c.norm_eps,
+        int(c.tied_classifier), dtype, Q8_0_GROUP_SIZE if dtype == DTYPE_Q8_0 else 0, c.bos_id,
+        len(c.stop_ids), *stops, c.tokenizer_kind, 0,
+        tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes)
+    return fields + bytes(MODEL_HEADER_BYTES - len(fields))
+
+
+def write_tensor(f, shape, blocks, dtype):
+    """Writes one tensor at the current (64-aligned) offset, padded to 64.
+    `blocks` yields its f32 values in row order (numpy arrays or raw bytes).
+    q8_0 (matrices only): all int8 q first, then at the next 64-byte boundary
+    the f32 scales, as model.h lays it out."""
+    if dtype == DTYPE_F32 or len(shape) == 1:
+        for block in blocks:
+            if isinstance(block, memoryview):
+                f.write(block)
+            else:
+                f.write(np.ascontiguousarray(block, dtype="<f4").data)
+    else:
+        scales = []
+        for block in blocks:
+            q, scale = quantize_q8_0(as_f32_rows(block, shape[1]))
+            f.write(q.data)
+            scales.append(scale)
+        pad_to_alignment(f)
+        for scale in scales:
+            f.write(scale.astype("<f4").data)
+    pad_to_alignment(f)
+
+
+def tensor_bytes(shape, dtype):
+    """Bytes a tensor takes in the file, padding included."""
+    n = 1
+    for d in shape:
+        n *= d
+    if dtype == DTYPE_Q8_0 and len(shape) == 2:
+        return align_up(n) + align_up(4 * (n // Q8_0_GROUP_SIZE))
+    return align_up(4 * n)
+
+
+def write_model(out_path, c, dtype, tokenizer_section, blocks_of):
+    """Writes the whole file to out_path + ".tmp", then renames it.
+    blocks_of(name, shape) yields the tensor's f32 values in row blocks."""
+    validate_config(c)
+    plan = tensor_plan(c)
+    if dtype == DTYPE_Q8_0:
+        for name, shape in plan:
+            if len(shape) == 2 and shape[1] % Q8_0_GROUP_SIZE:
+                raise ExportError(f"q8_0 needs every matrix's columns to be a multiple of "
+                                  f"{Q8_0_GROUP_SIZE}; {name} has shape {list(shape)}")
+        need_numpy("--dtype q8_0")
+    show_progress = sys.stderr.isatty()
+    tmp = out_path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(MODEL_HEADER_BYTES))  # the header goes last, once offsets are known
+            tokenizer_offset = f.tell()
+            f.write(tokenizer_section)
+            pad_to_alignment(f)
+            weights_offset = f.tell()
+            for k, (name, shape) in enumerate(plan):
+                if show_progress:
+                    sys.stderr.write(f"\rtensor {k + 1}/{len(plan)} {name:<24}")
+                    sys.stderr.flush()
+                start = f.tell()
+                write_tensor(f, shape, blocks_of(name, shape), dtype)
+                if f.tell() - start != tensor_bytes(shape, dtype):
+                    raise ExportError(f"internal: {name} took {f.tell() - start} bytes, "
+                                      f"expected {tensor_bytes(shape, dtype)} (wrong source size?)")
+            file_bytes = f.tell()
+            f.seek(0)
+            f.write(pack_header(c, dtype, tokenizer_offset, len(tokenizer_section), weights_offset, file_bytes))
+        if show_progress:
+            sys.stderr.write("\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return file_bytes
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer section (built by tokenizer_section.py, next to this file)
+
+def tokenizer_section_module():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import tokenizer_section
+    except ImportError as e:
+        raise ExportError(f"cannot import export/tokenizer_section.py ({e})") from None
+    return tokenizer_section
+
+
+def llama3_tokenizer_section(tok, path, vocab_size):
+    """(section bytes, info) for a tokenizer.json (path or dict). The builder
+    refuses anything but a byte-level BPE with Llama 3's pre-tokenizer, and
+    info names the special ids it found (bos_id, stop_ids, ...)."""
+    try:
+        return tokenizer_section_module().section_from_tokenizer_json(tok, vocab_size=vocab_size)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{path}: {e}") from None
+
+
+def llama2c_tokenizer_section(path, vocab_size):
+    try:
+        return tokenizer_section_module().section_from_llama2c(path, vocab_size)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+SYNTHETIC_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                      "<|end_header_id|>", "<|eot_id|>"]
+
+
+def synthetic_tokenizer_json(vocab_size):
+    """A tokenizer.json-like dict for --random without --tokenizer: ids 0..255
+    are the single bytes (no merges), 256.. the Llama 3 special tokens, then
+    <|reserved_special_token_K|> up to vocab_size."""
+    if vocab_size < 256 + len(SYNTHETIC_SPECIALS):
+        raise ExportError(f"the built-in tokenizer needs vocab_size >= {256 + len(SYNTHETIC_SPECIALS)}, "
+                          f"got {vocab_size} (or pass --tokenizer)")
+    ts = tokenizer_section_module()
+    byte_of = ts.byte_level_alphabet()  # GPT-2's: each byte written as one printable character
+    specials = SYNTHETIC_SPECIALS + [f"<|reserved_special_token_{k}|>"
+                                     for k in range(vocab_size - 256 - len(SYNTHETIC_SPECIALS))]
+    return {
+        "model": {"type": "BPE", "vocab": dict(sorted(byte_of.items(), key=lambda kv: kv[1])),
+                  "merges": [], "ignore_merges": True, "byte_fallback": False},
+        "added_tokens": [{"id": 256 + k, "content": s, "special": True} for k, s in enumerate(specials)],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": ts.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "decoder": {"type": "ByteLevel"},
+    }
+
+
+# ----------------------------------------------------------------------------
+# The three sources
+
+def export_hf(out, hf_dir, dtype):
+    need_numpy("--hf")
+    c = config_from_hf(read_json(os.path.join(hf_dir, "config.json")))
+    validate_config(c)
+    tok_path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise ExportError(f"{tok_path}: not found (a byte-level BPE tokenizer.json is required)")
+    section, _ = llama3_tokenizer_section(read_json(tok_path), tok_path, c.vocab_size)
+    weights = HFWeights(hf_dir)
+    check_hf_tensors(weights, c)
+
+    def blocks_of(name, shape):
+        hname, permute_heads = hf_name(name, c)
+        if permute_heads:  # wq/wk: whole tensor, the permutation mixes rows
+            yield unpermute_rope_rows(weights.to_f32(hname), permute_heads, c.head_dim)
+        elif len(shape) == 1:
+            yield weights.to_f32(hname)
+        else:
+            for r0, r1 in row_ranges(*shape):
+                yield weights.to_f32(hname, r0, r1)
+
+    return c, write_model(out, c, dtype, section, blocks_of)
+
+
+def export_llama2c(out, model_path, tokenizer_path, dtype):
+    ck = Llama2cCheckpoint(model_path)
+    section = llama2c_tokenizer_section(tokenizer_path, ck.config.vocab_size)
+    return ck.config, write_model(out, ck.config, dtype, section, ck.blocks_of)
+
+
+PRESETS = {
+    # Small enough to export in a blink; the default.
+    "tiny": dict(dim=64, hidden_dim=172, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=None,
+                 vocab_size=512, max_seq_len=256, rope_theta=10000.0, rope_scaling="none",
+                 rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                 rope_original_max_pos=8192, norm_eps=1e-5),
+    # The shape of meta-llama/Llama-3.2-1B (tied embeddings).
+    "llama3.2-1b": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                        vocab_size=128256, max_seq_len=131072, rope_theta=500000.0, rope_scaling="llama3",
+                        rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_pos=8192, norm_eps=1e-5),
+}
+
+
+def random_config(args):
+    """The preset, overridden by any shape flag given."""
+    p = dict(PRESETS[args.preset])
+    for key in p:
+        if getattr(args, key, None) is not None:
+            p[key] = getattr(args, key)
+    if args.head_dim is None and (args.dim is not None or args.n_heads is not None or p["head_dim"] is None):
+        p["head_dim"] = p["dim"] // p["n_heads"]  # shape changed: the usual dim / n_heads
+    c = Config(dim=p["dim"], hidden_dim=p["hidden_dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+               n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"], vocab_size=p["vocab_size"],
+               max_seq_len=p["max_seq_len"], rope_theta=p["rope_theta"], norm_eps=p["norm_eps"],
+               tied_classifier=not args.untied)
+    if p["rope_scaling"] == "llama3":
+        c.rope_scaling = ROPE_SCALING_LLAMA3
+        c.rope_factor, c.rope_low_freq_factor = p["rope_factor"], p["rope_low_freq_factor"]
+        c.rope_high_freq_factor, c.rope_original_max_pos = p["rope_high_freq_factor"], p["rope_original_max_pos"]
+    return c
+
+
+def random_tokenizer(c, path):
+    """Sets c's tokenizer fields; returns the section bytes. A file starting
+    with "{" is a tokenizer.json, anything else a llama2.c tokenizer.bin."""
+    if path is None:
+        tok, path = synthetic_tokenizer_json(c.vocab_size), "built-in tokenizer"
+    else:
+        with open(path, "rb") as f:
+            is_json = f.read(1) == b"{"
+        if not is_json:
+            c.tokenizer_kind, c.bos_id, c.stop_ids = TOKENIZER_LLAMA2C, 1, [1, 2]
+            return llama2c_tokenizer_section(path, c.vocab_size)
+        tok = read_json(path)
+    section, info = llama3_tokenizer_section(tok, path, c.vocab_size)
+    c.tokenizer_kind = TOKENIZER_LLAMA3
+    c.bos_id = -1 if info.get("bos_id") is None else info["bos_id"]
+    c.stop_ids = list(info.get("stop_ids") or [])
+    return section
+
+
+def export_random(out, args, dtype):
+    need_numpy("--random")
+    c = random_config(args)
+    validate_config(c)
+    section = random_tokenizer(c, args.tokenizer)
+
+    def blocks_of(name, shape):
+        # One generator per tensor, seeded by (seed, name): the values do not
+        # depend on block sizes or on which other tensors exist.
+        rng = np.random.default_rng([args.seed, zlib.crc32(name.encode())])
+        if len(shape) == 1:  # RMSNorm gains: around 1
+            yield (1 + 0.05 * rng.standard_normal(shape[0], dtype=np.float32)).astype(np.float32)
+            return
+        for r0, r1 in row_ranges(*shape):
+            x = rng.standard_normal((r1 - r0, shape[1]), dtype=np.float32)
+            x *= np.float32(0.02)
+            yield x
+
+    return c, write_model(out, c, dtype, section, blocks_of)
+
+
+# ----------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Write a model.h checkpoint from a Hugging Face Llama dir, a llama2.c "
+                    "checkpoint, or random weights.")
+    ap.add_argument("out", help="output file (written to OUT.tmp, then renamed)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face Llama 3.x directory")
+    src.add_argument("--llama2c", metavar="MODEL.bin", help="legacy llama2.c checkpoint")
+    src.add_argument("--random", action="store_true", help="random weights")
+    ap.add_argument("--tokenizer", metavar="PATH",
+                    help="llama2.c tokenizer.bin (--llama2c), or tokenizer.json / tokenizer.bin (--random)")
+    ap.add_argument("--dtype", choices=["f32", "q8_0"], default="f32")
+    r = ap.add_argument_group("--random options (default: the 'tiny' preset)")
+    r.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    for flag, typ in [("dim", int), ("hidden-dim", int), ("n-layers", int), ("n-heads", int),
+                      ("n-kv-heads", int), ("head-dim", int), ("vocab-size", int), ("max-seq-len", int),
+                      ("rope-theta", float), ("rope-factor", float), ("rope-low-freq-factor", float),
+                      ("rope-high-freq-factor", float), ("rope-original-max-pos", int), ("norm-eps", float)]:
+        r.add_argument("--" + flag, type=typ, metavar="N")
+    r.add_argument("--rope-scaling", choices=["none", "llama3"])
+    r.add_argument("--untied", action="store_true", help="own classifier instead of the tied embedding")
+    r.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.llama2c and not args.tokenizer:
+        ap.error("--llama2c needs --tokenizer TOK.bin")
+    if args.hf and args.tokenizer:
+        ap.error("--hf takes the tokenizer.json from the directory; drop --tokenizer")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    dtype = {"f32": DTYPE_F32, "q8_0": DTYPE_Q8_0}[args.dtype]
+    try:
+        if args.hf:
+            c, size = export_hf(args.out, args.hf, dtype)
+        elif args.llama2c:
+            c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype)
+        else:
+            c, size = export_random(args.out, args, dtype)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {size} bytes, dim {c.dim}, {c.n_layers} layers, {c.n_heads}/{c.n_kv_heads} heads, "
+          f"vocab {c.vocab_size}, {args.dtype}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""testlib.py - shared plumbing of the Python tests: the ok/FAIL/skip
+protocol of tests/run_tests.sh, running export.py and the engine, and
+reading an exported file back (header and tensors, from model.h's rules)."""
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPORT = os.path.join(ROOT, "export", "export.py")
+
+
+def _from_root(path):
+    return path if os.path.isabs(path) else os.path.join(ROOT, path)
+
+
+RUN = _from_root(os.environ.get("RUN", "./run"))
+LOGITS = _from_root(os.environ.get("LOGITS", "tests/logits"))
+SHARED = _from_root(os.environ.get("SHARED", "../shared"))
+CI = os.environ.get("CI") == "true"
+
+
+def scratch(prefix):
+    base = os.environ.get("TMPDIR_TESTS") or None
+    if base:
+        os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+# ----------------------------------------------------------------------------
+# Protocol: one line per check
+
+
+class Checks:
+    def __init__(self):
+        self.failed = 0
+
+    def ok(self, name):
+        print(f"ok {name}", flush=True)
+
+    def fail(self, name, why):
+        self.failed += 1
+        print(f"FAIL {name}: {why}", flush=True)
+
+    def check(self, name, cond, why=""):
+        if cond:
+            self.ok(name)
+        else:
+            self.fail(name, why)
+        return cond
+
+    def missing(self, name, path):
+        """A ../shared file is missing: skip, or FAIL under CI."""
+        if CI:
+            self.fail(name, f"{path} is missing (CI=true)")
+        else:
+            print(f"skip {name}: {path} is missing", flush=True)
+
+    def run(self, name, fn, *args):
+        """Calls fn; an exception becomes one FAIL line instead of a crash."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            self.fail(name, f"{type(e).__name__}: {e} (at {os.path.basename(tb.filename)}:{tb.lineno})")
+            return None
+
+
+def shared_file(rel):
+    return os.path.join(SHARED, rel)
+
+
+# ----------------------------------------------------------------------------
+# Running things
+
+
+def export(out, *args, python=None):
+    """Runs export.py; returns the CompletedProcess (text)."""
+    cmd = [python or sys.executable, EXPORT, out] + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def export_ok(out, *args):
+    r = export(out, *args)
+    if r.returncode != 0:
+        raise RuntimeError(f"export failed: {r.stderr.strip()[-300:]}")
+    return out
+
+
+def engine_built():
+    return os.access(RUN, os.X_OK) and os.access(LOGITS, os.X_OK)
+
+
+def engine_logits(model, ids, *extra):
+    """(len(ids), vocab) float32 logits from tests/logits."""
+    fd, out = tempfile.mkstemp(suffix=".f32", dir=os.environ.get("TMPDIR_TESTS") or None)
+    os.close(fd)
+    try:
+        r = subprocess.run([LOGITS, model, out] + [str(i) for i in ids] + [str(e) for e in extra],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"tests/logits failed: {r.stderr.strip()[-300:]}")
+        x = np.fromfile(out, dtype="<f4")
+    finally:
+        os.remove(out)
+    return x.reshape(len(ids), -1)
+
+
+def engine(*args):
+    r = subprocess.run([RUN] + [str(a) for a in args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(RUN)} {' '.join(map(str, args[1:]))} failed: {r.stderr.strip()[-300:]}")
+    return r.stdout
+
+
+def engine_tokens(model, text_path):
+    """BOS + ids of the text, as the engine tokenizes it."""
+    return [int(t) for t in engine(model, "-m", "tokenize", "-f", text_path).split()]
+
+
+def engine_ppl(model, text_path, *extra):
+    out = engine(model, "-m", "ppl", "-f", text_path, *extra)
+    for line in out.splitlines():
+        if line.startswith("perplexity:"):
+            return float(line.split()[1])
+    raise RuntimeError(f"no 'perplexity:' line in {out!r}")
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b|."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+# ----------------------------------------------------------------------------
+# Reading an exported file back (model.h)
+
+HEADER_FIELDS = [  # (name, struct code), in order
+    ("magic", "I"), ("version", "I"), ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"),
+    ("n_heads", "i"), ("n_kv_heads", "i"), ("head_dim", "i"), ("vocab_size", "i"), ("max_seq_len", "i"),
+    ("rope_theta", "f"), ("rope_scaling", "i"), ("rope_factor", "f"), ("rope_low_freq_factor", "f"),
+    ("rope_high_freq_factor", "f"), ("rope_original_max_pos", "i"), ("norm_eps", "f"),
+    ("tied_classifier", "i"), ("dtype", "i"), ("group_size", "i"), ("bos_id", "i"), ("n_stop_ids", "i"),
+    ("stop_ids", "8i"), ("tokenizer_kind", "i"), ("reserved", "i"), ("tokenizer_offset", "Q"),
+    ("tokenizer_bytes", "Q"), ("weights_offset", "Q"), ("file_bytes", "Q")]
+
+
+def read_header(path):
+    with open(path, "rb") as f:
+        raw = f.read(256)
+    values = struct.unpack("<" + "".join(code for _, code in HEADER_FIELDS), raw[:160])
+    h, i = {}, 0
+    for name, code in HEADER_FIELDS:
+        if code == "8i":
+            h[name] = list(values[i:i + 8])
+            i += 8
+        else:
+            h[name] = values[i]
+            i += 1
+    h["stop_ids"] = h["stop_ids"][:h["n_stop_ids"]]
+    h["pad_is_zero"] = raw[160:] == bytes(96)
+    return h
+
+
+def align64(n):
+    return (n + 63) // 64 * 64
+
+
+def tensor_layout(h):
+    """[(name, shape, offset, nbytes)] as model.h places the tensors."""
+    d, hid, V, hd = h["dim"], h["hidden_dim"], h["vocab_size"], h["head_dim"]
+    q, kv = h["n_heads"] * hd, h["n_kv_heads"] * hd
+    names = [("token_embedding", (V, d))]
+    for l in range(h["n_layers"]):
+        names += [(f"layers.{l}.{n}", s) for n, s in [
+            ("attn_norm", (d,)), ("wq", (q, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, q)),
+            ("ffn_norm", (d,)), ("w1", (hid, d)), ("w2", (d, hid)), ("w3", (hid, d))]]
+    names.append(("final_norm", (d,)))
+    if not h["tied_classifier"]:
+        names.append(("classifier", (V, d)))
+    out, off = [], h["weights_offset"]
+    for name, shape in names:
+        n = int(np.prod(shape))
+        if h["dtype"] == 1 and len(shape) == 2:
+            nbytes = align64(n) + align64(4 * n // h["group_size"])
+        else:
+            nbytes = align64(4 * n)
+        out.append((name, shape, off, nbytes))
+        off += nbytes
+    return out
+
+
+def read_tensors(path):
+    """(header, {name: float32 array}) of an exported file; q8_0 matrices are
+    dequantized (q * scale per group), and also returned raw as name + ".q"
+    and name + ".scale"."""
+    h = read_header(path)
+    data = np.fromfile(path, dtype=np.uint8)
+    out = {}
+    for name, shape, off, nbytes in tensor_layout(h):
+        n = int(np.prod(shape))
+        if h["dtype"] == 1 and len(shape) == 2:
+            q = data[off:off + n].view(np.int8)
+            s_off = off + align64(n)
+            scale = data[s_off:s_off + 4 * (n // h["group_size"])].view("<f4")
+            out[name + ".q"], out[name + ".scale"] = q, scale
+            out[name] = (q.reshape(-1, h["group_size"]) * scale[:, None]).astype(np.float32).reshape(shape)
+        else:
+            out[name] = data[off:off + 4 * n].view("<f4").reshape(shape)
+    return h, out
+
+
+def read_tokenizer_section(path):
+    """[(score, flags, bytes)] of the tokenizer section."""
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(h["tokenizer_offset"])
+        sec = f.read(h["tokenizer_bytes"])
+    n, _max_len = struct.unpack_from("<II", sec, 0)
+    pos, toks = 8, []
+    for _ in range(n):
+        score, flags, length = struct.unpack_from("<fII", sec, pos)
+        toks.append((score, flags, sec[pos + 12:pos + 12 + length]))
+        pos += 12 + length
+    return toks
