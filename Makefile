@@ -9,7 +9,7 @@ else
 ARCH    := -march=native
 endif
 CFLAGS  ?= -O3 $(ARCH)
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow
+CFLAGS  += -std=c11 -D_GNU_SOURCE -ffp-contract=fast -Wall -Wextra -Wshadow
 LDLIBS  := -lm -lpthread
 ifeq ($(OPENMP),1)
 CFLAGS  += -fopenmp -DUSE_OPENMP

@@ -27,6 +27,9 @@
 #ifdef USE_OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "model.h"
 #include "tokenizer.h"
@@ -108,6 +111,9 @@ typedef struct {
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, seq_len) attention scores
     float *logits;  // (B, vocab_size)
+    int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
+    float *xs;      // (B, max_cols / Q8_GROUP) ... and its scales
+    float *scratch; // (n_threads, TILE_R, max_cols) dequantized weight rows
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
     float *key_cache;   // (n_layers, seq_len, kv_dim)
     float *value_cache; // (n_layers, seq_len, kv_dim)
@@ -203,9 +209,10 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
     if (h->n_heads % h->n_kv_heads != 0)
         die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, h->n_heads, h->n_kv_heads);
     if (h->head_dim % 2 != 0) die("%s: head_dim (%d) must be even for RoPE", path, h->head_dim);
-    if (h->dtype == DTYPE_Q8_0 && (h->group_size <= 0 || h->dim % h->group_size || h->hidden_dim % h->group_size
-                                   || ((size_t)h->n_heads * h->head_dim) % h->group_size))
-        die("%s: q8_0 group_size %d does not divide the matrix widths", path, h->group_size);
+    if (h->dtype == DTYPE_Q8_0 && h->group_size != 32)
+        die("%s: q8_0 group_size is %d; this engine reads groups of 32", path, h->group_size);
+    if (h->dtype == DTYPE_Q8_0 && (h->dim % 32 || h->hidden_dim % 32 || ((size_t)h->n_heads * h->head_dim) % 32))
+        die("%s: q8_0 needs dim, hidden_dim and n_heads * head_dim divisible by 32", path);
     for (int i = 0; i < h->n_stop_ids; i++)
         if (h->stop_ids[i] < 0 || h->stop_ids[i] >= h->vocab_size)
             die("%s: stop id %d is outside the vocabulary (%d)", path, h->stop_ids[i], h->vocab_size);
@@ -410,8 +417,11 @@ static void split_range(int n, int ith, int nth, int quantum, int *lo, int *hi) 
 #define VEC_LEN (VEC_BYTES / 4)
 typedef float vfloat __attribute__((vector_size(VEC_BYTES), aligned(4)));
 
-// Reference dot product, in the order of the math; the SIMD one is tested against it.
-static float dot_scalar(const float *a, const float *b, int n) {
+// Scalar references, in the order of the math: the SIMD kernels are tested
+// against them (tests/test_engine.c), and they document what the kernels compute.
+#define REFERENCE __attribute__((unused))
+
+static REFERENCE float dot_scalar(const float *a, const float *b, int n) {
     float sum = 0;
     for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
@@ -454,29 +464,163 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-// Row i of a matrix as floats: the embedding lookup dequantizes one row.
-static void matrix_row(const Matrix *w, int i, float *out) {
-    memcpy(out, w->f + (size_t)i * w->cols, w->cols * sizeof(float));
+// Matrix multiplication is where all the time goes: decode is one matrix-
+// vector product per weight matrix (memory-bound: every weight is read once
+// per token), prefill is one matrix-matrix product per block of tokens
+// (compute-bound: each weight row is reused for all tokens of the block).
+
+// Register tile of the block kernel: TILE_R weight rows x TILE_T tokens of
+// vector accumulators (16 + 8 registers of the 32 with AVX-512; 12 + 5 of 16 with AVX2).
+#define TILE_R 4
+#if VEC_BYTES == 64
+#define TILE_T 4
+#else
+#define TILE_T 3
+#endif
+
+static float vsum(vfloat v) {
+    float s = 0;
+    for (int j = 0; j < VEC_LEN; j++) s += v[j];
+    return s;
 }
 
-// out (T, W.rows) = x (T, W.cols) @ W^T, rows split across threads. Each
-// weight row is read from memory once and used for all T tokens of the block.
-typedef struct { float *out; const float *x; const Matrix *w; int T; } MatmulTask;
+// out[t * ldo + r] = w_r . x_t for TILE_R rows w (TILE_R, n) and TILE_T tokens x (TILE_T, n).
+static void tile_kernel(float *out, size_t ldo, const float *w, const float *x, int n) {
+    vfloat acc[TILE_R][TILE_T];
+    for (int r = 0; r < TILE_R; r++)
+        for (int t = 0; t < TILE_T; t++) acc[r][t] = (vfloat){0};
+    int i = 0;
+    for (; i + VEC_LEN <= n; i += VEC_LEN) {
+        vfloat wv[TILE_R];
+        for (int r = 0; r < TILE_R; r++) wv[r] = *(const vfloat *)(w + (size_t)r * n + i);
+        for (int t = 0; t < TILE_T; t++) {
+            vfloat xv = *(const vfloat *)(x + (size_t)t * n + i);
+            for (int r = 0; r < TILE_R; r++) acc[r][t] += wv[r] * xv;
+        }
+    }
+    for (int r = 0; r < TILE_R; r++)
+        for (int t = 0; t < TILE_T; t++) {
+            float sum = vsum(acc[r][t]);
+            for (int k = i; k < n; k++) sum += w[(size_t)r * n + k] * x[(size_t)t * n + k];
+            out[(size_t)t * ldo + r] = sum;
+        }
+}
 
-static void matmul_task(void *p, int ith, int nth) {
-    const MatmulTask *a = p;
+// Q8_0 (model.h): each group of Q8_GROUP consecutive values of a row shares
+// one float scale, value = q * scale. Activations are quantized the same way
+// at run time, so a dot product is a sum over groups of (integer dot) x scales.
+#define Q8_GROUP 32
+
+// x (n) -> q (n), s (n / Q8_GROUP): the largest |x| of a group maps to 127.
+static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
+    for (int g = 0; g < n / Q8_GROUP; g++) {
+        const float *xg = x + g * Q8_GROUP;
+        float amax = 0;
+        for (int i = 0; i < Q8_GROUP; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
+        s[g] = scale;
+        for (int i = 0; i < Q8_GROUP; i++) q[g * Q8_GROUP + i] = (int8_t)lrintf(xg[i] * inv);
+    }
+}
+
+static REFERENCE float dot_q8_scalar(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
+    float sum = 0;
+    for (int g = 0; g < n / Q8_GROUP; g++) {
+        int32_t isum = 0;
+        for (int i = 0; i < Q8_GROUP; i++) isum += wq[g * Q8_GROUP + i] * xq[g * Q8_GROUP + i];
+        sum += (float)isum * (ws[g] * xs[g]);
+    }
+    return sum;
+}
+
+// One group's 32 int8 products summed into 8 int32 lanes. The instructions
+// multiply unsigned by signed bytes, so w's sign moves onto x: w*x = |w| * (x*sign(w)).
+#if defined(__AVX2__)
+static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
+    __m256i w = _mm256_loadu_si256((const __m256i *)a), x = _mm256_loadu_si256((const __m256i *)b);
+    __m256i abs_w = _mm256_sign_epi8(w, w), x_signed = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, x_signed);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, x_signed), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / Q8_GROUP; g++) {
+        __m256 d = _mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP));
+        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(ws[g] * xs[g]), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+#else
+    return dot_q8_scalar(wq, ws, xq, xs, n);
+#endif
+}
+
+// Rows r0 .. r0+nr-1 of w as floats into out (nr, cols). For q8_0 this is
+// the only dequantization there is: one row (embedding lookup) or one tile.
+static void matrix_rows(const Matrix *w, int r0, int nr, float *out) {
+    size_t first = (size_t)r0 * w->cols, n = (size_t)nr * w->cols;
+    if (!w->q) { memcpy(out, w->f + first, n * sizeof(float)); return; }
+    for (size_t g = 0; g < n / Q8_GROUP; g++) {
+        float scale = w->s[first / Q8_GROUP + g];
+        for (int i = 0; i < Q8_GROUP; i++) out[g * Q8_GROUP + i] = w->q[first + g * Q8_GROUP + i] * scale;
+    }
+}
+
+// out (T, W.rows) = x (T, W.cols) @ W^T, rows split across threads.
+//  f32, T = 1:   one dot product per row, streaming the weights.
+//  q8_0, T < TILE_T: integer dot products with x quantized to q8_0 (xq, xs).
+//  otherwise:    register tiles of TILE_R rows x TILE_T tokens; q8_0 rows are
+//                first dequantized into a small per-thread buffer, which is
+//                cheap next to the TILE_T * T multiply-adds each value feeds.
+typedef struct {
+    float *out; const float *x; const Matrix *w; int T;
+    const int8_t *xq; const float *xs; // x quantized (q8_0 weights only)
+    float *scratch;                    // (n_threads, TILE_R * cols) dequantized rows
+} MatmulTask;
+
+static void matmul_task(void *arg, int ith, int nth) {
+    const MatmulTask *a = arg;
     const Matrix *w = a->w;
+    const int T = a->T, n = w->cols;
     int lo, hi;
-    split_range(w->rows, ith, nth, 16, &lo, &hi);
-    for (int r = lo; r < hi; r++) {
-        const float *row = w->f + (size_t)r * w->cols;
-        for (int t = 0; t < a->T; t++)
-            a->out[(size_t)t * w->rows + r] = dot(row, a->x + (size_t)t * w->cols, w->cols);
+    split_range(w->rows, ith, nth, 16, &lo, &hi); // tiles start at the same rows for any thread count
+    if (w->q && T < TILE_T) {
+        for (int r = lo; r < hi; r++)
+            for (int t = 0; t < T; t++)
+                a->out[(size_t)t * w->rows + r] = dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
+                                                         a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n);
+        return;
+    }
+    float *buf = a->scratch + (size_t)ith * TILE_R * n;
+    for (int r = lo; r < hi; r += TILE_R) {
+        int nr = hi - r < TILE_R ? hi - r : TILE_R;
+        const float *rows = w->f ? w->f + (size_t)r * n : buf;
+        if (w->q) matrix_rows(w, r, nr, buf);
+        for (int t = 0; t < T; t += TILE_T) {
+            if (nr == TILE_R && T - t >= TILE_T) {
+                tile_kernel(a->out + (size_t)t * w->rows + r, w->rows, rows, a->x + (size_t)t * n, n);
+                continue;
+            }
+            for (int t1 = t; t1 < T && t1 < t + TILE_T; t1++)
+                for (int i = 0; i < nr; i++)
+                    a->out[(size_t)t1 * w->rows + r + i] = dot(rows + (size_t)i * n, a->x + (size_t)t1 * n, n);
+        }
     }
 }
 
 static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
-    MatmulTask task = {out, x, w, T};
+    MatmulTask task = {out, x, w, T, m->s.xq, m->s.xs, m->s.scratch};
+    if (w->q && T < TILE_T)
+        for (int t = 0; t < T; t++)
+            quantize_q8(m->s.xq + (size_t)t * w->cols, m->s.xs + (size_t)t * w->cols / Q8_GROUP, x + (size_t)t * w->cols, w->cols);
     pool_run(m->pool, matmul_task, &task);
 }
 
@@ -509,6 +653,11 @@ static void malloc_run_state(Transformer *m) {
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->att = xcalloc((size_t)m->n_threads * c->kv_mul * c->seq_len, sizeof(float), "attention scores");
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
+    int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
+    if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
+    s->xq = xcalloc((size_t)MAX_BATCH * max_cols, 1, "activations");
+    s->xs = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
+    s->scratch = xcalloc((size_t)m->n_threads * TILE_R * max_cols, sizeof(float), "matmul scratch");
     size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
     s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
     s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
@@ -519,7 +668,7 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
+    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->scratch); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -571,7 +720,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
     RunState *s = &m->s;
     int dim = c->dim, hid = c->hidden_dim;
 
-    for (int t = 0; t < T; t++) matrix_row(&w->token_embedding, tokens[t], s->x + (size_t)t * dim);
+    for (int t = 0; t < T; t++) matrix_rows(&w->token_embedding, tokens[t], 1, s->x + (size_t)t * dim);
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &w->layers[l];

@@ -3,6 +3,7 @@
 // float32 logits, one row per position: the engine's numbers for the
 // reference tests. -B sets the block size of the forward calls (default 1:
 // token by token; larger blocks exercise batched prefill).
+#pragma GCC diagnostic ignored "-Wunused-function" // main() and its helpers are compiled out
 #include "run.c"
 
 int main(int argc, char **argv) {

@@ -1,5 +1,6 @@
 // Unit tests of run.c's internals: kernels against their scalar references,
 // the thread split, the grouped KV cache, the sampler.
+#pragma GCC diagnostic ignored "-Wunused-function" // main() and its helpers are compiled out
 #include "run.c"
 
 static int n_failed = 0;

@@ -15,7 +15,7 @@ subprocess.run([PY, "export/export.py", model, "--llama2c", "models/stories260K.
                 "--tokenizer", "models/tok512.bin"], check=True, capture_output=True)
 
 golden = open(golden_path, encoding="utf-8").read()
-blocks = re.findall(r"^## (.*)\n----- BEGIN STDOUT -----\n(.*?)----- END STDOUT -----$", golden, re.S | re.M)
+blocks = re.findall(r"^## ([^\n]*)\n----- BEGIN STDOUT -----\n(.*?)----- END STDOUT -----$", golden, re.S | re.M)
 assert blocks, "no blocks in the golden file"
 for command, expected in blocks:
     args = shlex.split(command)[1:]            # drop ./run
