@@ -619,7 +619,9 @@ def llama3_tokenizer_section(tok, path, vocab_size):
     try:
         return tokenizer_section_module().section_from_tokenizer_json(tok, vocab_size=vocab_size)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ExportError(f"{path}: {e}") from None
+        why = str(e)
+        why = why[len("tokenizer.json: "):] if why.startswith("tokenizer.json: ") else why
+        raise ExportError(f"{path}: {why}") from None
 
 
 def llama2c_tokenizer_section(path, vocab_size):

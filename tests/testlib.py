@@ -60,10 +60,10 @@ class Checks:
         else:
             print(f"skip {name}: {path} is missing", flush=True)
 
-    def run(self, name, fn, *args):
+    def run(self, name, fn, *args, **kwargs):
         """Calls fn; an exception becomes one FAIL line instead of a crash."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except Exception as e:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             self.fail(name, f"{type(e).__name__}: {e} (at {os.path.basename(tb.filename)}:{tb.lineno})")
@@ -119,11 +119,11 @@ def engine(*args):
 
 def engine_tokens(model, text_path):
     """BOS + ids of the text, as the engine tokenizes it."""
-    return [int(t) for t in engine(model, "-m", "tokenize", "-f", text_path).split()]
+    return [int(t) for t in engine(model, "-m", "tokenize", "-f", text_path, "-T", 1).split()]
 
 
 def engine_ppl(model, text_path, *extra):
-    out = engine(model, "-m", "ppl", "-f", text_path, *extra)
+    out = engine(model, "-m", "ppl", "-f", text_path, "-T", 1, *extra)
     for line in out.splitlines():
         if line.startswith("perplexity:"):
             return float(line.split()[1])
@@ -226,3 +226,68 @@ def read_tokenizer_section(path):
         toks.append((score, flags, sec[pos + 12:pos + 12 + length]))
         pos += 12 + length
     return toks
+
+
+# ----------------------------------------------------------------------------
+# llama2.c checkpoints, read independently of export.py
+
+
+def read_llama2c(path):
+    """(header dict, {kind: float32 array}) of a legacy llama2.c checkpoint:
+    7 x int32, then token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1,
+    w2, w3, rms_final, freq_cis_real, freq_cis_imag, [wcls] (vocab < 0)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    dim, hidden, L, nh, nkv, V, S = struct.unpack("<7i", raw[:28].tobytes())
+    h = dict(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=nh, n_kv_heads=nkv,
+             vocab_size=abs(V), seq_len=S, tied=V > 0, head_dim=dim // nh)
+    flat, pos = raw[28:].view("<f4"), 0
+    hd, kv, V = dim // nh, nkv * (dim // nh), abs(V)
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        out = flat[pos:pos + n].reshape(shape)
+        pos += n
+        return out
+
+    W = {}
+    for kind, shape in [("token_embedding", (V, dim)), ("rms_att", (L, dim)), ("wq", (L, dim, dim)),
+                        ("wk", (L, kv, dim)), ("wv", (L, kv, dim)), ("wo", (L, dim, dim)),
+                        ("rms_ffn", (L, dim)), ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)),
+                        ("w3", (L, hidden, dim)), ("rms_final", (dim,)), ("freq_cis_real", (S, hd // 2)),
+                        ("freq_cis_imag", (S, hd // 2))] + ([] if h["tied"] else [("wcls", (V, dim))]):
+        W[kind] = take(*shape)
+    if pos != len(flat):
+        raise ValueError(f"{path}: {len(flat) - pos} floats left over")
+    return h, W
+
+
+def hf_permute(w, n_heads):
+    """Meta/llama2.c adjacent-pair rows -> HF rotate_half rows, as HF's
+    conversion script does: within each head, row 2i + j goes to j*hd/2 + i."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def llama2c_to_hf(h, W):
+    """(HF config dict, {HF name: float32 array}) of a llama2.c checkpoint."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h["dim"],
+           "intermediate_size": h["hidden_dim"], "num_hidden_layers": h["n_layers"],
+           "num_attention_heads": h["n_heads"], "num_key_value_heads": h["n_kv_heads"],
+           "vocab_size": h["vocab_size"], "max_position_embeddings": h["seq_len"], "rope_theta": 10000.0,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": h["tied"], "hidden_act": "silu",
+           "bos_token_id": 1, "eos_token_id": 2}
+    hf = {"model.embed_tokens.weight": W["token_embedding"], "model.norm.weight": W["rms_final"]}
+    for l in range(h["n_layers"]):
+        p = f"model.layers.{l}."
+        hf.update({p + "input_layernorm.weight": W["rms_att"][l],
+                   p + "self_attn.q_proj.weight": hf_permute(W["wq"][l], h["n_heads"]),
+                   p + "self_attn.k_proj.weight": hf_permute(W["wk"][l], h["n_kv_heads"]),
+                   p + "self_attn.v_proj.weight": W["wv"][l], p + "self_attn.o_proj.weight": W["wo"][l],
+                   p + "post_attention_layernorm.weight": W["rms_ffn"][l],
+                   p + "mlp.gate_proj.weight": W["w1"][l], p + "mlp.down_proj.weight": W["w2"][l],
+                   p + "mlp.up_proj.weight": W["w3"][l]})
+    if not h["tied"]:
+        hf["lm_head.weight"] = W["wcls"]
+    return cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in hf.items()}
