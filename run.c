@@ -13,6 +13,7 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -316,10 +317,13 @@ struct ThreadPool {
 
 typedef struct { ThreadPool *pool; int ith; } WorkerArg;
 
-static inline void cpu_relax(void) {
+// One step of a busy wait: pause first; after a while also yield the core,
+// so a thread we wait for gets it when there are more threads than cores.
+static inline void spin_wait(int spins) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
+    if (spins > 2000) sched_yield();
 }
 
 static void *worker_main(void *p) {
@@ -329,7 +333,7 @@ static void *worker_main(void *p) {
     for (;;) {
         int spins = 0;
         while (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen) {
-            if (++spins < 200000) { cpu_relax(); continue; }
+            if (++spins < 100000) { spin_wait(spins); continue; }
             pthread_mutex_lock(&pool->mu);
             while (atomic_load(&pool->generation) == seen) pthread_cond_wait(&pool->wake, &pool->mu);
             pthread_mutex_unlock(&pool->mu);
@@ -372,7 +376,7 @@ static void pool_run(ThreadPool *pool, TaskFn fn, void *arg) {
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->n_threads);
-    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
+    for (int spins = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) spin_wait(spins);
 #endif
 }
 
@@ -599,7 +603,7 @@ static void matmul_task(void *arg, int ith, int nth) {
                                                          a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n);
         return;
     }
-    float *buf = a->scratch + (size_t)ith * TILE_R * n;
+    float *buf = w->q ? a->scratch + (size_t)ith * TILE_R * n : NULL;
     for (int r = lo; r < hi; r += TILE_R) {
         int nr = hi - r < TILE_R ? hi - r : TILE_R;
         const float *rows = w->f ? w->f + (size_t)r * n : buf;

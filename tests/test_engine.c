@@ -103,6 +103,56 @@ static void test_sampler(void) {
     check(worst < 0.01f, "temperature_sampling_follows_softmax", "max frequency error %g", worst);
 }
 
+static void test_q8_kernels(void) {
+    uint64_t rng = 11;
+    enum { N = 512, ROWS = 37, T = 6 };
+    float x[T * N], w[ROWS * N], xs[T * N / Q8_GROUP], ws[ROWS * N / Q8_GROUP];
+    int8_t xq[T * N], wq[ROWS * N];
+    for (int i = 0; i < T * N; i++) x[i] = frand(&rng);
+    for (int i = 0; i < ROWS * N; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
+    for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, x + t * N, N);
+    for (int r = 0; r < ROWS; r++) quantize_q8(wq + r * N, ws + r * N / Q8_GROUP, w + r * N, N);
+    // quantization error is at most half a step of the group's scale
+    float worst_q = 0;
+    for (int i = 0; i < ROWS * N; i++) {
+        float e = fabsf(wq[i] * ws[i / Q8_GROUP] - w[i]) / ws[i / Q8_GROUP];
+        if (e > worst_q) worst_q = e;
+    }
+    check(worst_q <= 0.5001f, "q8_quantization_error_within_half_a_step", "error %g steps", worst_q);
+    float worst = 0;
+    for (int r = 0; r < ROWS; r++) {
+        float ref = dot_q8_scalar(wq + r * N, ws + r * N / Q8_GROUP, xq, xs, N);
+        float got = dot_q8(wq + r * N, ws + r * N / Q8_GROUP, xq, xs, N);
+        float e = fabsf(got - ref) / (fabsf(ref) + 1e-3f);
+        if (e > worst) worst = e;
+    }
+    check(worst < 1e-5f, "simd_q8_dot_matches_scalar_q8_dot", "worst relative error %g", worst);
+    // the matmul's two q8_0 paths: integer dots (T < TILE_T) and dequantized tiles
+    Matrix m8 = {.q = wq, .s = ws, .rows = ROWS, .cols = N};
+    Transformer m = {0};
+    m.n_threads = 2;
+    m.pool = pool_create(2);
+    m.s.xq = xq; m.s.xs = xs; // matmul re-quantizes x into these for the integer path
+    m.s.scratch = xcalloc(2 * TILE_R * N, sizeof(float), "scratch");
+    float out1[ROWS], outT[T * ROWS], scale = 0;
+    matmul(&m, out1, x, &m8, 1);
+    matmul(&m, outT, x, &m8, T);
+    float worst_int = 0, worst_tile = 0;
+    for (int r = 0; r < ROWS; r++) {
+        float deq[N];
+        matrix_rows(&m8, r, 1, deq);
+        float exact = dot_scalar(deq, x, N); // x not quantized
+        scale = fmaxf(scale, fabsf(exact));
+        worst_int = fmaxf(worst_int, fabsf(out1[r] - exact));
+        for (int t = 0; t < T; t++)
+            worst_tile = fmaxf(worst_tile, fabsf(outT[t * ROWS + r] - dot_scalar(deq, x + t * N, N)));
+    }
+    check(worst_int < 0.02f * scale, "q8_integer_matvec_close_to_dequantized_math", "error %g of scale %g", worst_int, scale);
+    check(worst_tile < 1e-4f * scale, "q8_tiled_matmul_equals_dequantized_math", "error %g of scale %g", worst_tile, scale);
+    pool_free(m.pool);
+    free(m.s.scratch);
+}
+
 // The cache is allocated for n_kv_heads, not n_heads: GQA's memory saving.
 static void test_kv_cache_is_grouped(const char *model) {
     if (!model) { printf("FAIL kv_cache_holds_only_kv_heads: no test model\n"); n_failed++; return; }
@@ -144,12 +194,13 @@ int main(void) {
     test_split_range_partitions_rows();
     test_matmul_threads_agree();
     test_sampler();
+    test_q8_kernels();
     // a random GQA model: 8 query heads sharing 2 KV heads
     const char *tmp = getenv("TMPDIR_TESTS"), *py = getenv("PYTHON");
     char path[4096], cmd[8192];
     snprintf(path, sizeof path, "%s/engine_gqa.bin", tmp ? tmp : "/tmp");
     snprintf(cmd, sizeof cmd, "%s export/export.py %s --random --dim 64 --hidden-dim 96 --n-layers 2 "
-             "--n-heads 8 --n-kv-heads 2 --vocab-size 300 --max-seq-len 128 --seed 3 >/dev/null",
+             "--n-heads 8 --n-kv-heads 2 --vocab-size 300 --max-seq-len 128 --seed 3 >/dev/null 2>&1",
              py ? py : "python3", path);
     test_kv_cache_is_grouped(system(cmd) == 0 ? path : NULL);
     return n_failed ? 1 : 0;
