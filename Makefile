@@ -28,6 +28,10 @@ all: run
 run: $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
 
+# The OpenMP variant of the thread pool; the tests check it gives the same tokens.
+run-omp: $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(CFLAGS) -fopenmp -DUSE_OPENMP -o $@ $(ENGINE_SRC) $(LDLIBS)
+
 # Test programs that #include run.c (with TESTING defined) to reach internals.
 tests/%: tests/%.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
@@ -38,9 +42,9 @@ models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.
 demo: run models/stories260K.l3ck
 	./run models/stories260K.l3ck -i "Once upon a time" -n 200
 
-test: run $(C_TESTS)
+test: run run-omp $(C_TESTS)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run $(C_TESTS) models/*.l3ck
+	rm -f run run-omp $(C_TESTS) models/*.l3ck

@@ -326,6 +326,7 @@ static inline void spin_wait(int spins) {
     if (spins > 2000) sched_yield();
 }
 
+#ifndef USE_OPENMP
 static void *worker_main(void *p) {
     WorkerArg *wa = p;
     ThreadPool *pool = wa->pool;
@@ -346,6 +347,7 @@ static void *worker_main(void *p) {
     free(wa);
     return NULL;
 }
+#endif
 
 static ThreadPool *pool_create(int n_threads) {
     ThreadPool *pool = xcalloc(1, sizeof *pool, "thread pool");
