@@ -155,8 +155,8 @@ def need_numpy(why):
     return np
 
 
-def row_ranges(rows, cols, max_values=1 << 24):
-    """Splits `rows` into [r0, r1) blocks of at most ~max_values values (64 MB
+def row_ranges(rows, cols, max_values=1 << 22):
+    """Splits `rows` into [r0, r1) blocks of at most ~max_values values (16 MB
     of f32), so that converting a tensor never holds more than one block."""
     step = max(1, max_values // max(cols, 1))
     for r0 in range(0, rows, step):
@@ -488,10 +488,11 @@ def quantize_q8_0(x, group_size=Q8_0_GROUP_SIZE):
     Per group of `group_size` values along a row: scale = max|x| / 127,
     q = round(x / scale) in [-127, 127]; an all-zero group has scale 0, q 0."""
     groups = x.reshape(-1, group_size)
-    scale = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint(groups / safe[:, None]), -127, 127).astype(np.int8)
-    return q.reshape(x.shape), scale
+    scale = np.maximum(groups.max(axis=1), -groups.min(axis=1)) / np.float32(127)  # max|x| / 127
+    y = groups / np.where(scale > 0, scale, np.float32(1))[:, None]  # zero groups stay 0
+    np.rint(y, out=y)
+    np.clip(y, -127, 127, out=y)
+    return y.astype(np.int8).reshape(x.shape), scale.astype(np.float32)
 
 
 def as_f32_rows(block, cols):
