@@ -259,6 +259,7 @@ static Char char_at(const unsigned char *s, size_t n, size_t i) {
 
 /* The end of the run of characters of class cls that starts at s[p]. */
 static size_t skip_class(const unsigned char *s, size_t n, size_t p, int cls) {
+    while (p < n && s[p] < 0x80 && unicode_ascii_class[s[p]] == cls) p++; // fast path
     while (p < n) {
         Char c = char_at(s, n, p);
         if (c.cls != cls) break;

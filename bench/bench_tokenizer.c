@@ -3,15 +3,19 @@
    wall clock and by this process's CPU time (which other programs sharing
    the machine disturb less).
 
-   python3 export/tokenizer_section.py ../shared/models/llama3-tokenizer.json /tmp/llama3.tok
-   cc -O3 -march=native -std=c11 -D_GNU_SOURCE -I. -o bench/bench_tokenizer bench/bench_tokenizer.c tokenizer.c
-   ./bench/bench_tokenizer /tmp/llama3.tok ../shared/corpora/prose.txt */
+   Build: cc -O3 -march=native -std=c11 -D_GNU_SOURCE -I. -o bench/bench_tokenizer bench/bench_tokenizer.c tokenizer.c
+   Run:   ./bench/bench_tokenizer [TOKENIZER_SECTION TEXT_FILE]
+   With no arguments (from the repo root) it writes the section of
+   $SHARED/models/llama3-tokenizer.json (SHARED defaults to ../shared) with
+   export/tokenizer_section.py into a temporary file, and encodes
+   $SHARED/corpora/prose.txt. */
 #include "model.h"
 #include "tokenizer.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { RUNS = 5 };
 
@@ -38,17 +42,39 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* Writes the Llama 3 tokenizer section from $SHARED into a temporary file;
+   returns its path (static). */
+static const char *make_section(const char *shared) {
+    static char path[4096];
+    char cmd[12288];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(path, sizeof path, "%s/bench-tokenizer-%d.tok", tmp ? tmp : "/tmp", (int)getpid());
+    snprintf(cmd, sizeof cmd, "python3 export/tokenizer_section.py '%s/models/llama3-tokenizer.json' '%s' >/dev/null",
+             shared, path);
+    if (system(cmd) != 0) {
+        fprintf(stderr, "error: `%s` failed (run from the repo root, or pass a section file)\n", cmd);
+        exit(1);
+    }
+    return path;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s LLAMA3_TOKENIZER_SECTION TEXT_FILE\n", argv[0]);
+    if (argc != 1 && argc != 3) {
+        fprintf(stderr, "usage: %s [LLAMA3_TOKENIZER_SECTION TEXT_FILE]\n", argv[0]);
         return 1;
     }
+    const char *shared = getenv("SHARED") ? getenv("SHARED") : "../shared";
+    char text_path[4096];
+    snprintf(text_path, sizeof text_path, "%s/corpora/prose.txt", shared);
+    const char *section_path = argc == 3 ? argv[1] : make_section(shared);
+    if (argc == 3) snprintf(text_path, sizeof text_path, "%s", argv[2]);
     size_t section_len, text_len, n_ids = 0;
-    char *section = read_file(argv[1], &section_len), *text = read_file(argv[2], &text_len), err[256];
+    char *section = read_file(section_path, &section_len), *text = read_file(text_path, &text_len), err[256];
+    if (argc == 1) remove(section_path);
     double t0 = seconds(CLOCK_MONOTONIC);
     Tokenizer *t = tokenizer_build(TOKENIZER_LLAMA3, section, section_len, err, sizeof err);
-    if (!t) { fprintf(stderr, "error: %s: %s\n", argv[1], err); return 1; }
-    printf("tokenizer_build: %.1f ms\n", (seconds(CLOCK_MONOTONIC) - t0) * 1e3);
+    if (!t) { fprintf(stderr, "error: %s: %s\n", section_path, err); return 1; }
+    double build_ms = (seconds(CLOCK_MONOTONIC) - t0) * 1e3;
     double wall[RUNS], cpu[RUNS]; // MB/s of each run
     for (int r = 0; r < RUNS; r++) {
         double w0 = seconds(CLOCK_MONOTONIC), c0 = seconds(CLOCK_PROCESS_CPUTIME_ID);
@@ -59,9 +85,9 @@ int main(int argc, char **argv) {
     }
     qsort(wall, RUNS, sizeof(double), by_value);
     qsort(cpu, RUNS, sizeof(double), by_value);
-    printf("%s: %zu bytes -> %zu tokens\n", argv[2], text_len, n_ids);
     printf("encode, median of %d runs: %.1f MB/s wall clock (min %.1f, max %.1f), %.1f MB/s CPU time\n",
            RUNS, wall[RUNS / 2], wall[0], wall[RUNS - 1], cpu[RUNS / 2]);
+    printf("%s: %zu bytes -> %zu tokens; tokenizer_build %.1f ms\n", text_path, text_len, n_ids, build_ms);
     tokenizer_free(t);
     free(section);
     free(text);
