@@ -115,13 +115,28 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
-def attention(cfg, W, p, h, cos, sin):
+def round_to_q8_0(x):
+    """x with every group of 32 along the last axis rounded to q8_0
+    (scale = max|x| / 127, q = round(x / scale)): what a kernel that feeds
+    int8 activations to q8_0 weights computes with."""
+    g = x.reshape(-1, 32)
+    scale = np.abs(g).max(axis=1, keepdims=True) / 127
+    q = np.round(np.divide(g, scale, out=np.zeros_like(g), where=scale > 0))
+    return (q * scale).reshape(x.shape)
+
+
+def linear(x, w, quantize_x=False):
+    """x (T, in) @ w.T, w (out, in) as in PyTorch."""
+    return (round_to_q8_0(x) if quantize_x else x) @ w.T
+
+
+def attention(cfg, W, p, h, cos, sin, aq=False):
     """One self-attention block on normed input h (T, dim) -> (T, dim)."""
     T = h.shape[0]
     n_h, n_kv, hd = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim_of(cfg)
-    q = (h @ W[p + "self_attn.q_proj.weight"].T).reshape(T, n_h, hd).transpose(1, 0, 2)   # (n_h, T, hd)
-    k = (h @ W[p + "self_attn.k_proj.weight"].T).reshape(T, n_kv, hd).transpose(1, 0, 2)  # (n_kv, T, hd)
-    v = (h @ W[p + "self_attn.v_proj.weight"].T).reshape(T, n_kv, hd).transpose(1, 0, 2)
+    q = linear(h, W[p + "self_attn.q_proj.weight"], aq).reshape(T, n_h, hd).transpose(1, 0, 2)   # (n_h, T, hd)
+    k = linear(h, W[p + "self_attn.k_proj.weight"], aq).reshape(T, n_kv, hd).transpose(1, 0, 2)  # (n_kv, T, hd)
+    v = linear(h, W[p + "self_attn.v_proj.weight"], aq).reshape(T, n_kv, hd).transpose(1, 0, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # repeat_kv: query head j uses key/value head j // (n_h / n_kv)
     k, v = np.repeat(k, n_h // n_kv, axis=0), np.repeat(v, n_h // n_kv, axis=0)
@@ -130,18 +145,21 @@ def attention(cfg, W, p, h, cos, sin):
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
     out = (probs @ v).transpose(1, 0, 2).reshape(T, n_h * hd)
-    return out @ W[p + "self_attn.o_proj.weight"].T
+    return linear(out, W[p + "self_attn.o_proj.weight"], aq)
 
 
-def mlp(W, p, h):
+def mlp(W, p, h, aq=False):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
-    gate = h @ W[p + "mlp.gate_proj.weight"].T
-    up = h @ W[p + "mlp.up_proj.weight"].T
-    return (silu(gate) * up) @ W[p + "mlp.down_proj.weight"].T
+    gate = linear(h, W[p + "mlp.gate_proj.weight"], aq)
+    up = linear(h, W[p + "mlp.up_proj.weight"], aq)
+    return linear(silu(gate) * up, W[p + "mlp.down_proj.weight"], aq)
 
 
-def forward(cfg, W, ids):
-    """Logits (len(ids), vocab_size) for tokens ids at positions 0, 1, ..."""
+def forward(cfg, W, ids, q8_0_activations=False):
+    """Logits (len(ids), vocab_size) for tokens ids at positions 0, 1, ...
+    q8_0_activations: round the input of every linear layer to q8_0 first
+    (only meaningful with weights that are q8_0 values themselves)."""
+    aq = q8_0_activations
     eps = cfg.get("rms_norm_eps", 1e-6)
     ids = np.asarray(ids)
     x = W["model.embed_tokens.weight"][ids]                   # (T, dim)
@@ -150,12 +168,12 @@ def forward(cfg, W, ids):
     cos, sin = np.cos(emb), np.sin(emb)
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
-        x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cos, sin)
-        x = x + mlp(W, p, rms_norm(x, W[p + "post_attention_layernorm.weight"], eps))
+        x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cos, sin, aq)
+        x = x + mlp(W, p, rms_norm(x, W[p + "post_attention_layernorm.weight"], eps), aq)
     x = rms_norm(x, W["model.norm.weight"], eps)
     tied = cfg.get("tie_word_embeddings", False)
     classifier = W["model.embed_tokens.weight"] if tied else W["lm_head.weight"]
-    return x @ classifier.T
+    return linear(x, classifier, aq)
 
 
 # ----------------------------------------------------------------------------

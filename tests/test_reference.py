@@ -128,6 +128,10 @@ def hf_configs():
          dict(shards=3)),
         ("llama31_rope_scaling", C(dim=128, hidden=256, n_layers=2, n_heads=4, n_kv_heads=2, theta=500000.0,
                                    max_pos=512, rope_scaling=LLAMA31_SCALING), dict(n_ids=80)),
+        ("long_context_1500_positions", C(dim=64, hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, theta=500000.0,
+                                          max_pos=4096, rope_scaling=dict(LLAMA31_SCALING,
+                                                                          original_max_position_embeddings=256)),
+         dict(n_ids=1500, chunk_context=None)),
         ("odd_sizes_dim96_hidden172", C(dim=96, hidden=172, n_layers=3, n_heads=6, n_kv_heads=3, vocab=333), {}),
     ]
 
@@ -161,8 +165,13 @@ def real_llama3_vocab():
 
 def q8_0_model():
     """q8_0 export of a GQA model vs the reference run on the dequantized
-    weights (put back into HF layout): isolates the engine's q8_0 kernels
-    from the quantization error itself (tested in test_export.py)."""
+    weights (put back into HF layout), which isolates the engine's q8_0
+    kernels from the quantization error itself (tested in test_export.py).
+    A kernel may feed the weights f32 activations (exactly the dequantized
+    model) or q8_0-rounded ones (integer dot products): every position must
+    match one of those two references within 1e-4. Only uniform runs are
+    compared (token by token, or all ids in one block): with mixed block
+    sizes the cached K/V of one block may come from the other kind."""
     cfg = make_hf.hf_config(dim=64, hidden=128, n_layers=2, n_heads=8, n_kv_heads=2, tied=False)
     d = path("q8_src")
     make_hf.write_hf_dir(d, cfg, make_hf.random_weights(cfg, 4))
@@ -181,15 +190,20 @@ def q8_0_model():
                     p + "mlp.up_proj.weight": E[q + "w3"]})
     W = {k: v.astype(np.float64) for k, v in deq.items()}
     ids = [cfg["bos_token_id"]] + list(np.random.default_rng(4).integers(0, cfg["vocab_size"], 23))
-    ref = reference.forward(cfg, W, ids)
-    for block in (1, 7):
-        got = engine_logits(model, ids, "-B", block, "-T", 1 if block == 1 else 2)
-        err = rel_err(got, ref)
-        note("q8_0_gqa_untied", "logits B=%d" % block, err)
-        # the engine may quantize activations to int8 too (as llama2.c's runq): allow that much
-        T.check(f"q8_0_logits_B{block}_close_to_reference_on_dequantized_weights", err <= 2e-2, describe(got, ref))
+    refs = {"f32 activations": reference.forward(cfg, W, ids),
+            "q8_0 activations": reference.forward(cfg, W, ids, q8_0_activations=True)}
+    for block, threads in [(1, 1), (len(ids), 2)]:
+        got = engine_logits(model, ids, "-B", block, "-T", threads)
+        per_pos = {k: np.max(np.abs(got - r), axis=1) / np.max(np.abs(r)) for k, r in refs.items()}
+        best = np.minimum(*per_pos.values())
+        used = sorted({min(per_pos, key=lambda k: per_pos[k][i]) for i in range(len(ids))})
+        note("q8_0_gqa_untied", f"logits B={block}", float(best.max()))
+        T.check(f"q8_0_logits_B{block}_match_reference_on_dequantized_weights", best.max() <= TOL,
+                f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference")
+        if VERBOSE:
+            print(f"# q8_0 B={block}: positions match the reference with {' / '.join(used)}")
     f32_ref = reference.forward(*reference.load_hf_dir(d), ids)
-    note("q8_0_gqa_untied", "vs f32 weights", rel_err(ref, f32_ref))
+    note("q8_0_gqa_untied", "q8_0 vs f32 model", rel_err(refs["f32 activations"], f32_ref))
 
 
 # ----------------------------------------------------------------------------
@@ -236,7 +250,7 @@ def main():
             model, rcfg, W, ids = result
             T.run("llama31_rope_scaling_covers_all_bands_and_matters", rope_scaling_is_exercised, model, rcfg, W, ids)
     T.run("llama3_vocab_128256_logits_token_by_token_match_reference", real_llama3_vocab)
-    T.run("q8_0_logits_B1_close_to_reference_on_dequantized_weights", q8_0_model)
+    T.run("q8_0_logits_B1_match_reference_on_dequantized_weights", q8_0_model)
     T.run("stories260K_logits_token_by_token_match_reference", llama2c_model,
           "stories260K", "stories260K.bin", "tok512.bin", 1200, 100)
     T.run("aidreams260K_logits_token_by_token_match_reference", llama2c_model,
