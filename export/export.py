@@ -118,7 +118,7 @@ def validate_config(c):
     if len(c.stop_ids) > MODEL_MAX_STOP_IDS:
         raise ExportError(f"{len(c.stop_ids)} stop ids, the format holds at most {MODEL_MAX_STOP_IDS}")
     for i in [c.bos_id] * (c.bos_id != -1) + list(c.stop_ids):
-        if not 0 <= i < c.vocab_size:
+        if not isinstance(i, int) or not 0 <= i < c.vocab_size:
             raise ExportError(f"special token id {i} is outside the vocabulary (0..{c.vocab_size - 1})")
 
 
@@ -302,6 +302,8 @@ def config_from_hf(hc):
         return hc[key]
 
     n_heads = need("num_attention_heads")
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise ExportError(f"config.json: num_attention_heads {n_heads!r} is not a positive integer")
     c = Config(
         dim=need("hidden_size"),
         hidden_dim=need("intermediate_size"),
@@ -605,7 +607,9 @@ def write_model(out_path, c, dtype, tokenizer_section, blocks_of):
 # Tokenizer section (built by tokenizer_section.py, next to this file)
 
 def tokenizer_section_module():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     try:
         import tokenizer_section
     except ImportError as e:
@@ -693,7 +697,7 @@ def export_llama2c(out, model_path, tokenizer_path, dtype):
 
 PRESETS = {
     # Small enough to export in a blink; the default.
-    "tiny": dict(dim=64, hidden_dim=172, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=None,
+    "tiny": dict(dim=64, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=None,
                  vocab_size=512, max_seq_len=256, rope_theta=10000.0, rope_scaling="none",
                  rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                  rope_original_max_pos=8192, norm_eps=1e-5),
