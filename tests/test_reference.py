@@ -13,6 +13,7 @@ with --hf, and for the two real llama2.c checkpoints exported with --llama2c
 Set VERBOSE=1 to print the measured errors.
 """
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -244,6 +245,13 @@ def main():
     if not engine_built():
         T.fail("engine_built", f"{RUN} or {LOGITS} missing: run `make run tests/logits`")
         return
+    try:
+        run_all()
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
+
+
+def run_all():
     for name, cfg, opts in hf_configs():
         result = T.run(f"{name}_logits_token_by_token_match_reference", check_hf_model, name, cfg, **opts)
         if name == "llama31_rope_scaling" and result:
