@@ -22,18 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    const unsigned char *bytes; // the token's piece, inside the section
-    uint32_t len;               // bytes of the piece
-    float score;                // merge priority, higher merges first
-    uint32_t special;           // 1 for TOKEN_SPECIAL tokens
-} Token;                        // one struct, so a lookup visits one place
-
 struct Tokenizer {
     int kind;                    // TOKENIZER_LLAMA3 or TOKENIZER_LLAMA2C
     int n_tokens;
     size_t max_token_bytes;      // longest piece; bounds decode output
-    Token *tokens;               // (n_tokens)
+    const unsigned char *section; // the section, read in place (mmapped)
+    uint32_t *entry;             // (n_tokens) offset of each token's entry in it
     struct Slot { uint32_t hash; int32_t id; } *slots; // bytes -> id, open addressing
     size_t slot_mask;            // n_slots - 1; n_slots is a power of two >= 2 n_tokens
     int byte_token[256];         // the token of each single byte (llama2c: "<0xXX>")
@@ -43,6 +37,24 @@ struct Tokenizer {
     uint8_t special_start[256];  // 1 if some special token starts with this byte
     int bos_id;                  // llama2c: "\n<s>\n", after which decode drops a space; else -1
 };
+
+static uint32_t read_u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static float read_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
+
+typedef struct {
+    const unsigned char *bytes; // the token's piece
+    uint32_t len;               // bytes of the piece
+    float score;                // merge priority, higher merges first
+    int special;                // 1 for TOKEN_SPECIAL tokens
+} Token;
+
+/* Token id, read from its entry in the section: score f32, flags u32, len u32,
+   bytes. Not copied out at build: in the section a token's header sits next
+   to its bytes, so a lookup that compares them touches one cache line. */
+static Token token(const Tokenizer *t, int id) {
+    const unsigned char *e = t->section + t->entry[id];
+    return (Token){e + 12, read_u32(e + 8), read_f32(e), (read_u32(e + 4) & TOKEN_SPECIAL) != 0};
+}
 
 // ----------------------------------------------------------------------------
 // The bytes -> id hash table (FNV-1a, linear probing). Tokens are inserted in
@@ -55,7 +67,8 @@ static uint32_t hash_bytes(const unsigned char *s, size_t n) {
 }
 
 static void table_insert(Tokenizer *t, int id) {
-    uint32_t h = hash_bytes(t->tokens[id].bytes, t->tokens[id].len);
+    Token tok = token(t, id);
+    uint32_t h = hash_bytes(tok.bytes, tok.len);
     size_t i = h & t->slot_mask;
     while (t->slots[i].id >= 0) i = (i + 1) & t->slot_mask;
     t->slots[i] = (struct Slot){h, id};
@@ -67,8 +80,8 @@ static int lookup(const Tokenizer *t, const unsigned char *s, size_t n, int ordi
     uint32_t h = hash_bytes(s, n);
     for (size_t i = h & t->slot_mask; t->slots[i].id >= 0; i = (i + 1) & t->slot_mask) {
         if (t->slots[i].hash != h) continue;
-        const Token *tok = &t->tokens[t->slots[i].id];
-        if (tok->len == n && memcmp(tok->bytes, s, n) == 0 && !(ordinary_only && tok->special))
+        Token tok = token(t, t->slots[i].id);
+        if (tok.len == n && memcmp(tok.bytes, s, n) == 0 && !(ordinary_only && tok.special))
             return t->slots[i].id;
     }
     return -1;
@@ -88,9 +101,6 @@ static Tokenizer *fail(Tokenizer *t, char *err, size_t err_cap, const char *fmt,
     return NULL;
 }
 
-static uint32_t read_u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static float read_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
-
 static int longer_first(const void *a, const void *b) {
     const struct Special *x = a, *y = b;
     if (x->len != y->len) return x->len < y->len ? 1 : -1;
@@ -100,14 +110,14 @@ static int longer_first(const void *a, const void *b) {
 /* Lists the special tokens parse_special looks for (not empty placeholders). */
 static int index_specials(Tokenizer *t) {
     int n = 0;
-    for (int id = 0; id < t->n_tokens; id++) n += t->tokens[id].special && t->tokens[id].len > 0;
+    for (int id = 0; id < t->n_tokens; id++) n += token(t, id).special && token(t, id).len > 0;
     t->specials = malloc(sizeof *t->specials * (size_t)(n + 1));
     if (!t->specials) return 0;
     for (int id = 0; id < t->n_tokens; id++) {
-        const Token *tok = &t->tokens[id];
-        if (!tok->special || tok->len == 0) continue;
-        t->specials[t->n_specials++] = (struct Special){tok->len, id};
-        t->special_start[tok->bytes[0]] = 1;
+        Token tok = token(t, id);
+        if (!tok.special || tok.len == 0) continue;
+        t->specials[t->n_specials++] = (struct Special){tok.len, id};
+        t->special_start[tok.bytes[0]] = 1;
     }
     qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, longer_first);
     return 1;
@@ -125,7 +135,7 @@ static int index_byte_tokens(Tokenizer *t) {
                                ? lookup(t, &one, 1, 1)
                                : lookup(t, (const unsigned char *)hex, 6, 1);
         if (t->byte_token[b] < 0) return b;
-        size_t len = t->tokens[t->byte_token[b]].len;
+        size_t len = token(t, t->byte_token[b]).len;
         if (len > t->byte_piece_max) t->byte_piece_max = len;
     }
     return -1;
@@ -136,6 +146,7 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
     if (kind != TOKENIZER_LLAMA3 && kind != TOKENIZER_LLAMA2C)
         return fail(NULL, err, err_cap, "unknown tokenizer kind %d", kind);
     if (bytes < 8) return fail(NULL, err, err_cap, "tokenizer section is %zu bytes, too short", bytes);
+    if (bytes > UINT32_MAX) return fail(NULL, err, err_cap, "tokenizer section is %zu bytes, over 4 GiB", bytes);
     uint32_t n = read_u32(p), max_bytes = read_u32(p + 4);
     p += 8;
     if (n == 0 || n > (bytes - 8) / 12 || n > INT32_MAX)
@@ -149,9 +160,10 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
     size_t n_slots = 1;
     while (n_slots < 2 * (size_t)n) n_slots *= 2;
     t->slot_mask = n_slots - 1;
-    t->tokens = malloc(n * sizeof *t->tokens);
+    t->section = data;
+    t->entry = malloc(n * sizeof *t->entry);
     t->slots = malloc(n_slots * sizeof *t->slots);
-    if (!t->tokens || !t->slots)
+    if (!t->entry || !t->slots)
         return fail(t, err, err_cap, "out of memory for %u tokens", n);
     memset(t->slots, 0xff, n_slots * sizeof *t->slots); // id -1: empty
 
@@ -162,7 +174,7 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
         if (len > max_bytes || len > (size_t)(end - p) - 12)
             return fail(t, err, err_cap, "token %u claims %u bytes (max_token_bytes %u, %zu left in "
                         "the section): corrupt tokenizer section", id, len, max_bytes, (size_t)(end - p) - 12);
-        t->tokens[id] = (Token){p + 12, len, read_f32(p), (read_u32(p + 4) & TOKEN_SPECIAL) != 0};
+        t->entry[id] = (uint32_t)(p - t->section);
         if (len > t->max_token_bytes) t->max_token_bytes = len;
         p += 12 + len;
         if (len > 0) table_insert(t, (int)id);
@@ -178,7 +190,7 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
 
 void tokenizer_free(Tokenizer *t) {
     if (!t) return;
-    free(t->tokens);
+    free(t->entry);
     free(t->slots);
     free(t->specials);
     free(t);
@@ -189,12 +201,13 @@ int tokenizer_n_tokens(const Tokenizer *t) { return t->n_tokens; }
 
 const char *tokenizer_piece(const Tokenizer *t, int id, size_t *len) {
     if (id < 0 || id >= t->n_tokens) { *len = 0; return NULL; }
-    *len = t->tokens[id].len;
-    return (const char *)t->tokens[id].bytes;
+    Token tok = token(t, id);
+    *len = tok.len;
+    return (const char *)tok.bytes;
 }
 
 int tokenizer_is_special(const Tokenizer *t, int id) {
-    return id >= 0 && id < t->n_tokens && t->tokens[id].special;
+    return id >= 0 && id < t->n_tokens && token(t, id).special;
 }
 
 int tokenizer_find(const Tokenizer *t, const char *name) {
@@ -433,8 +446,8 @@ static Pair heap_pop(Pair *heap, size_t *n) {
 static void push_pair(const Tokenizer *t, Scratch *sc, size_t *n_heap, const unsigned char *buf, uint32_t i) {
     uint32_t left = sc->sym_len[i], len = left + sc->sym_len[i + left];
     int id = lookup(t, buf + i, len, 1);
-    if (id >= 0 && t->tokens[id].score > -1e10f)
-        heap_push(sc->heap, n_heap, (Pair){t->tokens[id].score, id, i, left, len});
+    float score = id >= 0 ? token(t, id).score : 0;
+    if (id >= 0 && score > -1e10f) heap_push(sc->heap, n_heap, (Pair){score, id, i, left, len});
 }
 
 /* Merges the symbols set up in sc over buf[0..n), n > 0, best pair first,
@@ -500,7 +513,7 @@ static size_t find_special(const Tokenizer *t, const unsigned char *s, size_t n,
         if (!t->special_start[s[p]]) continue;
         for (int k = 0; k < t->n_specials; k++) {
             const struct Special *sp = &t->specials[k];
-            if (sp->len <= n - p && memcmp(s + p, t->tokens[sp->id].bytes, sp->len) == 0) {
+            if (sp->len <= n - p && memcmp(s + p, token(t, sp->id).bytes, sp->len) == 0) {
                 *id = sp->id;
                 return p;
             }
@@ -523,7 +536,7 @@ static long encode_llama3(const Tokenizer *t, Scratch *sc, const unsigned char *
         n_out += k;
         if (id < 0) return n_out;
         out[n_out++] = id;
-        p = q + t->tokens[id].len;
+        p = q + token(t, id).len;
     }
 }
 
@@ -548,8 +561,8 @@ static void add_character(const Tokenizer *t, Scratch *sc, uint32_t *m, uint32_t
         return;
     }
     for (size_t k = 0; k < len; k++) {
-        int b = t->byte_token[ch[k]];
-        add_symbol(sc, m, prev, t->tokens[b].bytes, t->tokens[b].len, b);
+        Token byte = token(t, t->byte_token[ch[k]]);
+        add_symbol(sc, m, prev, byte.bytes, byte.len, t->byte_token[ch[k]]);
     }
 }
 
@@ -646,9 +659,9 @@ static int parse_byte_piece(const unsigned char *p, size_t n, unsigned char *b) 
 }
 
 size_t tokenizer_decode(const Tokenizer *t, Utf8Stream *s, int prev, int id, char *out, size_t cap) {
-    if (id < 0 || id >= t->n_tokens || t->tokens[id].special) return 0;
-    const unsigned char *p = t->tokens[id].bytes;
-    size_t n = t->tokens[id].len;
+    if (id < 0 || id >= t->n_tokens || token(t, id).special) return 0;
+    const unsigned char *p = token(t, id).bytes;
+    size_t n = token(t, id).len;
     unsigned char byte;
     if (t->kind == TOKENIZER_LLAMA2C) {
         if (prev == t->bos_id && t->bos_id >= 0 && n > 0 && p[0] == ' ') { p++; n--; }
