@@ -42,9 +42,9 @@ models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.
 demo: run models/stories260K.l3ck
 	./run models/stories260K.l3ck -i "Once upon a time" -n 200
 
-test: run run-omp $(C_TESTS)
+test: run run-omp tests/logits $(C_TESTS)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp $(C_TESTS) models/*.l3ck
+	rm -f run run-omp tests/logits $(C_TESTS) models/*.l3ck

@@ -134,6 +134,8 @@ typedef struct {
     int n_threads;
     void *map;        // the mmapped file
     size_t map_bytes;
+    void **owned;     // weights the engine computed itself (--kv-heads), freed at the end
+    int n_owned;
 } Transformer;
 
 // ----------------------------------------------------------------------------
@@ -645,6 +647,85 @@ static void rope(float *vec, int n_heads, int head_dim, int pos, const float *fr
 }
 
 // ----------------------------------------------------------------------------
+// Changing the number of KV heads at load time (--kv-heads K)
+//   K < n_kv_heads: each new KV head is the mean of n_kv_heads / K adjacent
+//     old ones (mean-pooled rows of wk and wv: the GQA paper's conversion of a
+//     checkpoint, without its uptraining), so the model changes a little;
+//   K > n_kv_heads: each old KV head is repeated K / n_kv_heads times, an
+//     MHA-like model with exactly the same outputs and a bigger cache.
+// RoPE is linear and the same for every head, so pooling before it is pooling after it.
+
+static void *owned_alloc(Transformer *m, size_t n, size_t size, const char *what) {
+    m->owned = realloc(m->owned, (m->n_owned + 1) * sizeof(void *));
+    if (!m->owned) die("out of memory");
+    return m->owned[m->n_owned++] = xcalloc(n, size, what);
+}
+
+// The valid K: divisors of n_kv_heads, and multiples of it that divide n_heads.
+static int valid_kv_heads(const Config *c, int K) {
+    if (K <= 0) return 0;
+    return K <= c->n_kv_heads ? c->n_kv_heads % K == 0 : K % c->n_kv_heads == 0 && c->n_heads % K == 0;
+}
+
+// w (n_kv_heads * head_dim, dim) -> (K * head_dim, dim), in engine-owned memory.
+static void regroup_matrix(Transformer *m, Matrix *w, int K) {
+    const int old = m->c.n_kv_heads, hd = m->c.head_dim, cols = w->cols;
+    const size_t row_q = (size_t)cols, row_s = (size_t)cols / Q8_GROUP; // q8_0 row: values, scales
+    Matrix out = {.rows = K * hd, .cols = cols};
+    float *f = NULL;
+    int8_t *q = NULL;
+    float *sc = NULL;
+    if (w->f) out.f = f = owned_alloc(m, (size_t)out.rows * cols, sizeof(float), "--kv-heads weights");
+    else {
+        out.q = q = owned_alloc(m, (size_t)out.rows * row_q, 1, "--kv-heads weights");
+        out.s = sc = owned_alloc(m, (size_t)out.rows * row_s, sizeof(float), "--kv-heads weights");
+    }
+    float *acc = xcalloc(cols, sizeof(float), "row"), *row = xcalloc(cols, sizeof(float), "row");
+    for (int j = 0; j < K; j++)
+        for (int d = 0; d < hd; d++) {
+            int dst = j * hd + d;
+            if (K > old) { // repeat: copy the row as stored, so the outputs stay bit-identical
+                int src = (j / (K / old)) * hd + d;
+                if (f) memcpy(f + dst * row_q, w->f + src * row_q, row_q * sizeof(float));
+                else {
+                    memcpy(q + dst * row_q, w->q + src * row_q, row_q);
+                    memcpy(sc + dst * row_s, w->s + src * row_s, row_s * sizeof(float));
+                }
+                continue;
+            }
+            int group = old / K; // pool: the mean of the same row of `group` adjacent heads
+            memset(acc, 0, cols * sizeof(float));
+            for (int i = 0; i < group; i++) {
+                matrix_rows(w, (j * group + i) * hd + d, 1, row);
+                for (int k = 0; k < cols; k++) acc[k] += row[k] / group;
+            }
+            if (f) memcpy(f + dst * row_q, acc, cols * sizeof(float));
+            else quantize_q8(q + dst * row_q, sc + dst * row_s, acc, cols);
+        }
+    free(acc); free(row);
+    *w = out;
+}
+
+static void set_kv_heads(Transformer *m, int K) {
+    Config *c = &m->c;
+    if (K == c->n_kv_heads) return;
+    if (!valid_kv_heads(c, K)) {
+        char list[512] = "";
+        for (int k = 1; k <= c->n_heads; k++)
+            if (valid_kv_heads(c, k)) snprintf(list + strlen(list), sizeof list - strlen(list), "%s%d", *list ? ", " : "", k);
+        die("--kv-heads %d is not possible for this model (%d query heads, %d KV heads); valid: %s",
+            K, c->n_heads, c->n_kv_heads, list);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        regroup_matrix(m, &m->w.layers[l].wk, K);
+        regroup_matrix(m, &m->w.layers[l].wv, K);
+    }
+    c->n_kv_heads = K;
+    c->kv_mul = c->n_heads / K;
+    c->kv_dim = K * c->head_dim;
+}
+
+// ----------------------------------------------------------------------------
 // The forward pass
 
 static void malloc_run_state(Transformer *m) {
@@ -1106,6 +1187,56 @@ static void print_tokens(Transformer *m, const char *text, size_t len) {
     free(tokens);
 }
 
+static size_t matrix_bytes(const Matrix *w) {
+    size_t n = (size_t)w->rows * w->cols;
+    return w->q ? n + n / Q8_GROUP * sizeof(float) : n * sizeof(float);
+}
+
+// Bytes of all weights in use (after --kv-heads); a tied classifier counts once.
+static size_t weight_bytes(const Transformer *m) {
+    const Config *c = &m->c;
+    size_t bytes = matrix_bytes(&m->w.token_embedding) + (size_t)(2 * c->n_layers + 1) * c->dim * sizeof(float);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->w.layers[l];
+        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+        for (int i = 0; i < 7; i++) bytes += matrix_bytes(mats[i]);
+    }
+    if (!m->h.tied_classifier) bytes += matrix_bytes(&m->w.classifier);
+    return bytes;
+}
+
+static void print_bytes(size_t b) {
+    if (b >= (1ull << 30)) printf("%10.2f GiB", b / (double)(1ull << 30));
+    else if (b >= (1u << 20)) printf("%10.2f MiB", b / (double)(1u << 20));
+    else printf("%10.2f KiB", b / 1024.0);
+}
+
+// The KV cache of one model shape under every head configuration:
+// bytes = layers x 2 (K and V) x kv_heads x head_dim x positions x bytes per element.
+// MLA (DeepSeek-V2) caches instead one compressed latent per token and layer,
+// assumed here 4 x head_dim, plus a decoupled RoPE key of head_dim / 2
+// (512 + 64 = 576 elements at head_dim 128), shared by all heads.
+static void print_kv_table(long layers, long n_heads, long head_dim, long positions, long elem_bytes, long current) {
+    printf("kv_cache_table: %ld layers, %ld query heads, head_dim %ld, %ld positions, %ld bytes per element\n",
+           layers, n_heads, head_dim, positions, elem_bytes);
+    printf("  %-12s %8s %14s %14s\n", "config", "kv_heads", "bytes/token", "total");
+    for (long g = n_heads; g >= 1; g--) {
+        if (n_heads % g) continue;
+        char name[32];
+        if (g == n_heads) snprintf(name, sizeof name, "MHA");
+        else if (g == 1) snprintf(name, sizeof name, "MQA");
+        else snprintf(name, sizeof name, "GQA-%ld", g);
+        size_t per_token = (size_t)layers * 2 * g * head_dim * elem_bytes;
+        printf("%c %-12s %8ld %14zu ", g == current ? '*' : ' ', name, g, per_token);
+        print_bytes(per_token * positions);
+        printf("\n");
+    }
+    size_t mla = (size_t)layers * (4 * head_dim + head_dim / 2) * elem_bytes;
+    printf("  %-12s %8s %14zu ", "MLA latent", "-", mla);
+    print_bytes(mla * positions);
+    printf("   (%ld + %ld elements per layer)\n", 4 * head_dim, head_dim / 2);
+}
+
 static void print_info(Transformer *m, const char *path) {
     const Config *c = &m->c;
     const ModelHeader *h = &m->h;
@@ -1117,6 +1248,7 @@ static void print_info(Transformer *m, const char *path) {
     printf("model: %s\n", path);
     printf("dim: %d\nhidden_dim: %d\nn_layers: %d\nn_heads: %d\nn_kv_heads: %d\nkv_mul: %d\nhead_dim: %d\n",
            c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->kv_mul, c->head_dim);
+    if (c->n_kv_heads != h->n_kv_heads) printf("n_kv_heads_in_file: %d\n", h->n_kv_heads);
     printf("vocab_size: %d\nmax_seq_len: %d\nrope_theta: %g\n", c->vocab_size, c->max_seq_len, h->rope_theta);
     if (h->rope_scaling == ROPE_SCALING_LLAMA3)
         printf("rope_scaling: llama3 factor %g, low_freq_factor %g, high_freq_factor %g, original_max_pos %d\n",
@@ -1127,9 +1259,31 @@ static void print_info(Transformer *m, const char *path) {
     printf("tokenizer: %s, %d tokens, bos %d, stop", h->tokenizer_kind == TOKENIZER_LLAMA3 ? "llama3" : "llama2c",
            tokenizer_n_tokens(m->tok), h->bos_id);
     for (int i = 0; i < h->n_stop_ids; i++) printf(" %d", h->stop_ids[i]);
-    printf("\nparams: %zu\nweight_bytes: %zu\n", params, (size_t)(h->file_bytes - h->weights_offset));
+    printf("\nparams: %zu\nweight_bytes: %zu\n", params, weight_bytes(m));
     printf("context: %d\nkv_cache_dtype: f32\nkv_bytes_per_token: %zu\nkv_bytes_context: %zu\n",
            c->seq_len, kv_per_token, kv_per_token * c->seq_len);
+    print_kv_table(c->n_layers, c->n_heads, c->head_dim, c->seq_len, sizeof(float), c->n_kv_heads);
+}
+
+// -m kv l=96,n=96,h=128,s=1024,bytes=2: the table for any model shape
+// (l layers, n query heads, head_dim h, s positions, bytes per element, g KV heads to mark).
+static void kv_calculator(const char *spec) {
+    long v[6] = {0, 0, 0, 0, 2, 0};
+    const char *keys[6] = {"l", "n", "h", "s", "bytes", "g"};
+    char *copy = strdup(spec), *save = NULL;
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(item, '=');
+        int k = 0;
+        if (eq) { *eq = 0; while (k < 6 && strcmp(item, keys[k])) k++; }
+        if (!eq || k == 6) die("-m kv: '%s' is not one of l=, n=, h=, s=, bytes=, g= (e.g. l=96,n=96,h=128,s=1024,bytes=2)", item);
+        char *end;
+        errno = 0;
+        v[k] = strtol(eq + 1, &end, 10);
+        if (errno || end == eq + 1 || *end || v[k] < 1 || v[k] > (1L << 24)) die("-m kv: %s=%s is not an integer in [1, 2^24]", item, eq + 1);
+    }
+    free(copy);
+    if (!v[0] || !v[1] || !v[2] || !v[3]) die("-m kv needs l=, n=, h= and s= (e.g. l=96,n=96,h=128,s=1024,bytes=2)");
+    print_kv_table(v[0], v[1], v[2], v[3], v[4], v[5]);
 }
 
 // ----------------------------------------------------------------------------
@@ -1137,7 +1291,8 @@ static void print_info(Transformer *m, const char *path) {
 
 #define DEFAULT_MAX_CONTEXT 4096 // default -c: the model's context, capped here
 
-static void setup_transformer(Transformer *m, int seq_len, int n_threads) {
+static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
+    if (kv_heads) set_kv_heads(m, kv_heads);
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
     m->c.seq_len = seq_len > 0 ? seq_len
@@ -1152,6 +1307,8 @@ static void free_transformer(Transformer *m) {
     free_run_state(&m->s);
     tokenizer_free(m->tok);
     free(m->w.layers);
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
     munmap(m->map, m->map_bytes);
 }
 
@@ -1165,7 +1322,7 @@ static void usage(FILE *f) {
         "usage: ./run MODEL.bin [options]\n"
         "  -i TEXT   input text (the prompt)\n"
         "  -f FILE   input text from a file\n"
-        "  -m MODE   generate (default) | chat | ppl | tokenize | info\n"
+        "  -m MODE   generate (default) | chat | ppl | tokenize | info | kv\n"
         "  -n N      positions to run, the prompt and BOS included (default 256; 0 = to the end of the context)\n"
         "  -t T      temperature, 0 = greedy (default 1.0)\n"
         "  -p P      top-p (nucleus) sampling, in [0, 1] (default 0.9)\n"
@@ -1173,11 +1330,14 @@ static void usage(FILE *f) {
         "  -T N      threads (default: all cores)\n"
         "  -c N      context length (default: the model's maximum, at most %d, so the KV cache stays small)\n"
         "  -y TEXT   system prompt (chat)\n"
+        "  --kv-heads K  regroup the KV heads at load time: K < n_kv_heads mean-pools groups of\n"
+        "            heads, K > n_kv_heads repeats them (same outputs, bigger cache)\n"
         "  -h        this help\n"
         "examples:\n"
         "  ./run model.bin -i \"Once upon a time\"\n"
         "  ./run model.bin -m ppl -f text.txt\n"
-        "  printf 'Hello!\\n' | ./run model.bin -m chat -y \"You are terse.\"\n",
+        "  printf 'Hello!\\n' | ./run model.bin -m chat -y \"You are terse.\"\n"
+        "  ./run -m kv l=96,n=96,h=128,s=1024,bytes=2    (KV-cache sizes of any model shape)\n",
         DEFAULT_MAX_CONTEXT);
 }
 
@@ -1211,7 +1371,7 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *input = NULL, *input_file = NULL, *mode = "generate", *system = NULL;
     float temperature = 1.0f, topp = 0.9f;
-    long steps = 256, seq_len = 0, n_threads = sysconf(_SC_NPROCESSORS_ONLN);
+    long steps = 256, seq_len = 0, kv_heads = 0, n_threads = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned long long seed = (unsigned long long)time(NULL);
     if (n_threads < 1) n_threads = 1;
     for (int i = 1; i < argc; i++) {
@@ -1222,9 +1382,11 @@ int main(int argc, char **argv) {
             model_path = a;
             continue;
         }
-        if (strlen(a) != 2 || !strchr("ifmntpsTcy", a[1])) usage_error("unknown option '%s'", a);
+        int kv_flag = !strcmp(a, "--kv-heads");
+        if (!kv_flag && (strlen(a) != 2 || !strchr("ifmntpsTcy", a[1]))) usage_error("unknown option '%s'", a);
         if (i + 1 >= argc) usage_error("option %s needs a value", a);
         const char *v = argv[++i];
+        if (kv_flag) { kv_heads = parse_long("--kv-heads", v, 1, 1024); continue; }
         switch (a[1]) {
         case 'i': input = v; break;
         case 'f': input_file = v; break;
@@ -1239,10 +1401,11 @@ int main(int argc, char **argv) {
         }
     }
     if (!model_path) usage_error("%s", "no model file given");
-    static const char *modes[] = {"generate", "chat", "ppl", "tokenize", "info"};
+    static const char *modes[] = {"generate", "chat", "ppl", "tokenize", "info", "kv"};
     int mode_ok = 0;
     for (size_t k = 0; k < sizeof modes / sizeof modes[0]; k++) mode_ok |= !strcmp(mode, modes[k]);
-    if (!mode_ok) usage_error("unknown mode '%s' (generate, chat, ppl, tokenize, info)", mode);
+    if (!mode_ok) usage_error("unknown mode '%s' (generate, chat, ppl, tokenize, info, kv)", mode);
+    if (!strcmp(mode, "kv") && strchr(model_path, '=')) { kv_calculator(model_path); return 0; }
     if (input && input_file) die("give the input with -i or -f, not both");
 
     char *text = NULL;
@@ -1252,14 +1415,14 @@ int main(int argc, char **argv) {
 
     Transformer m;
     build_transformer(&m, model_path);
-    setup_transformer(&m, (int)seq_len, (int)n_threads);
+    setup_transformer(&m, (int)seq_len, (int)n_threads, (int)kv_heads);
     if (steps == 0 || steps > m.c.seq_len) steps = m.c.seq_len;
     Sampler sp = {m.c.vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, NULL};
     sp.cand = xcalloc(m.c.vocab_size, sizeof(ProbIndex), "sampler");
 
     if (!strcmp(mode, "generate")) generate(&m, &sp, text ? text : "", text_len, (int)steps);
     else if (!strcmp(mode, "chat")) chat(&m, &sp, system, text);
-    else if (!strcmp(mode, "info")) print_info(&m, model_path);
+    else if (!strcmp(mode, "info") || !strcmp(mode, "kv")) print_info(&m, model_path);
     else {
         if (!text) die("-m %s needs an input: -i TEXT or -f FILE", mode);
         if (!strcmp(mode, "ppl")) perplexity(&m, text, text_len);

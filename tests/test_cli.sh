@@ -28,7 +28,7 @@ expect_error non_numeric_steps_is_rejected "error: -n expects an integer in [0, 
 expect_error negative_steps_is_rejected "error: -n expects an integer in [0, 2147483647], got '-5'" -- "$model" -n -5
 expect_error empty_number_is_rejected "error: -s expects an integer in [0, 9223372036854775807], got ''" -- "$model" -s ""
 expect_error context_beyond_model_is_rejected "error: -c 100000 exceeds the model's maximum context of 512" -- "$model" -c 100000
-expect_error unknown_mode_is_rejected "error: unknown mode 'sing' (generate, chat, ppl, tokenize, info)" -- "$model" -m sing
+expect_error unknown_mode_is_rejected "error: unknown mode 'sing' (generate, chat, ppl, tokenize, info, kv)" -- "$model" -m sing
 expect_error input_twice_is_rejected "error: give the input with -i or -f, not both" -- "$model" -i a -f b
 expect_error ppl_needs_input "error: -m ppl needs an input: -i TEXT or -f FILE" -- "$model" -m ppl
 expect_error missing_input_file "error: cannot open $TMP/nope.txt: No such file or directory" -- "$model" -f "$TMP/nope.txt"
@@ -42,6 +42,10 @@ long=$(printf 'Once upon a time %.0s' $(seq 1 40))
 n_long=$("$RUN" "$model" -m tokenize -i "$long" | wc -w)
 expect_error prompt_longer_than_context "error: the prompt is $n_long tokens, longer than the context of 64 (-c)" -- "$model" -c 64 -i "$long"
 expect_error steps_shorter_than_prompt "error: -n 3 is less than the prompt's 5 tokens (BOS included)" -- "$model" -n 3 -i "Once upon a time"
+expect_error invalid_kv_heads_names_the_valid_values "error: --kv-heads 3 is not possible for this model (8 query heads, 4 KV heads); valid: 1, 2, 4, 8" -- "$model" --kv-heads 3
+expect_error kv_heads_beyond_query_heads_is_rejected "error: --kv-heads 16 is not possible for this model (8 query heads, 4 KV heads); valid: 1, 2, 4, 8" -- "$model" --kv-heads 16
+expect_error kv_calculator_rejects_unknown_keys "error: -m kv: 'x' is not one of l=, n=, h=, s=, bytes=, g= (e.g. l=96,n=96,h=128,s=1024,bytes=2)" -- -m kv l=1,x=2
+expect_error kv_calculator_needs_the_shape "error: -m kv needs l=, n=, h= and s= (e.g. l=96,n=96,h=128,s=1024,bytes=2)" -- -m kv l=96
 expect_error chat_needs_llama3_tokenizer "error: chat needs a Llama 3 instruct tokenizer; this one has no <|eot_id|> token" -- "$model" -m chat -i hi
 
 out=$("$RUN" -h 2>&1); rc=$?
@@ -55,3 +59,17 @@ out=$("$RUN" "$model" -m tokenize -i "Once upon a time" 2>&1)
 "$RUN" "$model" -t 0 -n 200 -i "Once upon a time" 2>"$TMP/pipe.err" | head -c 20 >/dev/null; rc=${PIPESTATUS[0]}
 { [ $rc -eq 0 ] || [ $rc -eq 141 ]; } && ! grep -q 'error' "$TMP/pipe.err" \
     && echo "ok closed_pipe_ends_quietly" || echo "FAIL closed_pipe_ends_quietly: status $rc, $(head -1 "$TMP/pipe.err")"
+
+# The textbook GPT-3 figures (96 layers, 96 heads of 128, 1024 positions, 2-byte elements)
+out=$("$RUN" -m kv l=96,n=96,h=128,s=1024,bytes=2)
+grep -qE '^  MHA +96 +4718592 +4\.50 GiB$' <<<"$out" && grep -qE '^  GQA-8 +8 +393216 +384\.00 MiB$' <<<"$out" \
+    && grep -qE '^  MQA +1 +49152 +48\.00 MiB$' <<<"$out" \
+    && echo "ok kv_calculator_reproduces_gpt3_figures" || echo "FAIL kv_calculator_reproduces_gpt3_figures: $out"
+# kv_bytes_per_token = n_layers x 2 x n_kv_heads x head_dim x 4 (f32 cache), before and after --kv-heads
+for K in "" 1 2 8; do
+    info=$("$RUN" "$model" -m info ${K:+--kv-heads $K})
+    kv=$(sed -n 's/^n_kv_heads: //p' <<<"$info"); got=$(sed -n 's/^kv_bytes_per_token: //p' <<<"$info")
+    want=$((5 * 2 * ${K:-4} * 8 * 4))
+    [ "$kv" = "${K:-4}" ] && [ "$got" = "$want" ] && echo "ok kv_bytes_per_token_matches_formula${K:+_kv$K}" \
+        || echo "FAIL kv_bytes_per_token_matches_formula${K:+_kv$K}: n_kv_heads $kv, $got bytes, expected $want"
+done

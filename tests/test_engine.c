@@ -158,7 +158,7 @@ static void test_kv_cache_is_grouped(const char *model) {
     if (!model) { printf("FAIL kv_cache_holds_only_kv_heads: no test model\n"); n_failed++; return; }
     Transformer m;
     build_transformer(&m, model);
-    setup_transformer(&m, 100, 1);
+    setup_transformer(&m, 100, 1, 0);
     size_t expect = (size_t)m.c.n_layers * 100 * 2 * m.c.n_kv_heads * m.c.head_dim;
     check(m.c.n_kv_heads < m.c.n_heads && m.s.kv_cache_elems == expect, "kv_cache_holds_only_kv_heads",
           "%zu elements, expected n_layers*ctx*2*n_kv_heads*head_dim = %zu", m.s.kv_cache_elems, expect);
