@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""bench.py - how close ./run comes to this machine's limits.
+
+On random-weight models of the Llama-3.2-1B shape (dim 2048, FFN 8192, 16
+layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
+
+  decode tok/s    Each decoded token reads every weight once, so the memory
+                  roofline is  bandwidth / weight_bytes.
+                  % roofline = tok/s x weight_bytes / bandwidth.
+                  (weight_bytes from `-m info` counts the tied embedding once:
+                  the lookup reads one row, the classifier the whole matrix.)
+  prefill tok/s   A prompt token costs 2 flops per matmul parameter (the
+                  classifier included, the norm vectors not), so the compute
+                  roofline is  FMA peak / (2 x matmul params).
+                  % FMA peak = tok/s x 2 x matmul params / FMA peak.
+  decode at depth After a prompt of D tokens every new token also reads the KV
+                  cache up to its position:
+                  predicted tok/s = bandwidth / (weight_bytes + D x kv_bytes_per_token),
+                  for MHA (32 KV heads), GQA (8) and MQA (1) models.
+  peak RSS        of each run (os.wait4 on the child), next to a budget of
+                  file size + KV cache + 100 MiB.
+  tokenizer MB/s  from bench/bench_tokenizer, if there is one.
+
+Bandwidth (bench/bandwidth.c) and FMA peak (bench/fma_peak.c) are measured in
+the same run, median of 3. Models are exported once into
+${XDG_CACHE_HOME:-~/.cache}/l3bench/ and reused; results go there as JSON.
+Python 3 standard library only; export/export.py runs under the first python3
+that can import numpy.
+
+usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+RUN = os.path.join(ROOT, "run")
+MIB = 1 << 20
+SHORT_PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+PREFILL_TOKENS = 128  # prompt length for the prefill test, BOS included (as in PEERS.md)
+DECODE_POSITIONS = 64  # -n for the decode test
+VERBOSE = sys.stderr.isatty()
+
+
+def log(msg):
+    if VERBOSE:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg):
+    print("bench: " + msg, file=sys.stderr, flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# ----------------------------------------------------------------------------
+# Building
+
+
+def build(cc):
+    """./run through the Makefile (its flags), the microbenchmarks with cc -O3 -march=native."""
+    log("building ./run and the microbenchmarks")
+    if subprocess.run(["make", "-C", ROOT, "run"], stdout=sys.stderr).returncode != 0:
+        sys.exit("bench: `make run` failed")
+    for name in ("bandwidth", "fma_peak"):
+        src, exe = os.path.join(BENCH, name + ".c"), os.path.join(BENCH, name)
+        if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(src):
+            continue
+        cmd = [cc, "-O3", "-march=native", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra",
+               "-o", exe, src, "-lpthread", "-lm"]
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit("bench: building %s failed: %s" % (name, " ".join(cmd)))
+
+
+def key_values(text):
+    """`key: value` lines -> dict of strings."""
+    out = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def run_tool(cmd):
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True)
+    if r.returncode != 0:
+        sys.exit("bench: %s failed (exit %d)" % (" ".join(cmd), r.returncode))
+    return key_values(r.stdout)
+
+
+def measure_machine(threads, runs):
+    """Read bandwidth (GB/s, best pass of each run) and FMA peak (GFLOP/s); medians of `runs`."""
+    bw, fma, unit = [], [], None
+    for i in range(runs):
+        log("machine: bandwidth run %d/%d" % (i + 1, runs))
+        bw.append(float(run_tool([os.path.join(BENCH, "bandwidth"), "-t", str(threads)])["bandwidth_gbs"]))
+        log("machine: FMA peak run %d/%d" % (i + 1, runs))
+        kv = run_tool([os.path.join(BENCH, "fma_peak"), "-t", str(threads)])
+        fma.append(float(kv["fma_peak_gflops"]))
+        unit = kv["vector_unit"]
+    return {"threads": threads, "bandwidth_gbs": median(bw), "bandwidth_gbs_samples": bw,
+            "fma_peak_gflops": median(fma), "fma_peak_gflops_samples": fma, "vector_unit": unit}
+
+
+# ----------------------------------------------------------------------------
+# Models: <cache>/llama1b-{dtype}.bin (8 KV heads, the preset) and
+# <cache>/llama1b-kv{K}-{dtype}.bin for other KV head counts.
+
+
+def numpy_python():
+    for p in ("python3", "/usr/bin/python3", "python"):
+        exe = shutil.which(p)
+        if exe and subprocess.run([exe, "-c", "import numpy"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode == 0:
+            return exe
+    return None
+
+
+def model_path(cache, dtype, kv=8):
+    name = "llama1b-%s.bin" % dtype if kv == 8 else "llama1b-kv%d-%s.bin" % (kv, dtype)
+    return os.path.join(cache, name)
+
+
+def file_is_complete(path):
+    """The model.h header's magic is right and its file_bytes equals the file's size."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+        magic, = struct.unpack_from("<I", head, 0)
+        file_bytes, = struct.unpack_from("<Q", head, 152)
+        return magic == 0x4B43334C and file_bytes == os.path.getsize(path)
+    except (OSError, struct.error):
+        return False
+
+
+def ensure_model(args, dtype, kv=8):
+    """The model's path, exporting it first if needed; None if that fails."""
+    path = model_path(args.cache, dtype, kv)
+    if file_is_complete(path):
+        return path
+    python = numpy_python()
+    if not python:
+        warn("no python3 with numpy to run export/export.py (apt-get install python3-numpy)")
+        return None
+    tokenizer = os.path.join(args.shared, "models", "llama3-tokenizer.json")
+    cmd = [python, os.path.join(ROOT, "export", "export.py"), path, "--random", "--preset", "llama3.2-1b",
+           "--tokenizer", tokenizer, "--dtype", dtype]
+    if kv != 8:
+        cmd += ["--n-kv-heads", str(kv)]
+    log("exporting %s (a minute or more)" % path)
+    t0 = time.time()
+    r = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, universal_newlines=True)
+    if r.returncode != 0 or not file_is_complete(path):
+        warn("export failed: %s\n%s" % (" ".join(cmd), r.stderr.strip()[-2000:]))
+        return None
+    log("exported in %.0f s" % (time.time() - t0))
+    return path
+
+
+def warm_page_cache(path):
+    """Read the file once so the first timed run does not measure the disk."""
+    with open(path, "rb") as f:
+        while f.read(16 * MIB):
+            pass
+
+
+def model_info(path, context=None):
+    cmd = [RUN, path, "-m", "info"] + (["-c", str(context)] if context else [])
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    if r.returncode != 0:
+        return None
+    kv = key_values(r.stdout)
+    info = {k: int(kv[k]) for k in ("params", "weight_bytes", "kv_bytes_per_token", "dim", "n_layers",
+                                    "n_kv_heads", "context") if k in kv}
+    info["dtype"] = kv.get("dtype")
+    info["file_bytes"] = os.path.getsize(path)
+    # Matmul parameters: all but the 2 norm vectors per layer and the final norm.
+    info["matmul_params"] = info["params"] - (2 * info["n_layers"] + 1) * info["dim"]
+    return info
+
+
+# ----------------------------------------------------------------------------
+# Running ./run: one child per run, its stderr parsed, its own peak RSS from wait4.
+
+PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
+DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
+
+
+def cpu_times():
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
+def machine_busy(seconds=0.3):
+    """Fraction of all cores that other programs keep busy, sampled while we sleep."""
+    a = cpu_times()
+    time.sleep(seconds)
+    b = cpu_times()
+    if not a or not b or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def run_child(cmd):
+    """(exit code, stderr text, peak RSS bytes, wall seconds, CPU seconds) of one child process."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.time()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.time() - t0
+        p.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    return p.returncode, text, rss, wall, usage.ru_utime + usage.ru_stime
+
+
+def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
+    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
+    cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
+    cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
+    busy_before = machine_busy()
+    rc, err, rss, wall, cpu = run_child(cmd)
+    pre, dec = PREFILL_RE.search(err), DECODE_RE.search(err)
+    if rc != 0 or not pre or not dec:
+        warn("%s failed (exit %d):\n%s" % (" ".join(cmd), rc, err.strip()[-1000:]))
+        return None
+    return {"cmd": " ".join(cmd), "prefill_tokens": int(pre.group(1)), "prefill_tps": float(pre.group(2)),
+            "decode_tokens": int(dec.group(1)), "decode_tps": float(dec.group(2)), "rss_bytes": rss, "wall_s": wall,
+            "cpu_s": cpu, "busy_before": busy_before}
+
+
+def repeat(runs, fn, what):
+    out = []
+    for i in range(runs):
+        log("%s: run %d/%d" % (what, i + 1, runs))
+        r = fn()
+        if r is None:
+            break
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Prompts of an exact token count (BOS included), cut from the prose corpus at
+# a word boundary: the longest prefix that tokenizes to at most n tokens.
+
+
+class Prompts:
+    def __init__(self, model, prose_path, cache):
+        with open(prose_path, encoding="utf-8") as f:
+            text = f.read()
+        start = text.find("Call me Ishmael")  # skip the Project Gutenberg front matter
+        self.text = text[max(start, 0):]
+        self.ends = [m.end() for m in re.finditer(r"\S+", self.text)]
+        self.model, self.cache = model, cache
+
+    def count(self, path):
+        r = subprocess.run([RUN, self.model, "-m", "tokenize", "-f", path], stdout=subprocess.PIPE,
+                           universal_newlines=True)
+        if r.returncode != 0:
+            sys.exit("bench: ./run -m tokenize failed")
+        return len(r.stdout.split())
+
+    def write(self, words, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.text[:self.ends[words - 1]] if words else "")
+        return self.count(path)
+
+    def make(self, n):
+        """(path, token count) of a prompt of about n tokens, BOS included."""
+        path = os.path.join(self.cache, "prompt-%d.txt" % n)
+        # Every word is at least one token, so at most n words fit; invariant: lo words fit.
+        lo, hi = 0, min(n, len(self.ends))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.write(mid, path) <= n:
+                lo = mid
+            else:
+                hi = mid - 1
+        return path, self.write(lo, path)
+
+
+# ----------------------------------------------------------------------------
+# The benchmarks
+
+
+def rss_budget(info, context):
+    """File size + the whole KV cache + 100 MiB for activations, logits and code."""
+    return info["file_bytes"] + info["kv_bytes_per_token"] * context + 100 * MIB
+
+
+def bench_weights(args, machine, prompts, dtype):
+    row = {"weights": dtype}
+    model = ensure_model(args, dtype)
+    info = model and model_info(model)
+    if not info:
+        row["error"] = "no model (export or -m info failed)"
+        return row
+    row["model"], row["info"] = model, info
+    log("%s: warming the page cache" % dtype)
+    warm_page_cache(model)
+
+    dec = repeat(args.runs, lambda: generate(model, args.threads, DECODE_POSITIONS, prompt=SHORT_PROMPT),
+                 "%s decode" % dtype)
+    if not dec:
+        row["error"] = "./run failed"
+        return row
+    prompt_file, n = prompts.make(PREFILL_TOKENS)
+    pre = repeat(args.runs, lambda: generate(model, args.threads, n, prompt_file=prompt_file),
+                 "%s prefill (%d tokens)" % (dtype, n))
+    row["decode_runs"], row["prefill_runs"] = dec, pre
+    row["decode_tps"] = median([r["decode_tps"] for r in dec])
+    # Memory roofline: every weight byte is read once per decoded token.
+    row["roofline_pct"] = 100 * row["decode_tps"] * info["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
+    if pre:
+        row["prefill_prompt_tokens"] = pre[0]["prefill_tokens"]
+        row["prefill_tps"] = median([r["prefill_tps"] for r in pre])
+        # Compute roofline: 2 flops (one FMA) per matmul parameter per token.
+        row["fma_pct"] = 100 * row["prefill_tps"] * 2 * info["matmul_params"] / (machine["fma_peak_gflops"] * 1e9)
+    row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre)
+    row["rss_budget_bytes"] = rss_budget(info, info["context"])
+    return row
+
+
+def bench_depth(args, machine, prompts, dtype):
+    rows = []
+    gen = 16 if args.quick else 32
+    for kv in (32, 8, 1):
+        model = ensure_model(args, dtype, kv)
+        if not model:
+            rows.append({"n_kv_heads": kv, "error": "export failed"})
+            continue
+        log("kv%d: warming the page cache" % kv)
+        warm_page_cache(model)
+        for depth in args.depths:
+            prompt_file, n = prompts.make(depth)
+            context = max(4096, n + gen)
+            info = model_info(model, context)
+            runs = repeat(args.depth_runs, lambda: generate(model, args.threads, n + gen, prompt_file=prompt_file,
+                                                       context=context), "kv%d depth %d" % (kv, n))
+            row = {"n_kv_heads": kv, "weights": dtype, "depth": n, "generated": gen, "context": context,
+                   "runs": runs}
+            if runs:
+                # Bytes read per decoded token: all weights, plus the KV cache up to
+                # the token's position (on average the prompt plus half the generated).
+                kv_read = (n + gen / 2) * info["kv_bytes_per_token"]
+                row["decode_tps"] = median([r["decode_tps"] for r in runs])
+                row["prefill_tps"] = median([r["prefill_tps"] for r in runs])
+                row["kv_read_bytes"] = kv_read
+                row["predicted_tps"] = machine["bandwidth_gbs"] * 1e9 / (info["weight_bytes"] + kv_read)
+                row["ratio"] = row["decode_tps"] / row["predicted_tps"]
+                row["peak_rss_bytes"] = max(r["rss_bytes"] for r in runs)
+                row["rss_budget_bytes"] = rss_budget(info, context)
+            else:
+                row["error"] = "./run failed"
+            rows.append(row)
+    return rows
+
+
+def bench_tokenizer(args):
+    """bench/bench_tokenizer, built as its header comment's `Build:` line says; None if absent."""
+    src, exe = os.path.join(BENCH, "bench_tokenizer.c"), os.path.join(BENCH, "bench_tokenizer")
+    if os.path.exists(src) and (not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src)):
+        with open(src, encoding="utf-8", errors="replace") as f:
+            m = re.search(r"^\W*Build:\s*(.+?)\s*$", f.read(4000), re.M)
+        if m:
+            log("building bench_tokenizer: " + m.group(1))
+            subprocess.run(m.group(1), shell=True, cwd=ROOT, stdout=sys.stderr)
+    if not os.access(exe, os.X_OK):
+        return None
+    log("tokenizer benchmark")
+    env = dict(os.environ, SHARED=args.shared)
+    r = subprocess.run([exe], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True)
+    if r.returncode != 0:
+        warn("bench/bench_tokenizer failed (exit %d):\n%s" % (r.returncode, r.stdout[-1000:]))
+    m = re.search(r"([0-9.]+)\s*MB/s", r.stdout)  # the first figure: wall clock
+    cpu = re.search(r"([0-9.]+)\s*MB/s CPU time", r.stdout)
+    return {"output": r.stdout[-2000:], "mb_per_s": float(m.group(1)) if m else None,
+            "mb_per_s_cpu": float(cpu.group(1)) if cpu else None}
+
+
+# ----------------------------------------------------------------------------
+# Report
+
+
+def fmt(x, spec="%.1f", missing="n/a"):
+    return spec % x if x is not None else missing
+
+
+def spread(runs, key):
+    """median (min-max) of a key over runs, or the single value."""
+    xs = [r[key] for r in runs]
+    if len(xs) < 2:
+        return fmt(median(xs), "%.2f")
+    return "%.2f (%.2f-%.2f)" % (median(xs), min(xs), max(xs))
+
+
+def busy(runs):
+    xs = [r["busy_before"] for r in runs if r.get("busy_before") is not None]
+    return "%.0f %%" % (100 * max(xs)) if xs else ""
+
+
+def report(res):
+    m = res["machine"]
+    lines = ["## run.c on this machine (%d threads)" % m["threads"], "",
+             "read bandwidth %.1f GB/s, f32 FMA peak %.0f GFLOP/s (%s); medians of %d runs; load average at start %s" % (
+                 m["bandwidth_gbs"], m["fma_peak_gflops"], m["vector_unit"], len(m["bandwidth_gbs_samples"]),
+                 " ".join("%.2f" % x for x in res["loadavg"])), "",
+             "| engine | weights | decode tok/s | %% roofline | prefill tok/s (%d-token prompt) | %% FMA peak "
+             "| peak RSS MiB | RSS budget MiB | busy |" % PREFILL_TOKENS,
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["weights"]:
+        if "decode_tps" not in r:
+            lines.append("| run.c | %s | n/a | | n/a | | | | %s" % (r["weights"], r.get("error", "")))
+            continue
+        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %.0f | %.0f | %s |" % (
+            r["weights"], spread(r["decode_runs"], "decode_tps"), r["roofline_pct"],
+            spread(r["prefill_runs"], "prefill_tps") if r["prefill_runs"] else "n/a",
+            fmt(r.get("fma_pct"), "%.0f %%"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
+            busy(r["decode_runs"] + r["prefill_runs"])))
+    if res.get("depth"):
+        d0 = next((r for r in res["depth"] if "runs" in r), None)
+        lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, %s tokens generated, "
+                  "%s run(s) each)" % (res["depth_weights"], d0["generated"] if d0 else "?",
+                                       len(d0["runs"]) if d0 else "?"), "",
+                  "| KV heads | depth | decode tok/s | predicted tok/s | measured / predicted | KV read MiB/token "
+                  "| prefill tok/s | peak RSS MiB | RSS budget MiB | busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["depth"]:
+            if "decode_tps" not in r:
+                lines.append("| %d | %s | n/a | | | | | | %s" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
+                continue
+            lines.append("| %d | %d | %s | %.2f | %.2f | %.1f | %.1f | %.0f | %.0f | %s |" % (
+                r["n_kv_heads"], r["depth"], spread(r["runs"], "decode_tps"), r["predicted_tps"], r["ratio"],
+                r["kv_read_bytes"] / MIB, r["prefill_tps"], r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
+                busy(r["runs"])))
+    tok = res.get("tokenizer")
+    lines += ["", "tokenizer (1 thread, encode prose.txt): %s" % (
+        "%s wall clock, %s CPU time" % (fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"))
+        if tok else "n/a (no bench/bench_tokenizer)")]
+    lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
+              "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
+              "busy = the most CPU the rest of the machine used just before a run (%% of all cores; high = noisy)." %
+              fmt(next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None), "%.4g"),
+              "took %.0f s" % res["elapsed_s"]]
+    return "\n".join(lines)
+
+
+def git_state():
+    def git(*a):
+        r = subprocess.run(["git", "-C", ROOT] + list(a), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "run.c", "tokenizer.c")}
+
+
+def main():
+    global VERBOSE
+    cache_default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "l3bench")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
+    ap.add_argument("--threads", type=int, default=2, help="threads for ./run and the microbenchmarks (default 2)")
+    ap.add_argument("--skip-depth", action="store_true", help="skip the decode-at-depth test")
+    ap.add_argument("--only", choices=("f32", "q8_0"), help="benchmark only these weights")
+    ap.add_argument("--depth-weights", choices=("auto", "f32", "q8_0"), default="auto",
+                    help="weights of the depth-test models (auto: q8_0 if the engine runs it, else f32)")
+    ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
+    ap.add_argument("--depth-runs", type=int, default=1,
+                    help="runs per depth point (default 1: each averages 32 tokens, and the long prefill dominates)")
+    ap.add_argument("--cache", default=cache_default, help="model and results directory (default %(default)s)")
+    ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier results file and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress lines even when stderr is not a terminal")
+    args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(report(json.load(f)))
+        return
+    VERBOSE = VERBOSE or args.verbose
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.depths = [1, 1024] if args.quick else [1, 1024, 2000, 4000]
+    if args.quick:
+        args.depth_runs = 1
+    os.makedirs(args.cache, exist_ok=True)
+    t0 = time.time()
+
+    build(os.environ.get("CC", "cc"))
+    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_state(), "loadavg": os.getloadavg(),
+           "args": {k: v for k, v in vars(args).items()}}
+    res["machine"] = measure_machine(args.threads, 1 if args.quick else 3)
+    log("machine: %.1f GB/s, %.0f GFLOP/s %s" % (res["machine"]["bandwidth_gbs"], res["machine"]["fma_peak_gflops"],
+                                                  res["machine"]["vector_unit"]))
+
+    dtypes = [args.only] if args.only else ["f32", "q8_0"]
+    first = ensure_model(args, dtypes[0])
+    if not first:
+        sys.exit("bench: cannot make the %s model" % dtypes[0])
+    prompts = Prompts(first, os.path.join(args.shared, "corpora", "prose.txt"), args.cache)
+    res["weights"] = [bench_weights(args, res["machine"], prompts, d) for d in dtypes]
+
+    if not args.skip_depth:
+        ok = [r["weights"] for r in res["weights"] if "decode_tps" in r]
+        dw = args.depth_weights
+        if dw == "auto":
+            dw = "q8_0" if "q8_0" in ok else "f32"
+        res["depth_weights"] = dw
+        res["depth"] = bench_depth(args, res["machine"], prompts, dw)
+    res["tokenizer"] = bench_tokenizer(args)
+    res["elapsed_s"] = time.time() - t0
+
+    path = os.path.join(args.cache, "results-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(report(res))
+    print("\nresults: %s" % path)
+
+
+if __name__ == "__main__":
+    main()
