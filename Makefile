@@ -36,6 +36,12 @@ run-omp: $(ENGINE_SRC) $(ENGINE_HDR)
 tests/%: tests/%.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
+# The tokenizer tests share a helper header.
+$(filter tests/test_tokenizer_%,$(C_TESTS)): tests/tokenizer_testlib.h
+
+bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h unicode_tables.h
+	$(CC) $(CFLAGS) -I. -o $@ bench/bench_tokenizer.c tokenizer.c
+
 models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.py
 	python3 export/export.py $@ --llama2c models/stories260K.bin --tokenizer models/tok512.bin
 
@@ -47,4 +53,4 @@ test: run run-omp tests/logits $(C_TESTS)
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits $(C_TESTS) models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer $(C_TESTS) models/*.l3ck

@@ -759,39 +759,42 @@ static void free_run_state(RunState *s) {
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
-// and values are already in the cache. One task is one (token, KV head) pair:
-// the KV head's kv_mul query heads are handled together, so each cached K and
-// V row is read once per group, not once per query head.
-typedef struct { Transformer *m; int layer, pos, T; } AttentionTask;
+// and values are already in the cache. A task is one (token, KV head) pair:
+// the kv_mul query heads that share the KV head are handled together, so each
+// cached K and V row is read once per group, not once per query head. (With
+// fewer pairs than threads, as in MQA decoding, a group's query heads are
+// split into `parts` so every thread has work.)
+typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
 
 static void attention_task(void *arg, int ith, int nth) {
     const AttentionTask *a = arg;
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = 1.0f / sqrtf((float)c->head_dim);
+    const int hd = c->head_dim, L = c->seq_len;
     int lo, hi;
-    split_range(a->T * c->n_kv_heads, ith, nth, 1, &lo, &hi);
+    split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
-        int t = item / c->n_kv_heads, g = item % c->n_kv_heads; // token t, KV head g
-        int pos = a->pos + t;                                   // attends to 0 .. pos
+        int t = item / (c->n_kv_heads * a->parts);      // token t
+        int g = item / a->parts % c->n_kv_heads;         // KV head g
+        int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
+        split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
+        int pos = a->pos + t;                            // attends to positions 0 .. pos
         // k, v cache rows of this layer: (seq_len, kv_dim); head g at offset g * head_dim
-        const float *k_cache = s->key_cache + (size_t)a->layer * c->seq_len * c->kv_dim + g * c->head_dim;
-        const float *v_cache = s->value_cache + (size_t)a->layer * c->seq_len * c->kv_dim + g * c->head_dim;
-        // query heads g*kv_mul .. g*kv_mul + kv_mul-1 share KV head g
-        const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * c->head_dim;
-        float *att = s->att + (size_t)ith * c->kv_mul * c->seq_len; // (kv_mul, seq_len)
+        const float *k_cache = s->key_cache + (size_t)a->layer * L * c->kv_dim + g * hd;
+        const float *v_cache = s->value_cache + (size_t)a->layer * L * c->kv_dim + g * hd;
+        const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
+        float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, seq_len)
         for (int p = 0; p <= pos; p++) {
             const float *k = k_cache + (size_t)p * c->kv_dim;
-            for (int j = 0; j < c->kv_mul; j++)
-                att[j * c->seq_len + p] = dot(q + j * c->head_dim, k, c->head_dim) * scale;
+            for (int j = j0; j < j1; j++) att[j * L + p] = dot(q + j * hd, k, hd) * scale;
         }
-        for (int j = 0; j < c->kv_mul; j++) softmax(att + j * c->seq_len, pos + 1);
-        float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * c->head_dim;
-        memset(out, 0, (size_t)c->kv_mul * c->head_dim * sizeof(float));
+        for (int j = j0; j < j1; j++) softmax(att + j * L, pos + 1);
+        float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
+        memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
         for (int p = 0; p <= pos; p++) {
             const float *v = v_cache + (size_t)p * c->kv_dim;
-            for (int j = 0; j < c->kv_mul; j++)
-                axpy(out + j * c->head_dim, att[j * c->seq_len + p], v, c->head_dim);
+            for (int j = j0; j < j1; j++) axpy(out + j * hd, att[j * L + p], v, hd);
         }
     }
 }
@@ -824,7 +827,8 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
             rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
             rope(k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
         }
-        AttentionTask at = {m, l, pos, T};
+        int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
+        AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul};
         pool_run(m->pool, attention_task, &at);
         matmul(m, s->xb2, s->xb, &L->wo, T);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];

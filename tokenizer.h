@@ -30,7 +30,7 @@ int tokenizer_find(const Tokenizer *t, const char *name);
 
 /* Encodes text[0..len) (no BOS). With parse_special, a special-token literal
    in the text (llama3: "<|eot_id|>") becomes its id; otherwise it is ordinary
-   text. Returns a malloc'd array of *n_ids ids (free() it), or NULL if out of
+   text (llama2c has no such literals and ignores the flag). Returns a malloc'd array of *n_ids ids (free() it), or NULL if out of
    memory. Any byte sequence is accepted, including invalid UTF-8. */
 int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len,
                       int parse_special, size_t *n_ids);
