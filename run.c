@@ -588,6 +588,8 @@ static void matrix_rows(const Matrix *w, int r0, int nr, float *out) {
 //  otherwise:    register tiles of TILE_R rows x TILE_T tokens; q8_0 rows are
 //                first dequantized into a small per-thread buffer, which is
 //                cheap next to the TILE_T * T multiply-adds each value feeds.
+#define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
+
 typedef struct {
     float *out; const float *x; const Matrix *w; int T;
     const int8_t *xq; const float *xs; // x quantized (q8_0 weights only)
@@ -629,7 +631,9 @@ static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, 
     if (w->q && T < TILE_T)
         for (int t = 0; t < T; t++)
             quantize_q8(m->s.xq + (size_t)t * w->cols, m->s.xs + (size_t)t * w->cols / Q8_GROUP, x + (size_t)t * w->cols, w->cols);
-    pool_run(m->pool, matmul_task, &task);
+    // waking the workers costs microseconds: not worth it for a tiny product
+    if ((size_t)w->rows * w->cols * T < SMALL_WORK) matmul_task(&task, 0, 1);
+    else pool_run(m->pool, matmul_task, &task);
 }
 
 // RoPE: rotate each pair (x[2i], x[2i+1]) of every head by the angle pos * freq[i].
@@ -829,7 +833,8 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
         }
         int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
         AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul};
-        pool_run(m->pool, attention_task, &at);
+        if ((size_t)T * c->q_dim * (pos + T) < SMALL_WORK) attention_task(&at, 0, 1);
+        else pool_run(m->pool, attention_task, &at);
         matmul(m, s->xb2, s->xb, &L->wo, T);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
 
