@@ -13,6 +13,16 @@ Three sources:
   python3 export/export.py OUT.bin --random [--preset llama3.2-1b] [--dim N ...]
       Random weights of any shape, e.g. the Llama-3.2-1B shape for benchmarks.
 
+Any source, with --kv-heads K: the file gets K key/value heads instead of the
+checkpoint's n_kv_heads, converted exactly as the engine's --kv-heads does it
+at load time (run.c, regroup_matrix), so a converted checkpoint can be shared:
+  K < n_kv_heads  each new KV head is the mean of n_kv_heads / K adjacent old
+                  ones (rows of wk and wv; the GQA paper's mean-pooling, with
+                  no uptraining, so the model changes);
+  K > n_kv_heads  (a multiple of n_kv_heads dividing n_heads) each KV head is
+                  repeated K / n_kv_heads times: the same outputs, a bigger cache.
+Pooling is done in f32 before any q8_0 quantization. Needs numpy.
+
 The file is written to OUT.bin.tmp and renamed at the end, so a failed export
 never leaves a half-written model. Anything this script does not understand is
 refused with a one-line "error: ..." and exit status 1; it never guesses.
@@ -33,7 +43,7 @@ import os
 import struct
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 np = None  # numpy, imported on demand by need_numpy(): --llama2c runs without it
 
@@ -505,6 +515,54 @@ def as_f32_rows(block, cols):
 
 
 # ----------------------------------------------------------------------------
+# Changing the number of KV heads (--kv-heads K), as run.c's regroup_matrix
+
+def valid_kv_heads(c, K):
+    """Divisors of n_kv_heads, and multiples of it that divide n_heads."""
+    if K <= 0:
+        return False
+    return c.n_kv_heads % K == 0 if K <= c.n_kv_heads else K % c.n_kv_heads == 0 and c.n_heads % K == 0
+
+
+def regroup_rows(w, old, K, head_dim):
+    """w (old * head_dim, cols) f32 -> (K * head_dim, cols). Pooling sums
+    row / group over the group's heads in order, in float32, as run.c does,
+    so an f32 export is bit-identical to the engine's --kv-heads."""
+    w = np.asarray(w, dtype=np.float32).reshape(old, head_dim, -1)
+    if K > old:  # repeat: new head j is old head j // (K / old)
+        return np.repeat(w, K // old, axis=0).reshape(K * head_dim, -1)
+    group = old // K
+    heads = w.reshape(K, group, head_dim, -1)
+    acc = np.zeros((K, head_dim, w.shape[2]), dtype=np.float32)
+    for i in range(group):
+        acc += heads[:, i] / np.float32(group)
+    return acc.reshape(K * head_dim, -1)
+
+
+def apply_kv_heads(c, blocks_of, K):
+    """(output config, blocks_of) of the model with K KV heads. The source's
+    blocks_of keeps reading with the original config c."""
+    if K is None or K == c.n_kv_heads:
+        return c, blocks_of
+    if not valid_kv_heads(c, K):
+        valid = ", ".join(str(k) for k in range(1, c.n_heads + 1) if valid_kv_heads(c, k))
+        raise ExportError(f"--kv-heads {K} is not possible for this model ({c.n_heads} query heads, "
+                          f"{c.n_kv_heads} KV heads); valid: {valid}")
+    need_numpy("--kv-heads")
+    src_shape = {name: shape for name, shape in tensor_plan(c)}
+    out_c = replace(c, n_kv_heads=K, stop_ids=list(c.stop_ids))
+
+    def regrouped(name, shape):
+        if not name.endswith((".wk", ".wv")):
+            yield from blocks_of(name, shape)
+            return
+        rows = [as_f32_rows(b, shape[1]) for b in blocks_of(name, src_shape[name])]
+        yield regroup_rows(np.concatenate(rows), c.n_kv_heads, K, c.head_dim)
+
+    return out_c, regrouped
+
+
+# ----------------------------------------------------------------------------
 # Writing
 
 def align_up(n, a=MODEL_ALIGN):
@@ -665,7 +723,7 @@ def synthetic_tokenizer_json(vocab_size):
 # ----------------------------------------------------------------------------
 # The three sources
 
-def export_hf(out, hf_dir, dtype):
+def export_hf(out, hf_dir, dtype, kv_heads=None):
     need_numpy("--hf")
     c = config_from_hf(read_json(os.path.join(hf_dir, "config.json")))
     validate_config(c)
@@ -686,13 +744,15 @@ def export_hf(out, hf_dir, dtype):
             for r0, r1 in row_ranges(*shape):
                 yield weights.to_f32(hname, r0, r1)
 
-    return c, write_model(out, c, dtype, section, blocks_of)
+    out_c, out_blocks_of = apply_kv_heads(c, blocks_of, kv_heads)  # blocks_of still reads with c
+    return out_c, write_model(out, out_c, dtype, section, out_blocks_of)
 
 
-def export_llama2c(out, model_path, tokenizer_path, dtype):
+def export_llama2c(out, model_path, tokenizer_path, dtype, kv_heads=None):
     ck = Llama2cCheckpoint(model_path)
     section = llama2c_tokenizer_section(tokenizer_path, ck.config.vocab_size)
-    return ck.config, write_model(out, ck.config, dtype, section, ck.blocks_of)
+    c, blocks_of = apply_kv_heads(ck.config, ck.blocks_of, kv_heads)
+    return c, write_model(out, c, dtype, section, blocks_of)
 
 
 PRESETS = {
@@ -765,6 +825,7 @@ def export_random(out, args, dtype):
             x *= np.float32(0.02)
             yield x
 
+    c, blocks_of = apply_kv_heads(c, blocks_of, args.kv_heads)
     return c, write_model(out, c, dtype, section, blocks_of)
 
 
@@ -783,6 +844,9 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", metavar="PATH",
                     help="llama2.c tokenizer.bin (--llama2c), or tokenizer.json / tokenizer.bin (--random)")
     ap.add_argument("--dtype", choices=["f32", "q8_0"], default="f32")
+    ap.add_argument("--kv-heads", type=int, metavar="K",
+                    help="write K key/value heads: mean-pool groups of KV heads (K < n_kv_heads) or "
+                         "repeat them (K > n_kv_heads), as ./run --kv-heads K does at load time")
     r = ap.add_argument_group("--random options (default: the 'tiny' preset)")
     r.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for flag, typ in [("dim", int), ("hidden-dim", int), ("n-layers", int), ("n-heads", int),
@@ -806,9 +870,9 @@ def main(argv=None):
     dtype = {"f32": DTYPE_F32, "q8_0": DTYPE_Q8_0}[args.dtype]
     try:
         if args.hf:
-            c, size = export_hf(args.out, args.hf, dtype)
+            c, size = export_hf(args.out, args.hf, dtype, args.kv_heads)
         elif args.llama2c:
-            c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype)
+            c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype, args.kv_heads)
         else:
             c, size = export_random(args.out, args, dtype)
     except ExportError as e:
