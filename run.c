@@ -100,7 +100,7 @@ typedef struct {
     Matrix classifier;      // (vocab_size, dim); the embedding when tied
 } Weights;
 
-#define MAX_BATCH 128 // tokens per forward call during prefill
+#define MAX_BATCH 128 // tokens per forward call during prefill (a multiple of GEMM_TOKENS)
 
 // Activations for a block of up to MAX_BATCH tokens, and the KV cache.
 typedef struct {
@@ -114,7 +114,10 @@ typedef struct {
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
     float *xs;      // (B, max_cols / Q8_GROUP) ... and its scales
-    float *scratch; // (n_threads, TILE_R, max_cols) dequantized weight rows
+    float *xT;      // (max_cols, B) a block's matmul input, transposed
+    float *outT;    // (max_rows, B) a block's matmul output, transposed
+    float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
+    size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
     float *key_cache;   // (n_layers, seq_len, kv_dim)
     float *value_cache; // (n_layers, seq_len, kv_dim)
@@ -435,6 +438,21 @@ static REFERENCE float dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
+// Sum of a vector's lanes: add its 4-lane quarters as vectors, then 4 scalars.
+typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
+static float vsum(vfloat v) {
+    vfloat4 s = {0};
+    for (int i = 0; i < VEC_LEN; i += 4) {
+        vfloat4 part;
+        memcpy(&part, (const float *)&v + i, sizeof part);
+        s += part;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// f in every lane. (f - 0 is f exactly, even for -0, so compilers emit one broadcast.)
+static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
+
 // Dot product with four vector accumulators (to hide FMA latency). The
 // summation order differs from dot_scalar, so results agree to rounding.
 static float dot(const float *a, const float *b, int n) {
@@ -444,9 +462,7 @@ static float dot(const float *a, const float *b, int n) {
         for (int j = 0; j < 4; j++)
             acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
     for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
-    vfloat v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float sum = 0;
-    for (int j = 0; j < VEC_LEN; j++) sum += v[j];
+    float sum = vsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
@@ -477,21 +493,26 @@ static void softmax(float *x, int n) {
 // per token), prefill is one matrix-matrix product per block of tokens
 // (compute-bound: each weight row is reused for all tokens of the block).
 
-// Register tile of the block kernel: TILE_R weight rows x TILE_T tokens of
-// vector accumulators, plus the TILE_R + TILE_T operands of one step (24 of
-// the 32 registers with AVX-512; 14 of 16 with AVX2 or NEON).
-#define TILE_R 4
+// The block kernel (prefill) computes outT = W x^T one register tile at a
+// time: GEMM_R weight rows x GEMM_V vectors of tokens. Tokens lie along the
+// vector lanes, so each step broadcasts one weight per row and multiplies it
+// into GEMM_V vectors of x^T: 2 * GEMM_R vector multiply-adds for
+// GEMM_R + GEMM_V loads, and no horizontal sums. AVX-512: 8 x 2 tiles hold
+// 16 accumulators of 16 tokens; AVX2 and NEON: 4 x 2 tiles.
 #if VEC_BYTES == 64
-#define TILE_T 4
+#define GEMM_R 8
 #else
-#define TILE_T 2
+#define GEMM_R 4
 #endif
+#define GEMM_V 2
+#define GEMM_TOKENS (GEMM_V * VEC_LEN) // tokens per tile; blocks are padded to a multiple
+_Static_assert(MAX_BATCH % GEMM_TOKENS == 0, "prefill blocks are whole tiles");
 // The k dimension is walked in blocks of K_BLOCK so that a tile's weight rows
-// stay in L1 cache while every token of the block passes over them.
-#define K_BLOCK 512
+// stay in L1 cache while all the token vectors of the block pass over them.
+#define K_BLOCK 1024
 
 // Pins a loaded vector in a register: otherwise compilers fold the load into
-// each multiply-add that uses it, reading it TILE_T (or TILE_R) times.
+// each multiply-add that uses it, reading the same value several times.
 #if defined(__x86_64__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #elif defined(__aarch64__)
@@ -500,39 +521,26 @@ static void softmax(float *x, int n) {
 #define IN_REGISTER(v) (void)0
 #endif
 
-// Sum of a vector's lanes: add its 4-lane quarters as vectors, then 4 scalars.
-typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
-static float vsum(vfloat v) {
-    vfloat4 s = {0};
-    for (int i = 0; i < VEC_LEN; i += 4) {
-        vfloat4 part;
-        memcpy(&part, (const float *)&v + i, sizeof part);
-        s += part;
-    }
-    return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-// out[t * ldo + r] (+)= w_r[k0:k1] . x_t[k0:k1] for TILE_R rows w and TILE_T
-// tokens x, both with row stride ld; `accumulate` adds to out (later k blocks).
-static void tile_kernel(float *out, size_t ldo, const float *w, const float *x, size_t ld,
-                        int k0, int k1, int accumulate) {
-    vfloat acc[TILE_R][TILE_T];
-    for (int r = 0; r < TILE_R; r++)
-        for (int t = 0; t < TILE_T; t++) acc[r][t] = (vfloat){0};
-    int i = k0;
-    for (; i + VEC_LEN <= k1; i += VEC_LEN) {
-        vfloat wv[TILE_R], xv[TILE_T];
-        for (int r = 0; r < TILE_R; r++) { wv[r] = *(const vfloat *)(w + r * ld + i); IN_REGISTER(wv[r]); }
-        for (int t = 0; t < TILE_T; t++) { xv[t] = *(const vfloat *)(x + t * ld + i); IN_REGISTER(xv[t]); }
-        for (int r = 0; r < TILE_R; r++)
-            for (int t = 0; t < TILE_T; t++) acc[r][t] += wv[r] * xv[t];
-    }
-    for (int r = 0; r < TILE_R; r++)
-        for (int t = 0; t < TILE_T; t++) {
-            float sum = vsum(acc[r][t]);
-            for (int k = i; k < k1; k++) sum += w[r * ld + k] * x[t * ld + k];
-            out[t * ldo + r] = accumulate ? out[t * ldo + r] + sum : sum;
+// outT[r * ldo + t] (+)= sum over k < kn of w[r * ldw + k] * xT[k * ldx + t]
+// for the GEMM_R rows r of a tile and its GEMM_TOKENS tokens t; `accumulate`
+// adds to outT (k blocks after the first).
+static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const float *xT, size_t ldx,
+                      int kn, int accumulate) {
+    vfloat acc[GEMM_R][GEMM_V];
+    for (int r = 0; r < GEMM_R; r++)
+        for (int v = 0; v < GEMM_V; v++)
+            acc[r][v] = accumulate ? *(const vfloat *)(outT + r * ldo + v * VEC_LEN) : (vfloat){0};
+    for (int k = 0; k < kn; k++) {
+        vfloat x[GEMM_V];
+        for (int v = 0; v < GEMM_V; v++) { x[v] = *(const vfloat *)(xT + k * ldx + v * VEC_LEN); IN_REGISTER(x[v]); }
+        for (int r = 0; r < GEMM_R; r++) {
+            vfloat wk = vbroadcast(w[r * ldw + k]);
+            IN_REGISTER(wk);
+            for (int v = 0; v < GEMM_V; v++) acc[r][v] += wk * x[v];
         }
+    }
+    for (int r = 0; r < GEMM_R; r++)
+        for (int v = 0; v < GEMM_V; v++) *(vfloat *)(outT + r * ldo + v * VEC_LEN) = acc[r][v];
 }
 
 // Q8_0 (model.h): each group of Q8_GROUP consecutive values of a row shares
@@ -592,10 +600,11 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
 #endif
 }
 
-// Rows r0 .. r0+nr-1 of w as floats into out (nr, cols). For q8_0 this is
-// the only dequantization there is: one row (embedding lookup) or one tile.
-static void matrix_rows(const Matrix *w, int r0, int nr, float *out) {
-    size_t first = (size_t)r0 * w->cols, n = (size_t)nr * w->cols;
+// Columns [k0, k1) of row r of w as floats (k0, k1 multiples of Q8_GROUP
+// for q8_0). For q8_0 this is the only dequantization there is: an embedding
+// lookup, a slice of a prefill tile, a row of --kv-heads.
+static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
+    size_t first = (size_t)r * w->cols + k0, n = k1 - k0;
     if (!w->q) { memcpy(out, w->f + first, n * sizeof(float)); return; }
     for (size_t g = 0; g < n / Q8_GROUP; g++) {
         float scale = w->s[first / Q8_GROUP + g];
@@ -603,60 +612,100 @@ static void matrix_rows(const Matrix *w, int r0, int nr, float *out) {
     }
 }
 
+// Asks the memory system for rows [r, r + nr), columns [k0, k0 + kn) of w,
+// to arrive while the current tile computes: a tile's row slices are too
+// scattered for the hardware prefetchers to guess.
+#if defined(__SSE__)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) // GCC drops __builtin_prefetch under some -march=native
+#else
+#define PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#endif
+
+// (Inlined by force: on its own, GCC judges a function that only prefetches to have no effect and drops the call.)
+static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w, int r, int nr, int k0, int kn) {
+    for (int i = 0; i < nr; i++) {
+        size_t first = (size_t)(r + i) * w->cols + k0;
+        if (w->q) {
+            for (int k = 0; k < kn; k += 64) PREFETCH(w->q + first + k);
+            for (int k = 0; k < kn / Q8_GROUP; k += 16) PREFETCH(w->s + first / Q8_GROUP + k);
+        } else
+            for (int k = 0; k < kn; k += 16) PREFETCH(w->f + first + k);
+    }
+}
+
 // out (T, W.rows) = x (T, W.cols) @ W^T, rows split across threads.
-//  f32, T = 1:   one dot product per row, streaming the weights.
-//  q8_0, T < TILE_T: integer dot products with x quantized to q8_0 (xq, xs).
-//  otherwise:    register tiles of TILE_R rows x TILE_T tokens; q8_0 rows are
-//                first dequantized into a small per-thread buffer, which is
-//                cheap next to the TILE_T * T multiply-adds each value feeds.
+//  T < VEC_LEN (decode): one dot product per (row, token), the row read from
+//    memory once; q8_0 weights use integer dot products with x quantized to
+//    q8_0 (xq, xs).
+//  T >= VEC_LEN (prefill): register tiles over x^T (xT, the block transposed and
+//    padded to a multiple of GEMM_TOKENS tokens) into outT, transposed back
+//    at the end. q8_0 rows are first dequantized into a small per-thread
+//    buffer, which is cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
+#define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
 
 typedef struct {
     float *out; const float *x; const Matrix *w; int T;
-    const int8_t *xq; const float *xs; // x quantized (q8_0 weights only)
-    float *scratch;                    // (n_threads, TILE_R * cols) dequantized rows
+    const int8_t *xq; const float *xs; // x quantized (q8_0 weights, T < VEC_LEN)
+    const float *xT; float *outT;      // (cols, Tpad) and (rows, Tpad) (T >= VEC_LEN)
+    int Tpad;
+    float *scratch;                    // (n_threads, scratch_stride) dequantized weights
+    size_t scratch_stride;
 } MatmulTask;
 
 static void matmul_task(void *arg, int ith, int nth) {
     const MatmulTask *a = arg;
     const Matrix *w = a->w;
-    const int T = a->T, n = w->cols;
+    const int T = a->T, n = w->cols, Tp = a->Tpad;
     int lo, hi;
-    split_range(w->rows, ith, nth, 16, &lo, &hi); // tiles start at the same rows for any thread count
-    if (w->q && T < TILE_T) {
+    split_range(w->rows, ith, nth, ROW_QUANTUM, &lo, &hi); // tiles start at the same rows for any thread count
+    if (T < VEC_LEN) {
         for (int r = lo; r < hi; r++)
             for (int t = 0; t < T; t++)
-                a->out[(size_t)t * w->rows + r] = dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
-                                                         a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n);
+                a->out[(size_t)t * w->rows + r] = w->q
+                    ? dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
+                             a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
+                    : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
         return;
     }
-    float *buf = w->q ? a->scratch + (size_t)ith * TILE_R * n : NULL;
-    const int T_tiled = T / TILE_T * TILE_T; // tokens covered by full tiles
-    for (int r = lo; r < hi; r += TILE_R) {
-        int nr = hi - r < TILE_R ? hi - r : TILE_R;
-        const float *rows = w->f ? w->f + (size_t)r * n : buf;
-        if (w->q) matrix_rows(w, r, nr, buf);
-        int t_dot = 0; // tokens left to single dot products
-        if (nr == TILE_R) {
-            for (int k0 = 0; k0 < n; k0 += K_BLOCK)
-                for (int t = 0; t < T_tiled; t += TILE_T)
-                    tile_kernel(a->out + (size_t)t * w->rows + r, w->rows, rows, a->x + (size_t)t * n, n,
-                                k0, k0 + K_BLOCK < n ? k0 + K_BLOCK : n, k0 > 0);
-            t_dot = T_tiled;
+    // k blocks outermost: a block of x^T (K_BLOCK, Tpad) stays in L2 cache
+    // while every row tile of this thread passes over it
+    float *buf = a->scratch + (size_t)ith * a->scratch_stride;
+    int tiled_hi = lo + (hi - lo) / GEMM_R * GEMM_R; // rows past it: the matrix's last few
+    for (int k0 = 0; k0 < n; k0 += K_BLOCK) {
+        int kn = n - k0 < K_BLOCK ? n - k0 : K_BLOCK;
+        for (int r = lo; r < tiled_hi; r += GEMM_R) {
+            if (r + GEMM_R < tiled_hi) prefetch_block(w, r + GEMM_R, GEMM_R, k0, kn);
+            const float *rows = w->f + (size_t)r * n + k0; // the tile's (GEMM_R, kn) block
+            size_t ldw = n;
+            if (w->q) {
+                for (int i = 0; i < GEMM_R; i++) matrix_slice(w, r + i, k0, k0 + kn, buf + (size_t)i * kn);
+                rows = buf, ldw = kn;
+            }
+            for (int t = 0; t < Tp; t += GEMM_TOKENS)
+                gemm_tile(a->outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + (size_t)k0 * Tp + t, Tp, kn, k0 > 0);
         }
-        for (int t = t_dot; t < T; t++)
-            for (int i = 0; i < nr; i++)
-                a->out[(size_t)t * w->rows + r + i] = dot(rows + (size_t)i * n, a->x + (size_t)t * n, n);
     }
+    for (int r = tiled_hi; r < hi; r++) {
+        matrix_slice(w, r, 0, n, buf);
+        for (int t = 0; t < T; t++) a->outT[(size_t)r * Tp + t] = dot(buf, a->x + (size_t)t * n, n);
+    }
+    for (int t = 0; t < T; t++)
+        for (int r = lo; r < hi; r++) a->out[(size_t)t * w->rows + r] = a->outT[(size_t)r * Tp + t];
 }
 
 static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
-    MatmulTask task = {out, x, w, T, m->s.xq, m->s.xs, m->s.scratch};
-    if (w->q && T < TILE_T)
+    RunState *s = &m->s;
+    const int n = w->cols, Tpad = (T + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
+    MatmulTask task = {out, x, w, T, s->xq, s->xs, s->xT, s->outT, Tpad, s->scratch, s->scratch_stride};
+    if (T < VEC_LEN && w->q)
         for (int t = 0; t < T; t++)
-            quantize_q8(m->s.xq + (size_t)t * w->cols, m->s.xs + (size_t)t * w->cols / Q8_GROUP, x + (size_t)t * w->cols, w->cols);
+            quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, x + (size_t)t * n, n);
+    if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
+        for (int k = 0; k < n; k++)
+            for (int t = 0; t < Tpad; t++) s->xT[(size_t)k * Tpad + t] = t < T ? x[(size_t)t * n + k] : 0;
     // waking the workers costs microseconds: not worth it for a tiny product
-    if ((size_t)w->rows * w->cols * T < SMALL_WORK) matmul_task(&task, 0, 1);
+    if ((size_t)w->rows * n * T < SMALL_WORK) matmul_task(&task, 0, 1);
     else pool_run(m->pool, matmul_task, &task);
 }
 
@@ -724,7 +773,7 @@ static void regroup_matrix(Transformer *m, Matrix *w, int K) {
             int group = old / K; // pool: the mean of the same row of `group` adjacent heads
             memset(acc, 0, cols * sizeof(float));
             for (int i = 0; i < group; i++) {
-                matrix_rows(w, (j * group + i) * hd + d, 1, row);
+                matrix_slice(w, (j * group + i) * hd + d, 0, cols, row);
                 for (int k = 0; k < cols; k++) acc[k] += row[k] / group;
             }
             if (f) memcpy(f + dst * row_q, acc, cols * sizeof(float));
@@ -772,7 +821,12 @@ static void malloc_run_state(Transformer *m) {
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
     s->xq = xcalloc((size_t)MAX_BATCH * max_cols, 1, "activations");
     s->xs = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
-    s->scratch = xcalloc((size_t)m->n_threads * TILE_R * max_cols, sizeof(float), "matmul scratch");
+    int max_rows = c->vocab_size > c->hidden_dim ? c->vocab_size : c->hidden_dim;
+    if (max_cols > max_rows) max_rows = max_cols;
+    s->xT = xcalloc((size_t)max_cols * MAX_BATCH, sizeof(float), "activations");
+    s->outT = xcalloc((size_t)max_rows * MAX_BATCH, sizeof(float), "activations");
+    s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
+    s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
     s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
     s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
@@ -783,7 +837,7 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->scratch); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
+    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -838,7 +892,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
     RunState *s = &m->s;
     int dim = c->dim, hid = c->hidden_dim;
 
-    for (int t = 0; t < T; t++) matrix_rows(&w->token_embedding, tokens[t], 1, s->x + (size_t)t * dim);
+    for (int t = 0; t < T; t++) matrix_slice(&w->token_embedding, tokens[t], 0, dim, s->x + (size_t)t * dim);
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &w->layers[l];
@@ -1324,7 +1378,20 @@ static void kv_calculator(const char *spec) {
 
 #define DEFAULT_MAX_CONTEXT 4096 // default -c: the model's context, capped here
 
+// Maps every page of the file now (reading it from disk if it is not cached)
+// instead of faulting them in one by one during the first forward pass,
+// where the faults would stall the matmuls and defeat their prefetching.
+static void prefault_weights(Transformer *m) {
+#ifdef MADV_POPULATE_READ
+    if (madvise(m->map, m->map_bytes, MADV_POPULATE_READ) == 0) return;
+#endif
+    volatile unsigned char sink = 0; // older kernels: touch one byte per page
+    for (size_t i = 0; i < m->map_bytes; i += 4096) sink ^= ((const unsigned char *)m->map)[i];
+    (void)sink;
+}
+
 static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
+    prefault_weights(m);
     if (kv_heads) set_kv_heads(m, kv_heads);
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);

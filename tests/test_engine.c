@@ -55,29 +55,41 @@ static Matrix random_matrix(int rows, int cols, uint64_t *rng, float **storage) 
     return w;
 }
 
-static void test_matmul_threads_agree(void) {
+// Both matmul paths (dot products for T = 5, register tiles for T = 37 with
+// padding and edge rows) against scalar dot products, and the same bits for
+// any thread count.
+static void test_matmul_paths(void) {
+    enum { ROWS = 131, COLS = 300, TMAX = 37 };
     uint64_t rng = 7;
-    float *wf, *x = xcalloc(5 * 67, sizeof(float), "x");
-    Matrix w = random_matrix(131, 67, &rng, &wf);
-    for (int i = 0; i < 5 * 67; i++) x[i] = frand(&rng);
-    float out1[5 * 131], out3[5 * 131];
+    float *wf, *x = xcalloc(TMAX * COLS, sizeof(float), "x");
+    Matrix w = random_matrix(ROWS, COLS, &rng, &wf);
+    for (int i = 0; i < TMAX * COLS; i++) x[i] = frand(&rng);
     Transformer m = {0};
-    m.pool = pool_create(1);
-    matmul(&m, out1, x, &w, 5);
-    pool_free(m.pool);
-    m.pool = pool_create(3);
-    matmul(&m, out3, x, &w, 5);
-    pool_free(m.pool);
-    check(!memcmp(out1, out3, sizeof out1), "matmul_1_and_3_threads_bit_identical", "outputs differ");
-    float worst = 0;
-    for (int t = 0; t < 5; t++)
-        for (int r = 0; r < 131; r++) {
-            float ref = dot_scalar(wf + r * 67, x + t * 67, 67);
-            float e = fabsf(out1[t * 131 + r] - ref);
-            if (e > worst) worst = e;
-        }
-    check(worst < 1e-5f, "matmul_block_matches_scalar_rows", "max abs error %g", worst);
-    free(wf); free(x);
+    m.s.scratch_stride = GEMM_R * K_BLOCK > COLS ? GEMM_R * K_BLOCK : COLS;
+    m.s.scratch = xcalloc(3 * m.s.scratch_stride, sizeof(float), "scratch");
+    m.s.xT = xcalloc((size_t)COLS * MAX_BATCH, sizeof(float), "xT");
+    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
+    float *out1 = xcalloc(TMAX * ROWS, sizeof(float), "out"), *out3 = xcalloc(TMAX * ROWS, sizeof(float), "out");
+    int Ts[2] = {5, TMAX};
+    for (int k = 0; k < 2; k++) {
+        int T = Ts[k];
+        char name[64];
+        m.pool = pool_create(1);
+        matmul(&m, out1, x, &w, T);
+        pool_free(m.pool);
+        m.pool = pool_create(3);
+        matmul(&m, out3, x, &w, T);
+        pool_free(m.pool);
+        snprintf(name, sizeof name, "matmul_T%d_1_and_3_threads_bit_identical", T);
+        check(!memcmp(out1, out3, (size_t)T * ROWS * sizeof(float)), name, "outputs differ");
+        float worst = 0;
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < ROWS; r++)
+                worst = fmaxf(worst, fabsf(out1[t * ROWS + r] - dot_scalar(wf + r * COLS, x + t * COLS, COLS)));
+        snprintf(name, sizeof name, "matmul_T%d_matches_scalar_dot_products", T);
+        check(worst < 1e-5f, name, "max abs error %g", worst);
+    }
+    free(wf); free(x); free(out1); free(out3); free(m.s.xT); free(m.s.outT); free(m.s.scratch);
 }
 
 static void test_sampler(void) {
@@ -105,7 +117,7 @@ static void test_sampler(void) {
 
 static void test_q8_kernels(void) {
     uint64_t rng = 11;
-    enum { N = 512, ROWS = 37, T = 6 };
+    enum { N = 512, ROWS = 37, T = 20 };
     float x[T * N], w[ROWS * N], xs[T * N / Q8_GROUP], ws[ROWS * N / Q8_GROUP];
     int8_t xq[T * N], wq[ROWS * N];
     for (int i = 0; i < T * N; i++) x[i] = frand(&rng);
@@ -127,20 +139,23 @@ static void test_q8_kernels(void) {
         if (e > worst) worst = e;
     }
     check(worst < 1e-5f, "simd_q8_dot_matches_scalar_q8_dot", "worst relative error %g", worst);
-    // the matmul's two q8_0 paths: integer dots (T < TILE_T) and dequantized tiles
+    // the matmul's two q8_0 paths: integer dots (T < VEC_LEN) and dequantized tiles
     Matrix m8 = {.q = wq, .s = ws, .rows = ROWS, .cols = N};
     Transformer m = {0};
     m.n_threads = 2;
     m.pool = pool_create(2);
     m.s.xq = xq; m.s.xs = xs; // matmul re-quantizes x into these for the integer path
-    m.s.scratch = xcalloc(2 * TILE_R * N, sizeof(float), "scratch");
+    m.s.scratch_stride = GEMM_R * K_BLOCK > N ? GEMM_R * K_BLOCK : N;
+    m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
+    m.s.xT = xcalloc((size_t)N * MAX_BATCH, sizeof(float), "xT");
+    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
     float out1[ROWS], outT[T * ROWS], scale = 0;
     matmul(&m, out1, x, &m8, 1);
     matmul(&m, outT, x, &m8, T);
     float worst_int = 0, worst_tile = 0;
     for (int r = 0; r < ROWS; r++) {
         float deq[N];
-        matrix_rows(&m8, r, 1, deq);
+        matrix_slice(&m8, r, 0, N, deq);
         float exact = dot_scalar(deq, x, N); // x not quantized
         scale = fmaxf(scale, fabsf(exact));
         worst_int = fmaxf(worst_int, fabsf(out1[r] - exact));
@@ -150,7 +165,7 @@ static void test_q8_kernels(void) {
     check(worst_int < 0.02f * scale, "q8_integer_matvec_close_to_dequantized_math", "error %g of scale %g", worst_int, scale);
     check(worst_tile < 1e-4f * scale, "q8_tiled_matmul_equals_dequantized_math", "error %g of scale %g", worst_tile, scale);
     pool_free(m.pool);
-    free(m.s.scratch);
+    free(m.s.scratch); free(m.s.xT); free(m.s.outT);
 }
 
 // The cache is allocated for n_kv_heads, not n_heads: GQA's memory saving.
@@ -192,7 +207,7 @@ static void test_kv_cache_is_grouped(const char *model) {
 int main(void) {
     test_dot_matches_scalar();
     test_split_range_partitions_rows();
-    test_matmul_threads_agree();
+    test_matmul_paths();
     test_sampler();
     test_q8_kernels();
     // a random GQA model: 8 query heads sharing 2 KV heads
