@@ -94,24 +94,125 @@ def key_values(text):
 
 
 def run_tool(cmd):
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True)
-    if r.returncode != 0:
-        sys.exit("bench: %s failed (exit %d)" % (" ".join(cmd), r.returncode))
-    return key_values(r.stdout)
+    """A microbenchmark's `key: value` output, plus the others' share of the machine while it ran."""
+    r = run_child(cmd, stdout=True)
+    if r["rc"] != 0:
+        sys.exit("bench: %s failed (exit %d)" % (" ".join(cmd), r["rc"]))
+    return dict(key_values(r["stdout"]), others=r["others"])
 
 
 def measure_machine(threads, runs):
     """Read bandwidth (GB/s, best pass of each run) and FMA peak (GFLOP/s); medians of `runs`."""
-    bw, fma, unit = [], [], None
+    bw, fma, unit, others = [], [], None, []
     for i in range(runs):
         log("machine: bandwidth run %d/%d" % (i + 1, runs))
-        bw.append(float(run_tool([os.path.join(BENCH, "bandwidth"), "-t", str(threads)])["bandwidth_gbs"]))
+        quiet_machine()
+        kv = run_tool([os.path.join(BENCH, "bandwidth"), "-t", str(threads)])
+        bw.append(float(kv["bandwidth_gbs"]))
+        others.append(kv["others"])
         log("machine: FMA peak run %d/%d" % (i + 1, runs))
+        quiet_machine()
         kv = run_tool([os.path.join(BENCH, "fma_peak"), "-t", str(threads)])
         fma.append(float(kv["fma_peak_gflops"]))
+        others.append(kv["others"])
         unit = kv["vector_unit"]
     return {"threads": threads, "bandwidth_gbs": median(bw), "bandwidth_gbs_samples": bw,
-            "fma_peak_gflops": median(fma), "fma_peak_gflops_samples": fma, "vector_unit": unit}
+            "fma_peak_gflops": median(fma), "fma_peak_gflops_samples": fma, "vector_unit": unit,
+            "others": others}
+
+
+# ----------------------------------------------------------------------------
+# Running a child: its own peak RSS and CPU time from wait4, and how much of
+# the machine other programs used meanwhile (the machine is shared: a run that
+# lost its cores to someone else's tests measures them, not the engine).
+
+
+def cpu_times():
+    """(busy, total) seconds of all CPUs together from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v) - idle) / hz, sum(v) / hz
+
+
+def machine_busy(seconds=0.3):
+    """Fraction of all cores busy, sampled while we sleep."""
+    a = cpu_times()
+    time.sleep(seconds)
+    b = cpu_times()
+    if not a or not b or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+WAIT_IDLE = 0  # --wait-idle: seconds to wait for other programs to quiet down before each run
+
+
+def quiet_machine():
+    """Waits up to WAIT_IDLE s for the machine to be less than 25 % busy."""
+    deadline = time.time() + WAIT_IDLE
+    while time.time() < deadline:
+        busy = machine_busy()
+        if busy is None or busy < 0.25:
+            return
+        time.sleep(2)
+
+
+def run_child(cmd, stdout=False):
+    """Runs cmd -> dict: rc, stderr (text), stdout (if asked), rss_bytes (its peak RSS), wall_s,
+    cpu_s (its user + system time), others (fraction of all cores other programs used meanwhile)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        c0, t0 = cpu_times(), time.time()
+        p = subprocess.Popen(cmd, stdout=out if stdout else subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall, c1 = time.time() - t0, cpu_times()
+        p.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out.seek(0)
+        err.seek(0)
+        r = {"rc": p.returncode, "stdout": out.read().decode("utf-8", "replace"),
+             "stderr": err.read().decode("utf-8", "replace")}
+    r["wall_s"] = wall
+    r["cpu_s"] = usage.ru_utime + usage.ru_stime
+    r["rss_bytes"] = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    r["others"] = None
+    if c0 and c1 and c1[1] > c0[1]:
+        r["others"] = max(0.0, (c1[0] - c0[0] - r["cpu_s"]) / (c1[1] - c0[1]))
+    return r
+
+
+PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
+DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
+
+
+def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
+    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
+    cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
+    cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
+    quiet_machine()
+    r = run_child(cmd)
+    pre, dec = PREFILL_RE.search(r["stderr"]), DECODE_RE.search(r["stderr"])
+    if r["rc"] != 0 or not pre or not dec:
+        warn("%s failed (exit %d):\n%s" % (" ".join(cmd), r["rc"], r["stderr"].strip()[-1000:]))
+        return None
+    del r["stdout"], r["stderr"], r["rc"]
+    r.update(cmd=" ".join(cmd), prefill_tokens=int(pre.group(1)), prefill_tps=float(pre.group(2)),
+             decode_tokens=int(dec.group(1)), decode_tps=float(dec.group(2)))
+    return r
+
+
+def repeat(runs, fn, what):
+    out = []
+    for i in range(runs):
+        log("%s: run %d/%d" % (what, i + 1, runs))
+        r = fn()
+        if r is None:
+            break
+        out.append(r)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -189,74 +290,6 @@ def model_info(path, context=None):
     # Matmul parameters: all but the 2 norm vectors per layer and the final norm.
     info["matmul_params"] = info["params"] - (2 * info["n_layers"] + 1) * info["dim"]
     return info
-
-
-# ----------------------------------------------------------------------------
-# Running ./run: one child per run, its stderr parsed, its own peak RSS from wait4.
-
-PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
-DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
-
-
-def cpu_times():
-    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return sum(v) - idle, sum(v)
-
-
-def machine_busy(seconds=0.3):
-    """Fraction of all cores that other programs keep busy, sampled while we sleep."""
-    a = cpu_times()
-    time.sleep(seconds)
-    b = cpu_times()
-    if not a or not b or b[1] == a[1]:
-        return None
-    return (b[0] - a[0]) / (b[1] - a[1])
-
-
-def run_child(cmd):
-    """(exit code, stderr text, peak RSS bytes, wall seconds, CPU seconds) of one child process."""
-    with tempfile.TemporaryFile() as err:
-        t0 = time.time()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.time() - t0
-        p.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        err.seek(0)
-        text = err.read().decode("utf-8", "replace")
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    return p.returncode, text, rss, wall, usage.ru_utime + usage.ru_stime
-
-
-def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
-    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
-    cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
-    cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
-    busy_before = machine_busy()
-    rc, err, rss, wall, cpu = run_child(cmd)
-    pre, dec = PREFILL_RE.search(err), DECODE_RE.search(err)
-    if rc != 0 or not pre or not dec:
-        warn("%s failed (exit %d):\n%s" % (" ".join(cmd), rc, err.strip()[-1000:]))
-        return None
-    return {"cmd": " ".join(cmd), "prefill_tokens": int(pre.group(1)), "prefill_tps": float(pre.group(2)),
-            "decode_tokens": int(dec.group(1)), "decode_tps": float(dec.group(2)), "rss_bytes": rss, "wall_s": wall,
-            "cpu_s": cpu, "busy_before": busy_before}
-
-
-def repeat(runs, fn, what):
-    out = []
-    for i in range(runs):
-        log("%s: run %d/%d" % (what, i + 1, runs))
-        r = fn()
-        if r is None:
-            break
-        out.append(r)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -416,18 +449,23 @@ def spread(runs, key):
 
 
 def busy(runs):
-    xs = [r["busy_before"] for r in runs if r.get("busy_before") is not None]
+    """The most of the machine other programs used during any of the runs."""
+    xs = [r["others"] for r in runs if r.get("others") is not None]
     return "%.0f %%" % (100 * max(xs)) if xs else ""
 
 
 def report(res):
     m = res["machine"]
     lines = ["## run.c on this machine (%d threads)" % m["threads"], "",
-             "read bandwidth %.1f GB/s, f32 FMA peak %.0f GFLOP/s (%s); medians of %d runs; load average at start %s" % (
+             "read bandwidth %.1f GB/s, f32 FMA peak %.0f GFLOP/s (%s); medians of %d runs (%s GB/s; %s GFLOP/s); "
+             "others %s; load average at start %s" % (
                  m["bandwidth_gbs"], m["fma_peak_gflops"], m["vector_unit"], len(m["bandwidth_gbs_samples"]),
+                 " ".join("%.1f" % x for x in m["bandwidth_gbs_samples"]),
+                 " ".join("%.0f" % x for x in m["fma_peak_gflops_samples"]),
+                 busy([{"others": b} for b in m.get("others", [])]) or "n/a",
                  " ".join("%.2f" % x for x in res["loadavg"])), "",
              "| engine | weights | decode tok/s | %% roofline | prefill tok/s (%d-token prompt) | %% FMA peak "
-             "| peak RSS MiB | RSS budget MiB | busy |" % PREFILL_TOKENS,
+             "| peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["weights"]:
         if "decode_tps" not in r:
@@ -444,15 +482,15 @@ def report(res):
                   "%s run(s) each)" % (res["depth_weights"], d0["generated"] if d0 else "?",
                                        len(d0["runs"]) if d0 else "?"), "",
                   "| KV heads | depth | decode tok/s | predicted tok/s | measured / predicted | KV read MiB/token "
-                  "| prefill tok/s | peak RSS MiB | RSS budget MiB | busy |",
+                  "| prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["depth"]:
             if "decode_tps" not in r:
                 lines.append("| %d | %s | n/a | | | | | | %s" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
                 continue
-            lines.append("| %d | %d | %s | %.2f | %.2f | %.1f | %.1f | %.0f | %.0f | %s |" % (
+            lines.append("| %d | %d | %s | %.2f | %.2f | %.1f | %s | %.0f | %.0f | %s |" % (
                 r["n_kv_heads"], r["depth"], spread(r["runs"], "decode_tps"), r["predicted_tps"], r["ratio"],
-                r["kv_read_bytes"] / MIB, r["prefill_tps"], r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
+                r["kv_read_bytes"] / MIB, fmt(r.get("prefill_tps")), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
                 busy(r["runs"])))
     tok = res.get("tokenizer")
     lines += ["", "tokenizer (1 thread, encode prose.txt): %s" % (
@@ -460,7 +498,7 @@ def report(res):
         if tok else "n/a (no bench/bench_tokenizer)")]
     lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
               "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
-              "busy = the most CPU the rest of the machine used just before a run (%% of all cores; high = noisy)." %
+              "others = the most CPU other programs used during a run (%% of all cores; high = noisy)." %
               fmt(next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None), "%.4g"),
               "took %.0f s" % res["elapsed_s"]]
     return "\n".join(lines)
@@ -475,7 +513,7 @@ def git_state():
 
 
 def main():
-    global VERBOSE
+    global VERBOSE, WAIT_IDLE, RUN
     cache_default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "l3bench")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
@@ -489,6 +527,8 @@ def main():
                     help="runs per depth point (default 1: each averages 32 tokens, and the long prefill dominates)")
     ap.add_argument("--cache", default=cache_default, help="model and results directory (default %(default)s)")
     ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before each run, wait up to this long for the machine to be < 25%% busy (default 0)")
     ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier results file and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress lines even when stderr is not a terminal")
     args = ap.parse_args()
@@ -497,6 +537,7 @@ def main():
             print(report(json.load(f)))
         return
     VERBOSE = VERBOSE or args.verbose
+    WAIT_IDLE = args.wait_idle
     args.runs = args.runs or (1 if args.quick else 3)
     args.depths = [1, 1024] if args.quick else [1, 1024, 2000, 4000]
     if args.quick:
@@ -505,6 +546,16 @@ def main():
     t0 = time.time()
 
     build(os.environ.get("CC", "cc"))
+    # Run a copy: others rebuild ./run in this tree while the benchmark runs.
+    RUN = os.path.join(args.cache, "run.%d" % os.getpid())
+    shutil.copy2(os.path.join(ROOT, "run"), RUN)
+    try:
+        bench_all(args, t0)
+    finally:
+        os.remove(RUN)
+
+
+def bench_all(args, t0):
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_state(), "loadavg": os.getloadavg(),
            "args": {k: v for k, v in vars(args).items()}}
     res["machine"] = measure_machine(args.threads, 1 if args.quick else 3)
