@@ -54,3 +54,62 @@ test: run run-omp tests/logits $(C_TESTS)
 
 clean:
 	rm -f run run-omp tests/logits bench/bench_tokenizer $(C_TESTS) models/*.l3ck
+
+# ----------------------------------------------------------------------------
+# Sanitizers, valgrind, fuzzing
+#   make asan / tsan   ./run-asan (AddressSanitizer + UBSan) / ./run-tsan (ThreadSanitizer)
+#   make test-asan     the whole suite against ./run-asan, the C tests rebuilt with it too
+#   make test-tsan     the same with ThreadSanitizer
+#   make valgrind      memcheck of a short generation: no errors, no leaks
+#   make fuzz          each libFuzzer harness (tests/fuzz/) for FUZZ_SECONDS; needs clang
+# The C tests are rebuilt in place for a sanitizer run and deleted after it,
+# so the next `make test` builds them plain again.
+SAN_CFLAGS  := $(ARCH) -std=c11 -D_GNU_SOURCE -ffp-contract=fast -Wall -Wextra -Wshadow -g -O1 -fno-omit-frame-pointer
+ASAN_FLAGS  := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+TSAN_FLAGS  := -fsanitize=thread
+# allocator_may_return_null: a failed huge allocation returns NULL, as malloc does, and the engine reports it
+SAN_ENV     := ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=1:strict_string_checks=1 \
+               UBSAN_OPTIONS=print_stacktrace=1 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1
+FUZZ_CC     ?= clang
+FUZZ_FLAGS  := $(SAN_CFLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_SECONDS ?= 60
+
+.PHONY: asan tsan test-asan test-tsan valgrind fuzz clean-sanitizers
+asan: run-asan
+tsan: run-tsan
+
+run-asan: $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(SAN_CFLAGS) $(ASAN_FLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
+
+run-tsan: $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(SAN_CFLAGS) $(TSAN_FLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
+
+test-asan test-tsan: test-%: run-%
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	$(MAKE) -B tests/logits $(C_TESTS) CFLAGS="$(SAN_CFLAGS) $(if $(filter asan,$*),$(ASAN_FLAGS),$(TSAN_FLAGS))"
+	$(SAN_ENV) RUN=./run-$* PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh; \
+	  rc=$$?; rm -f tests/logits $(C_TESTS); exit $$rc
+
+# Without -march=native: valgrind does not know AVX-512.
+run-valgrind: $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -o $@ $(ENGINE_SRC) $(LDLIBS)
+
+VALGRIND    := valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all
+valgrind: run-valgrind models/stories260K.l3ck
+	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -i "Once upon a time" -n 40 -t 0.9 -s 7 -T 2 >/dev/null
+	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -m ppl -i "Once upon a time there was a girl" --kv-heads 2 -T 2 >/dev/null
+	@echo "valgrind: no errors, no leaks"
+
+tests/fuzz/fuzz_loader: tests/fuzz/fuzz_loader.c $(ENGINE_SRC) $(ENGINE_HDR)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
+
+tests/fuzz/fuzz_tokenizer: tests/fuzz/fuzz_tokenizer.c tokenizer.c tokenizer.h model.h unicode_tables.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -I. -o $@ $< tokenizer.c
+
+fuzz: tests/fuzz/fuzz_loader tests/fuzz/fuzz_tokenizer
+	PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/fuzz/run_fuzz.sh $(FUZZ_SECONDS)
+
+clean: clean-sanitizers
+clean-sanitizers:
+	rm -f run-asan run-tsan run-valgrind tests/fuzz/fuzz_loader tests/fuzz/fuzz_tokenizer
+	rm -rf tests/fuzz/build

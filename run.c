@@ -38,6 +38,11 @@
 // ----------------------------------------------------------------------------
 // Errors: one line on stderr, a non-zero exit. Used for every user-facing error.
 
+#ifdef FUZZING
+#include <setjmp.h>
+static jmp_buf die_jump; // tests/fuzz: die() returns to the harness's setjmp instead of exiting
+#endif
+
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -45,6 +50,9 @@ static void die(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+#ifdef FUZZING
+    longjmp(die_jump, 1);
+#endif
     exit(1);
 }
 
@@ -198,7 +206,7 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
     }
     if (h->version != MODEL_VERSION)
         die("%s: format version %u, this engine reads version %d; re-export the model", path, h->version, MODEL_VERSION);
-    struct { const char *name; int32_t v, lo, hi; } f[] = {
+    struct { const char *name; long long v, lo, hi; } f[] = { // long long: vocab_size - 1 cannot overflow
         {"dim", h->dim, 1, 1 << 16}, {"hidden_dim", h->hidden_dim, 1, 1 << 18},
         {"n_layers", h->n_layers, 1, 1024}, {"n_heads", h->n_heads, 1, 1024},
         {"n_kv_heads", h->n_kv_heads, 1, 1024}, {"head_dim", h->head_dim, 2, 1 << 12},
@@ -207,25 +215,29 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         {"rope_scaling", h->rope_scaling, ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3},
         {"tied_classifier", h->tied_classifier, 0, 1},
         {"tokenizer_kind", h->tokenizer_kind, TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3},
-        {"bos_id", h->bos_id, -1, h->vocab_size - 1},
+        {"bos_id", h->bos_id, -1, h->vocab_size - 1LL},
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].v < f[i].lo || f[i].v > f[i].hi)
-            die("%s: header field %s = %d is out of range [%d, %d]; corrupt file?", path, f[i].name, f[i].v, f[i].lo, f[i].hi);
+            die("%s: header field %s = %lld is out of range [%lld, %lld]; corrupt file?", path, f[i].name, f[i].v, f[i].lo, f[i].hi);
     if (h->n_heads % h->n_kv_heads != 0)
         die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, h->n_heads, h->n_kv_heads);
     if (h->head_dim % 2 != 0) die("%s: head_dim (%d) must be even for RoPE", path, h->head_dim);
     if (h->dtype == DTYPE_Q8_0 && h->group_size != 32)
         die("%s: q8_0 group_size is %d; this engine reads groups of 32", path, h->group_size);
+    if (h->dtype == DTYPE_F32 && h->group_size != 0)
+        die("%s: f32 weights with group_size %d (must be 0); corrupt file?", path, h->group_size);
+    if (h->reserved != 0) die("%s: header field reserved = %d (must be 0); corrupt file?", path, h->reserved);
     if (h->dtype == DTYPE_Q8_0 && (h->dim % 32 || h->hidden_dim % 32 || ((size_t)h->n_heads * h->head_dim) % 32))
         die("%s: q8_0 needs dim, hidden_dim and n_heads * head_dim divisible by 32", path);
     for (int i = 0; i < h->n_stop_ids; i++)
         if (h->stop_ids[i] < 0 || h->stop_ids[i] >= h->vocab_size)
             die("%s: stop id %d is outside the vocabulary (%d)", path, h->stop_ids[i], h->vocab_size);
     if (!(h->norm_eps > 0 && h->norm_eps < 1)) die("%s: norm_eps %g is out of range (0, 1)", path, h->norm_eps);
-    if (!(h->rope_theta > 1)) die("%s: rope_theta %g must be > 1", path, h->rope_theta);
+    if (!(h->rope_theta > 1 && isfinite(h->rope_theta))) die("%s: rope_theta %g must be finite and > 1", path, h->rope_theta);
     if (h->rope_scaling == ROPE_SCALING_LLAMA3 &&
-        !(h->rope_factor >= 1 && h->rope_low_freq_factor > 0 && h->rope_high_freq_factor > h->rope_low_freq_factor
+        !(h->rope_factor >= 1 && isfinite(h->rope_factor) && h->rope_low_freq_factor > 0
+          && h->rope_high_freq_factor > h->rope_low_freq_factor && isfinite(h->rope_high_freq_factor)
           && h->rope_original_max_pos > 0))
         die("%s: inconsistent llama3 rope scaling parameters", path);
     if (h->file_bytes != file_bytes)
@@ -243,18 +255,10 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         die("%s: the header implies %zu bytes of file, the file has %zu; corrupt or truncated", path, end, file_bytes);
 }
 
-static void build_transformer(Transformer *m, const char *path) {
-    memset(m, 0, sizeof *m);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
-    if ((size_t)st.st_size < MODEL_HEADER_BYTES)
-        die("%s: file is %lld bytes, too short for a model header (%d); truncated?", path, (long long)st.st_size, MODEL_HEADER_BYTES);
-    m->map_bytes = (size_t)st.st_size;
-    m->map = mmap(NULL, m->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+// Checks the checkpoint at m->map (m->map_bytes >= MODEL_HEADER_BYTES bytes)
+// and points the config, the weights and the tokenizer into it. Apart from
+// the file handling so that tests/fuzz/fuzz_loader.c can feed it bytes.
+static void load_checkpoint(Transformer *m, const char *path) {
     memcpy(&m->h, m->map, sizeof m->h);
     const ModelHeader *h = &m->h;
     check_header(h, path, m->map_bytes);
@@ -278,6 +282,21 @@ static void build_transformer(Transformer *m, const char *path) {
     if (!m->tok) die("%s: bad tokenizer section: %s", path, err);
     if (tokenizer_n_tokens(m->tok) != c->vocab_size)
         die("%s: the tokenizer has %d tokens, the model %d", path, tokenizer_n_tokens(m->tok), c->vocab_size);
+}
+
+static void build_transformer(Transformer *m, const char *path) {
+    memset(m, 0, sizeof *m);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    if ((size_t)st.st_size < MODEL_HEADER_BYTES)
+        die("%s: file is %lld bytes, too short for a model header (%d); truncated?", path, (long long)st.st_size, MODEL_HEADER_BYTES);
+    m->map_bytes = (size_t)st.st_size;
+    m->map = mmap(NULL, m->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    load_checkpoint(m, path);
 }
 
 // RoPE frequency of each pair i of a head: theta^(-2i/head_dim), with Llama 3.1's
@@ -853,7 +872,8 @@ static void attention_task(void *arg, int ith, int nth) {
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = 1.0f / sqrtf((float)c->head_dim);
-    const int hd = c->head_dim, L = c->seq_len;
+    const int hd = c->head_dim;
+    const size_t L = c->seq_len; // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -1001,13 +1021,22 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// Writes out to stdout; a failed write (disk full, closed pipe) is an error.
-static void emit(const char *text, size_t n) {
-    if (n && fwrite(text, 1, n, stdout) != n) die("cannot write the output: %s", strerror(errno));
+// A failed write to stdout (disk full) is an error; a reader that has gone
+// (| head, with SIGPIPE ignored) is not: the output just ends.
+static void output_failed(void) {
+    if (errno == EPIPE) exit(0);
+    die("cannot write the output: %s", strerror(errno));
 }
 
+// Writes out to stdout.
+static void emit(const char *text, size_t n) {
+    if (n && fwrite(text, 1, n, stdout) != n) output_failed();
+}
+
+// Flushes stdout; ferror catches a failed write of an earlier printf, whose
+// buffered bytes a later fflush no longer has.
 static void emit_flush(void) {
-    if (fflush(stdout) != 0) die("cannot write the output: %s", strerror(errno));
+    if (fflush(stdout) != 0 || ferror(stdout)) output_failed();
 }
 
 // Prints the text of token `id` (UTF-8 safe: see tokenizer.h) and flushes.
@@ -1124,6 +1153,7 @@ static void perplexity(Transformer *m, const char *text, size_t len) {
     int *tokens = encode_with_bos(m, text, len, &n);
     int bos = m->h.bos_id >= 0;
     if (n - bos < 1 + !bos) die("the text has too few tokens to score");
+    if (m->c.seq_len < 2) die("-m ppl needs a context of at least 2 tokens, this one is %d (-c)", m->c.seq_len);
     int chunk = m->c.seq_len - bos; // scored tokens per window
     int *window = xcalloc(m->c.seq_len, sizeof(int), "window");
     double nll = 0;
@@ -1476,7 +1506,7 @@ int main(int argc, char **argv) {
     if (n_threads < 1) n_threads = 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); emit_flush(); return 0; }
         if (a[0] != '-') {
             if (model_path) usage_error("unexpected argument '%s'", a);
             model_path = a;
@@ -1505,7 +1535,7 @@ int main(int argc, char **argv) {
     int mode_ok = 0;
     for (size_t k = 0; k < sizeof modes / sizeof modes[0]; k++) mode_ok |= !strcmp(mode, modes[k]);
     if (!mode_ok) usage_error("unknown mode '%s' (generate, chat, ppl, tokenize, info, kv)", mode);
-    if (!strcmp(mode, "kv") && strchr(model_path, '=')) { kv_calculator(model_path); return 0; }
+    if (!strcmp(mode, "kv") && strchr(model_path, '=')) { kv_calculator(model_path); emit_flush(); return 0; }
     if (input && input_file) die("give the input with -i or -f, not both");
 
     char *text = NULL;

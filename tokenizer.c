@@ -179,6 +179,9 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
         p += 12 + len;
         if (len > 0) table_insert(t, (int)id);
     }
+    if (p != end)
+        return fail(t, err, err_cap, "%zu bytes follow the last token of the tokenizer section (corrupt?)",
+                    (size_t)(end - p));
     int missing = index_byte_tokens(t);
     if (missing >= 0)
         return fail(t, err, err_cap, "the vocabulary has no token for byte 0x%02X, so it cannot "
