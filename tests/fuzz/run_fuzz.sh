@@ -4,8 +4,9 @@
 # Usage: bash tests/fuzz/run_fuzz.sh [SECONDS] [HARNESS...]   (from the repo root)
 # The committed seeds (tests/fuzz/corpus_*) are read, never written: new inputs
 # go to tests/fuzz/build/corpus_*, crashes to tests/fuzz/build/crash-*. A crash
-# fails the run; copy its input to tests/fuzz/regressions/{loader,tokenizer}/
-# once fixed, where tests/test_fuzz_regressions.sh replays it in `make test`.
+# fails the run; once fixed, copy its input to tests/fuzz/regressions/loader/ (a model
+# file: tests/test_malformed.py runs the engine on it) or .../tokenizer/ (tests/test_fuzz_replay
+# runs the harness's checks on it), so `make test` keeps it fixed.
 set -u
 cd "$(dirname "$0")/../.."
 secs=${1:-${FUZZ_SECONDS:-60}}; shift || true
