@@ -102,7 +102,9 @@ def run_tool(cmd):
 
 
 def measure_machine(threads, runs):
-    """Read bandwidth (GB/s, best pass of each run) and FMA peak (GFLOP/s); medians of `runs`."""
+    """Read bandwidth (GB/s) and FMA peak (GFLOP/s), the best of `runs` runs (each the best of its
+    passes): these are ceilings, and on a shared machine every disturbance only lowers them, so
+    the best run is the closest to the hardware (the medians are kept in the results too)."""
     bw, fma, unit, others = [], [], None, []
     for i in range(runs):
         log("machine: bandwidth run %d/%d" % (i + 1, runs))
@@ -116,8 +118,9 @@ def measure_machine(threads, runs):
         fma.append(float(kv["fma_peak_gflops"]))
         others.append(kv["others"])
         unit = kv["vector_unit"]
-    return {"threads": threads, "bandwidth_gbs": median(bw), "bandwidth_gbs_samples": bw,
-            "fma_peak_gflops": median(fma), "fma_peak_gflops_samples": fma, "vector_unit": unit,
+    return {"threads": threads, "bandwidth_gbs": max(bw), "bandwidth_gbs_median": median(bw),
+            "bandwidth_gbs_samples": bw, "fma_peak_gflops": max(fma), "fma_peak_gflops_median": median(fma),
+            "fma_peak_gflops_samples": fma, "vector_unit": unit,
             "others": others}
 
 
@@ -204,10 +207,24 @@ def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
     return r
 
 
+MAX_OTHERS = 0.25  # --max-others: a run during which other programs used more of the machine is "noisy"
+RETRIES = None     # --retries: extra runs allowed to replace noisy ones
+
+
+def is_quiet(r):
+    return r.get("others") is None or r["others"] <= MAX_OTHERS
+
+
+def quiet(runs):
+    """The runs other programs did not disturb, or all of them if there are none."""
+    return [r for r in runs if is_quiet(r)] or runs
+
+
 def repeat(runs, fn, what):
-    out = []
-    for i in range(runs):
-        log("%s: run %d/%d" % (what, i + 1, runs))
+    """Up to `runs` quiet runs of fn, with up to RETRIES (default: runs) extra tries for noisy ones."""
+    out, tries = [], runs + (runs if RETRIES is None else RETRIES)
+    while len(out) < tries and sum(map(is_quiet, out)) < runs:
+        log("%s: run %d (%d quiet of %d wanted)" % (what, len(out) + 1, sum(map(is_quiet, out)), runs))
         r = fn()
         if r is None:
             break
@@ -361,12 +378,12 @@ def bench_weights(args, machine, prompts, dtype):
     pre = repeat(args.runs, lambda: generate(model, args.threads, n, prompt_file=prompt_file),
                  "%s prefill (%d tokens)" % (dtype, n))
     row["decode_runs"], row["prefill_runs"] = dec, pre
-    row["decode_tps"] = median([r["decode_tps"] for r in dec])
+    row["decode_tps"] = median([r["decode_tps"] for r in quiet(dec)])
     # Memory roofline: every weight byte is read once per decoded token.
     row["roofline_pct"] = 100 * row["decode_tps"] * info["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
     if pre:
         row["prefill_prompt_tokens"] = pre[0]["prefill_tokens"]
-        row["prefill_tps"] = median([r["prefill_tps"] for r in pre])
+        row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(pre)])
         # Compute roofline: 2 flops (one FMA) per matmul parameter per token.
         row["fma_pct"] = 100 * row["prefill_tps"] * 2 * info["matmul_params"] / (machine["fma_peak_gflops"] * 1e9)
     row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre)
@@ -396,8 +413,8 @@ def bench_depth(args, machine, prompts, dtype):
                 # Bytes read per decoded token: all weights, plus the KV cache up to
                 # the token's position (on average the prompt plus half the generated).
                 kv_read = (n + gen / 2) * info["kv_bytes_per_token"]
-                row["decode_tps"] = median([r["decode_tps"] for r in runs])
-                row["prefill_tps"] = median([r["prefill_tps"] for r in runs])
+                row["decode_tps"] = median([r["decode_tps"] for r in quiet(runs)])
+                row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(runs)])
                 row["kv_read_bytes"] = kv_read
                 row["predicted_tps"] = machine["bandwidth_gbs"] * 1e9 / (info["weight_bytes"] + kv_read)
                 row["ratio"] = row["decode_tps"] / row["predicted_tps"]
@@ -441,28 +458,32 @@ def fmt(x, spec="%.1f", missing="n/a"):
 
 
 def spread(runs, key):
-    """median (min-max) of a key over runs, or the single value."""
-    xs = [r[key] for r in runs]
+    """median (min-max) of a key over the quiet runs, or the single value."""
+    xs = [r[key] for r in quiet(runs)]
     if len(xs) < 2:
         return fmt(median(xs), "%.2f")
     return "%.2f (%.2f-%.2f)" % (median(xs), min(xs), max(xs))
 
 
 def busy(runs):
-    """The most of the machine other programs used during any of the runs."""
-    xs = [r["others"] for r in runs if r.get("others") is not None]
-    return "%.0f %%" % (100 * max(xs)) if xs else ""
+    """The most of the machine other programs used during the runs a figure comes from, and
+    how many runs those are of all that were made."""
+    used = quiet(runs)
+    xs = [r["others"] for r in used if r.get("others") is not None]
+    return ("%.0f %%" % (100 * max(xs)) if xs else "?") + " (%d/%d)" % (len(used), len(runs))
 
 
 def report(res):
+    global MAX_OTHERS
+    MAX_OTHERS = res["args"].get("max_others", MAX_OTHERS)
     m = res["machine"]
     lines = ["## run.c on this machine (%d threads)" % m["threads"], "",
-             "read bandwidth %.1f GB/s, f32 FMA peak %.0f GFLOP/s (%s); medians of %d runs (%s GB/s; %s GFLOP/s); "
+             "read bandwidth %.1f GB/s, f32 FMA peak %.0f GFLOP/s (%s): the best of %d runs (%s GB/s; %s GFLOP/s); "
              "others %s; load average at start %s" % (
                  m["bandwidth_gbs"], m["fma_peak_gflops"], m["vector_unit"], len(m["bandwidth_gbs_samples"]),
                  " ".join("%.1f" % x for x in m["bandwidth_gbs_samples"]),
                  " ".join("%.0f" % x for x in m["fma_peak_gflops_samples"]),
-                 busy([{"others": b} for b in m.get("others", [])]) or "n/a",
+                 fmt(max([100 * b for b in m.get("others", []) if b is not None] or [None]), "up to %.0f %%"),
                  " ".join("%.2f" % x for x in res["loadavg"])), "",
              "| engine | weights | decode tok/s | %% roofline | prefill tok/s (%d-token prompt) | %% FMA peak "
              "| peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
@@ -498,8 +519,10 @@ def report(res):
         if tok else "n/a (no bench/bench_tokenizer)")]
     lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
               "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
-              "others = the most CPU other programs used during a run (%% of all cores; high = noisy)." %
-              fmt(next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None), "%.4g"),
+              "others = the most CPU other programs used during the runs used (%% of all cores; high = noisy), "
+              "(used/made): runs with others > %.0f %% are retried and left out while quiet ones exist." %
+              (fmt(next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None), "%.4g"),
+               100 * MAX_OTHERS),
               "took %.0f s" % res["elapsed_s"]]
     return "\n".join(lines)
 
@@ -513,7 +536,7 @@ def git_state():
 
 
 def main():
-    global VERBOSE, WAIT_IDLE, RUN
+    global VERBOSE, WAIT_IDLE, RUN, MAX_OTHERS, RETRIES
     cache_default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "l3bench")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
@@ -529,6 +552,10 @@ def main():
     ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                     help="before each run, wait up to this long for the machine to be < 25%% busy (default 0)")
+    ap.add_argument("--max-others", type=float, default=MAX_OTHERS, metavar="FRACTION",
+                    help="a run is noisy if other programs used more than this fraction of all cores meanwhile "
+                    "(default %(default)s); noisy runs are retried and left out of medians")
+    ap.add_argument("--retries", type=int, help="extra runs to replace noisy ones (default: as many as --runs)")
     ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier results file and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress lines even when stderr is not a terminal")
     args = ap.parse_args()
@@ -537,7 +564,7 @@ def main():
             print(report(json.load(f)))
         return
     VERBOSE = VERBOSE or args.verbose
-    WAIT_IDLE = args.wait_idle
+    WAIT_IDLE, MAX_OTHERS, RETRIES = args.wait_idle, args.max_others, args.retries
     args.runs = args.runs or (1 if args.quick else 3)
     args.depths = [1, 1024] if args.quick else [1, 1024, 2000, 4000]
     if args.quick:
