@@ -15,19 +15,25 @@ layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
                   % FMA peak = tok/s x 2 x matmul params / FMA peak.
   decode at depth After a prompt of D tokens every new token also reads the KV
                   cache up to its position:
-                  predicted tok/s = bandwidth / (weight_bytes + D x kv_bytes_per_token),
+                  predicted tok/s = bandwidth / (weight_bytes + D' x kv_bytes_per_token),
+                  D' = D + half the generated tokens (the mean position),
                   for MHA (32 KV heads), GQA (8) and MQA (1) models.
   peak RSS        of each run (os.wait4 on the child), next to a budget of
                   file size + KV cache + 100 MiB.
   tokenizer MB/s  from bench/bench_tokenizer, if there is one.
 
 Bandwidth (bench/bandwidth.c) and FMA peak (bench/fma_peak.c) are measured in
-the same run, median of 3. Models are exported once into
-${XDG_CACHE_HOME:-~/.cache}/l3bench/ and reused; results go there as JSON.
-Python 3 standard library only; export/export.py runs under the first python3
-that can import numpy.
+the same run, the best of 3 (ceilings: disturbances only lower them). Engine
+figures are medians of 3 runs. The machine may be shared: for every run we note
+how much of all cores other programs used meanwhile ("others"); runs above
+--max-others are retried (--retries) and left out of the medians while quiet
+runs exist. Models are exported once into ${XDG_CACHE_HOME:-~/.cache}/l3bench/
+and reused; results go there as JSON. ./run is copied before use, since others
+may rebuild it meanwhile. Python 3 standard library only; export/export.py runs
+under the first python3 that can import numpy.
 
 usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0]
+                              [--wait-idle SECONDS] [--report RESULTS.json]
 """
 import argparse
 import json
@@ -165,12 +171,12 @@ def quiet_machine():
         time.sleep(2)
 
 
-def run_child(cmd, stdout=False):
+def run_child(cmd, stdout=False, **popen_args):
     """Runs cmd -> dict: rc, stderr (text), stdout (if asked), rss_bytes (its peak RSS), wall_s,
     cpu_s (its user + system time), others (fraction of all cores other programs used meanwhile)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         c0, t0 = cpu_times(), time.time()
-        p = subprocess.Popen(cmd, stdout=out if stdout else subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen(cmd, stdout=out if stdout else subprocess.DEVNULL, stderr=err, **popen_args)
         _, status, usage = os.wait4(p.pid, 0)
         wall, c1 = time.time() - t0, cpu_times()
         p.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -427,26 +433,32 @@ def bench_depth(args, machine, prompts, dtype):
 
 
 def bench_tokenizer(args):
-    """bench/bench_tokenizer, built as its header comment's `Build:` line says; None if absent."""
+    """bench/bench_tokenizer (single-threaded encode of prose.txt), built by the Makefile's rule
+    for it or else as the `Build:` line of its header comment says; None if there is none."""
     src, exe = os.path.join(BENCH, "bench_tokenizer.c"), os.path.join(BENCH, "bench_tokenizer")
-    if os.path.exists(src) and (not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src)):
+    if os.path.exists(src):
+        with open(os.path.join(ROOT, "Makefile")) as f:
+            has_rule = "bench/bench_tokenizer:" in f.read()
         with open(src, encoding="utf-8", errors="replace") as f:
             m = re.search(r"^\W*Build:\s*(.+?)\s*$", f.read(4000), re.M)
-        if m:
-            log("building bench_tokenizer: " + m.group(1))
-            subprocess.run(m.group(1), shell=True, cwd=ROOT, stdout=sys.stderr)
+        cmd = "make -C %s bench/bench_tokenizer" % ROOT if has_rule else m and m.group(1)
+        if cmd:
+            log("building bench_tokenizer: " + cmd)
+            if subprocess.run(cmd, shell=True, cwd=ROOT, stdout=sys.stderr).returncode != 0:
+                warn("building bench/bench_tokenizer failed")
+                return None
     if not os.access(exe, os.X_OK):
         return None
     log("tokenizer benchmark")
-    env = dict(os.environ, SHARED=args.shared)
-    r = subprocess.run([exe], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       universal_newlines=True)
-    if r.returncode != 0:
-        warn("bench/bench_tokenizer failed (exit %d):\n%s" % (r.returncode, r.stdout[-1000:]))
-    m = re.search(r"([0-9.]+)\s*MB/s", r.stdout)  # the first figure: wall clock
-    cpu = re.search(r"([0-9.]+)\s*MB/s CPU time", r.stdout)
-    return {"output": r.stdout[-2000:], "mb_per_s": float(m.group(1)) if m else None,
-            "mb_per_s_cpu": float(cpu.group(1)) if cpu else None}
+    quiet_machine()
+    r = run_child([exe], stdout=True, cwd=ROOT, env=dict(os.environ, SHARED=args.shared))
+    if r["rc"] != 0:
+        warn("bench/bench_tokenizer failed (exit %d):\n%s" % (r["rc"], r["stderr"][-1000:]))
+        return None
+    wall = re.search(r"([0-9.]+)\s*MB/s", r["stdout"])  # the first figure: wall clock
+    cpu = re.search(r"([0-9.]+)\s*MB/s CPU time", r["stdout"])
+    return {"output": r["stdout"][-2000:], "mb_per_s": float(wall.group(1)) if wall else None,
+            "mb_per_s_cpu": float(cpu.group(1)) if cpu else None, "others": r["others"]}
 
 
 # ----------------------------------------------------------------------------
@@ -515,7 +527,9 @@ def report(res):
                 busy(r["runs"])))
     tok = res.get("tokenizer")
     lines += ["", "tokenizer (1 thread, encode prose.txt): %s" % (
-        "%s wall clock, %s CPU time" % (fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"))
+        "%s wall clock, %s CPU time (others %s)" % (
+            fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"),
+            fmt(tok.get("others") and 100 * tok["others"], "%.0f %%"))
         if tok else "n/a (no bench/bench_tokenizer)")]
     lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
               "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
