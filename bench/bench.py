@@ -529,7 +529,7 @@ def report(res):
     lines += ["", "tokenizer (1 thread, encode prose.txt): %s" % (
         "%s wall clock, %s CPU time (others %s)" % (
             fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"),
-            fmt(tok.get("others") and 100 * tok["others"], "%.0f %%"))
+            fmt(None if tok.get("others") is None else 100 * tok["others"], "%.0f %%"))
         if tok else "n/a (no bench/bench_tokenizer)")]
     lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
               "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
