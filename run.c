@@ -605,11 +605,18 @@ static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
 
 static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
 #if defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / Q8_GROUP; g++) {
-        __m256 d = _mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP));
-        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(ws[g] * xs[g]), acc);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); // two chains hide FMA latency
+    int g = 0, groups = n / Q8_GROUP;
+    for (; g + 1 < groups; g += 2) {
+        __m256 d0 = _mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP));
+        __m256 d1 = _mm256_cvtepi32_ps(dot_i8_group(wq + (g + 1) * Q8_GROUP, xq + (g + 1) * Q8_GROUP));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(ws[g] * xs[g]), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(ws[g + 1] * xs[g + 1]), acc1);
     }
+    if (g < groups)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP)),
+                               _mm256_set1_ps(ws[g] * xs[g]), acc0);
+    __m256 acc = _mm256_add_ps(acc0, acc1);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
