@@ -42,6 +42,14 @@ $(filter tests/test_tokenizer_%,$(C_TESTS)): tests/tokenizer_testlib.h
 bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h unicode_tables.h
 	$(CC) $(CFLAGS) -I. -o $@ bench/bench_tokenizer.c tokenizer.c
 
+bench/bandwidth bench/fma_peak: bench/%: bench/%.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+# Speed against this machine's measured limits (see bench/bench.py); models
+# are generated once into ~/.cache/l3bench. BENCH_ARGS=--quick for a short run.
+bench: run bench/bench_tokenizer bench/bandwidth bench/fma_peak
+	python3 bench/bench.py $(BENCH_ARGS)
+
 models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.py
 	python3 export/export.py $@ --llama2c models/stories260K.bin --tokenizer models/tok512.bin
 
@@ -53,7 +61,7 @@ test: run run-omp tests/logits $(C_TESTS)
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits bench/bench_tokenizer $(C_TESTS) models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak $(C_TESTS) models/*.l3ck
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind, fuzzing
