@@ -1,0 +1,141 @@
+// experiments/decode_at_depth.c - the engine's decode speed at a given depth
+// (tokens already in the KV cache), without paying for the prefill.
+//
+//   decode_at_depth MODEL.bin [MODEL2.bin ...] -d 1,1024,4000 [-n 16] [-r 3] [-T 2] [-K kv_heads]
+//
+// Decoding at depth D = one forward() call per token at positions D, D+1, ...:
+// the same call ./run's generate loop makes after its prefill, so the same
+// matmuls and the same attention loop over D cached positions. What the cache
+// holds does not change the work, so instead of prefilling D tokens (minutes
+// on a 1B model with 2 cores) positions 0..D-1 of every layer are filled with
+// pseudo-random values. (They must be written: calloc'ed memory never written
+// is the kernel's shared zero page, which would read unrealistically fast.)
+// experiments/kv_heads.py checks the result against a real ./run prefill + decode.
+//
+// With several models, all are loaded first and measured in turn (repeat,
+// depth, model), one short measurement each: a burst of load from other
+// programs then hits the models alike, so comparing them stays fair on a
+// shared machine.
+//
+// Prints one line per measurement: "model J depth D: N tokens, X tok/s, cpu share S",
+// S = process CPU time / (wall time x threads) while timing: near 1 when the
+// threads had the cores to themselves (and spun little), lower when other
+// programs took them.
+// Built by experiments/kv_heads.py with the Makefile's flags:
+//   cc -O3 -march=native -std=c11 -D_GNU_SOURCE -ffp-contract=fast -DTESTING -I.
+//   -o experiments/decode_at_depth experiments/decode_at_depth.c tokenizer.c -lm -lpthread
+#pragma GCC diagnostic ignored "-Wunused-function" // main() and its helpers are compiled out
+#include "run.c"
+
+static double cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Bytes of `path`'s mapping that the kernel maps with huge (PMD) pages, from
+// /proc/self/smaps: a weight file in the page cache as 2 MiB folios streams
+// faster (fewer TLB misses) than one in 4 KiB pages, which depends on how the
+// file was first read, not on the model: kv_heads.py re-reads every file the
+// same way, and this line shows it worked.
+static long long huge_mapped_kb(const char *path) {
+    char real[PATH_MAX], line[PATH_MAX + 256];
+    if (!realpath(path, real)) return -1;
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return -1;
+    int in_file = 0;
+    long long kb = 0, v;
+    unsigned long long lo, hi;
+    while (fgets(line, sizeof line, f)) {
+        size_t n = strcspn(line, "\n"), len = strlen(real);
+        line[n] = 0;
+        if (sscanf(line, "%llx-%llx", &lo, &hi) == 2) // a mapping's header: range perms offset dev inode path
+            in_file = n >= len && !strcmp(line + n - len, real);
+        else if (in_file && sscanf(line, "FilePmdMapped: %lld kB", &v) == 1)
+            kb += v;
+    }
+    fclose(f);
+    return kb;
+}
+
+static void fill_cache(Transformer *m, int positions) {
+    const Config *c = &m->c;
+    uint64_t state = 0x2545F4914F6CDD1Dull;
+    for (int l = 0; l < c->n_layers; l++) {
+        size_t off = (size_t)l * c->seq_len * c->kv_dim, n = (size_t)positions * c->kv_dim;
+        for (size_t i = 0; i < n; i++) {
+            m->s.key_cache[off + i] = 2 * random_f32(&state) - 1;   // [-1, 1)
+            m->s.value_cache[off + i] = 2 * random_f32(&state) - 1;
+        }
+    }
+}
+
+#define MAX_MODELS 8
+
+int main(int argc, char **argv) {
+    const char *usage = "usage: decode_at_depth MODEL.bin [MODEL2.bin ...] -d D1,D2,... [-n TOKENS] [-r REPEATS] "
+                        "[-T THREADS] [-K KV_HEADS]";
+    const char *paths[MAX_MODELS];
+    int n_models = 0, depths[16], n_depths = 0, tokens = 16, repeats = 3, threads = 2, kv_heads = 0, max_depth = 0;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] != '-') {
+            if (n_models == MAX_MODELS) die("at most %d models", MAX_MODELS);
+            paths[n_models++] = argv[i];
+            continue;
+        }
+        if (i + 1 >= argc) die("option %s needs a value", argv[i]);
+        const char *a = argv[i], *v = argv[++i];
+        if (!strcmp(a, "-d")) {
+            for (char *s = (char *)v, *end; *s; s = end + (*end == ',')) {
+                long d = strtol(s, &end, 10);
+                if (end == s || d < 1 || n_depths == 16) die("-d: bad depth list '%s'", v);
+                depths[n_depths++] = (int)d;
+                if (d > max_depth) max_depth = (int)d;
+            }
+        } else if (!strcmp(a, "-n")) tokens = atoi(v);
+        else if (!strcmp(a, "-r")) repeats = atoi(v);
+        else if (!strcmp(a, "-T")) threads = atoi(v);
+        else if (!strcmp(a, "-K")) kv_heads = atoi(v);
+        else die("unknown option '%s'\n%s", a, usage);
+    }
+    if (!n_models || !n_depths || tokens < 1 || repeats < 1 || threads < 1) die("%s", usage);
+    // Several models are loaded together and measured in turn, one short
+    // measurement each, so that load from other programs hits them alike.
+    static Transformer m[MAX_MODELS];
+    int tok[MAX_MODELS], context = max_depth + tokens;
+    for (int j = 0; j < n_models; j++) {
+        build_transformer(&m[j], paths[j]);
+        setup_transformer(&m[j], context, threads, kv_heads);
+        fill_cache(&m[j], context);
+        tok[j] = m[j].h.bos_id >= 0 ? m[j].h.bos_id : 0;
+        forward(&m[j], &tok[j], 1, 0, 0); // warm-up: every weight page touched once
+        printf("model %d: %s, %lld of %zu MiB mapped in huge pages\n", j, paths[j], huge_mapped_kb(paths[j]) / 1024,
+               m[j].map_bytes >> 20);
+    }
+    // one thread pool for all: an idle pool's worker spins a while before it sleeps,
+    // and would take cycles from the model being measured next
+    for (int j = 1; j < n_models; j++) {
+        pool_free(m[j].pool);
+        m[j].pool = m[0].pool;
+    }
+    for (int r = 0; r < repeats; r++)
+        for (int k = 0; k < n_depths; k++)
+            for (int j = 0; j < n_models; j++) {
+                // position p attends to p + 1 cached positions; depth D = D positions before the
+                // first decoded token, as after a D-token prompt in ./run
+                double t0 = now_seconds(), c0 = cpu_seconds();
+                for (int i = 0; i < tokens; i++) {
+                    float *logits = forward(&m[j], &tok[j], 1, depths[k] + i, 0);
+                    tok[j] = argmax(logits, m[j].c.vocab_size);
+                }
+                double t = now_seconds() - t0, cpu = cpu_seconds() - c0;
+                printf("model %d depth %d: %d tokens, %.3f tok/s, cpu share %.2f\n", j, depths[k], tokens, tokens / t,
+                       cpu / (t * threads));
+                fflush(stdout);
+            }
+    for (int j = n_models - 1; j >= 0; j--) {
+        if (j) m[j].pool = NULL;
+        free_transformer(&m[j]);
+    }
+    return 0;
+}
