@@ -55,6 +55,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -80,6 +81,22 @@ DECODE_TOKENS = {"q8_0": 8, "f32": 4}  # timed decode steps per measurement (har
 KL_TOKENS = 2048     # corpus tokens over which converted and original predictions are compared
 RUN_TOKENS = 32      # decoded tokens of a real ./run cross-check (-n depth + 32)
 CFLAGS = ["-O3", "-march=native", "-std=c11", "-D_GNU_SOURCE", "-ffp-contract=fast"]  # the Makefile's
+
+
+CHILDREN = set()  # running child processes, ended if we are terminated
+
+
+def spawn(cmd, **kw):
+    p = subprocess.Popen(cmd, universal_newlines=True, **kw)
+    CHILDREN.add(p)
+    return p
+
+
+def terminated(*_):
+    for p in list(CHILDREN):
+        if p.returncode is None:
+            p.kill()
+    sys.exit("kv_heads.py: terminated")
 
 
 def log(msg):
@@ -123,8 +140,9 @@ def wait_idle(limit):
 def run(cmd):
     """(stdout, stderr, wall s) of a command that must succeed."""
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate()
+    CHILDREN.discard(p)
     wall = time.time() - t0
     if p.returncode != 0:
         fail("%s failed (exit %d): %s" % (" ".join(cmd), p.returncode, err.strip()[-500:]))
@@ -137,8 +155,10 @@ def run_timed(cmd, threads):
     from /proc/stat minus the child's own, from wait4's rusage)."""
     t0, before = time.time(), cpu_times()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, universal_newlines=True)
+        p = spawn(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = status
+        CHILDREN.discard(p)
         wall = time.time() - t0
         out.seek(0)
         err.seek(0)
@@ -203,8 +223,7 @@ def measure_ppl(args, tmp):
         while pending and len(running) < max(1, args.threads):
             row, cmd = pending.pop(0)
             out = tempfile.TemporaryFile("w+")
-            running.append((row, cmd, out, time.time(), subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                                         universal_newlines=True)))
+            running.append((row, cmd, out, time.time(), spawn(cmd, stdout=out, stderr=subprocess.STDOUT)))
         pid, status, usage = os.wait4(-1, 0)
         for job in running:
             if job[4].pid == pid:
@@ -214,6 +233,7 @@ def measure_ppl(args, tmp):
         running.remove(job)
         row, cmd, out, t0, p = job
         p.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+        CHILDREN.discard(p)
         out.seek(0)
         text = out.read()
         out.close()
@@ -737,6 +757,7 @@ def main():
                  "date": time.strftime("%Y-%m-%d %H:%M"), "git": git, "threads": args.threads,
                  "repeats": args.repeats, "loadavg_start": " ".join(open("/proc/loadavg").read().split()[:3])})
     tmp = tempfile.mkdtemp(prefix="kv_heads-")
+    signal.signal(signal.SIGTERM, terminated)  # end the children, still clean up tmp
     # a snapshot: a colleague's `make` during the run must not swap the engine under us
     shutil.copy2(RUN, os.path.join(tmp, "run"))
     RUN = os.path.join(tmp, "run")
