@@ -731,7 +731,7 @@ def main():
     ap.add_argument("--cache", default=default_cache, help="where the 1B models live (default %(default)s)")
     ap.add_argument("--only", choices=["ppl", "decode"], help="run one half (the JSON keeps the other)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
-                    help="before each decode measurement, wait up to S seconds for the machine to be idle")
+                    help="before the decode runs of each weight type, wait up to S seconds for an idle machine")
     ap.add_argument("--replot", action="store_true", help="rewrite the .md and .svg from kv_heads.json")
     args = ap.parse_args()
     if args.replot:
