@@ -57,11 +57,13 @@ import re
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from bench import file_is_complete, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -179,15 +181,6 @@ def info(model, *extra):
     return {k: (int(v) if re.fullmatch(r"-?\d+", v) else v) for k, v in kv.items()}
 
 
-def numpy_python():
-    for p in ("python3", "/usr/bin/python3", "python"):
-        exe = shutil.which(p)
-        if exe and subprocess.run([exe, "-c", "import numpy"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL).returncode == 0:
-            return exe
-    return None
-
-
 # ----------------------------------------------------------------------------
 # 1. Perplexity against KV bytes per token
 
@@ -303,21 +296,6 @@ def divergence(args, tmp, rows, corpus):
 
 # ----------------------------------------------------------------------------
 # 2. Decode speed at depth
-
-def model_path(cache, dtype, kv):  # bench/bench.py's names
-    name = "llama1b-%s.bin" % dtype if kv == 8 else "llama1b-kv%d-%s.bin" % (kv, dtype)
-    return os.path.join(cache, name)
-
-
-def file_is_complete(path):
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-        return struct.unpack_from("<I", head, 0)[0] == 0x4B43334C and \
-            struct.unpack_from("<Q", head, 152)[0] == os.path.getsize(path)
-    except (OSError, struct.error):
-        return False
-
 
 def ensure_model(args, dtype, kv):
     path = model_path(args.cache, dtype, kv)
