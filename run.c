@@ -831,6 +831,23 @@ static void set_kv_heads(Transformer *m, int K) {
 // ----------------------------------------------------------------------------
 // The forward pass
 
+// The KV cache is mapped with huge pages where the kernel allows: attention
+// reads one row of head_dim numbers per position and head, kv_dim apart, and
+// with 4 KiB pages nearly every row would cost a TLB miss. Pages are zero
+// and become resident only when a position is written.
+static float *alloc_cache(size_t n, const char *what) {
+    void *p = mmap(NULL, n * sizeof(float), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die("out of memory allocating %s (%zu x %zu bytes); try a smaller -c", what, n, sizeof(float));
+#ifdef MADV_HUGEPAGE
+    madvise(p, n * sizeof(float), MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+static void free_cache(float *p, size_t n) {
+    if (p) munmap(p, n * sizeof(float));
+}
+
 static void malloc_run_state(Transformer *m) {
     const Config *c = &m->c;
     RunState *s = &m->s;
@@ -854,8 +871,8 @@ static void malloc_run_state(Transformer *m) {
     s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
-    s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
-    s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
+    s->key_cache = alloc_cache(cache, "the key cache");
+    s->value_cache = alloc_cache(cache, "the value cache");
     s->kv_cache_elems = 2 * cache;
     s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
     rope_frequencies(&m->h, s->rope_freq);
@@ -863,7 +880,9 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->key_cache); free(s->value_cache); free(s->rope_freq);
+    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->rope_freq);
+    free_cache(s->key_cache, s->kv_cache_elems / 2);
+    free_cache(s->value_cache, s->kv_cache_elems / 2);
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
