@@ -1458,13 +1458,18 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
     malloc_run_state(m);
 }
 
-static void free_transformer(Transformer *m) {
+// Everything built on top of the checkpoint's bytes (m->map is left alone).
+static void free_model_state(Transformer *m) {
     if (m->pool) pool_free(m->pool);
     free_run_state(&m->s);
     tokenizer_free(m->tok);
     free(m->w.layers);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
+}
+
+static void free_transformer(Transformer *m) {
+    free_model_state(m);
     munmap(m->map, m->map_bytes);
 }
 

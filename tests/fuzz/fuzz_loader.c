@@ -12,13 +12,8 @@
 #include "../../run.c"
 
 static void release(Transformer *m) {
-    if (m->pool) pool_free(m->pool);
-    free_run_state(&m->s);
-    tokenizer_free(m->tok);
-    free(m->w.layers);
-    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
-    free(m->owned);
-    free(m->map);
+    free_model_state(m);
+    free(m->map); // the harness's copy of the input, not an mmap
     memset(m, 0, sizeof *m);
 }
 
