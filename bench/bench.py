@@ -197,12 +197,25 @@ PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 
 
-def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
-    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
+def probe_bandwidth(threads):
+    """A quick read-bandwidth measurement (GB/s, median of 5 passes over 0.5 GiB). On a VM
+    the memory bus is shared with neighbours we cannot see: the bandwidth available moves
+    between ~30 and ~70 GB/s with nothing else running here, so decode runs are also
+    compared with the bandwidth measured right before and after them."""
+    r = run_child([os.path.join(BENCH, "bandwidth"), "-t", str(threads), "-g", "0.5", "-p", "5"], stdout=True)
+    kv = key_values(r["stdout"])
+    return float(kv["bandwidth_median_gbs"]) if r["rc"] == 0 and "bandwidth_median_gbs" in kv else None
+
+
+def generate(model, threads, n, prompt=None, prompt_file=None, context=None, probe=False):
+    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure.
+    probe: also measure the bandwidth just before and after (bw_adjacent_gbs, their mean)."""
     cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
     cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
     quiet_machine()
+    bw = [probe_bandwidth(threads)] if probe else []
     r = run_child(cmd)
+    bw += [probe_bandwidth(threads)] if probe else []
     pre, dec = PREFILL_RE.search(r["stderr"]), DECODE_RE.search(r["stderr"])
     if r["rc"] != 0 or not pre or not dec:
         warn("%s failed (exit %d):\n%s" % (" ".join(cmd), r["rc"], r["stderr"].strip()[-1000:]))
@@ -210,6 +223,8 @@ def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
     del r["stdout"], r["stderr"], r["rc"]
     r.update(cmd=" ".join(cmd), prefill_tokens=int(pre.group(1)), prefill_tps=float(pre.group(2)),
              decode_tokens=int(dec.group(1)), decode_tps=float(dec.group(2)))
+    if bw and None not in bw:
+        r["bw_adjacent_gbs"] = sum(bw) / len(bw)
     return r
 
 
@@ -375,8 +390,8 @@ def bench_weights(args, machine, prompts, dtype):
     log("%s: warming the page cache" % dtype)
     warm_page_cache(model)
 
-    dec = repeat(args.runs, lambda: generate(model, args.threads, DECODE_POSITIONS, prompt=SHORT_PROMPT),
-                 "%s decode" % dtype)
+    dec = repeat(args.runs, lambda: generate(model, args.threads, DECODE_POSITIONS, prompt=SHORT_PROMPT,
+                                             probe=True), "%s decode" % dtype)
     if not dec:
         row["error"] = "./run failed"
         return row
@@ -387,6 +402,9 @@ def bench_weights(args, machine, prompts, dtype):
     row["decode_tps"] = median([r["decode_tps"] for r in quiet(dec)])
     # Memory roofline: every weight byte is read once per decoded token.
     row["roofline_pct"] = 100 * row["decode_tps"] * info["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
+    # The same against the bandwidth measured around each run (what the engine could get then).
+    row["roofline_adjacent_pct"] = median([100 * r["decode_tps"] * info["weight_bytes"] / (r["bw_adjacent_gbs"] * 1e9)
+                                           for r in quiet(dec) if "bw_adjacent_gbs" in r])
     if pre:
         row["prefill_prompt_tokens"] = pre[0]["prefill_tokens"]
         row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(pre)])
@@ -412,7 +430,7 @@ def bench_depth(args, machine, prompts, dtype):
             context = max(4096, n + gen)
             info = model_info(model, context)
             runs = repeat(args.depth_runs, lambda: generate(model, args.threads, n + gen, prompt_file=prompt_file,
-                                                       context=context), "kv%d depth %d" % (kv, n))
+                                                            context=context, probe=True), "kv%d depth %d" % (kv, n))
             row = {"n_kv_heads": kv, "weights": dtype, "depth": n, "generated": gen, "context": context,
                    "runs": runs}
             if runs:
@@ -424,6 +442,9 @@ def bench_depth(args, machine, prompts, dtype):
                 row["kv_read_bytes"] = kv_read
                 row["predicted_tps"] = machine["bandwidth_gbs"] * 1e9 / (info["weight_bytes"] + kv_read)
                 row["ratio"] = row["decode_tps"] / row["predicted_tps"]
+                row["ratio_adjacent"] = median([r["decode_tps"] * (info["weight_bytes"] + kv_read) /
+                                                (r["bw_adjacent_gbs"] * 1e9)
+                                                for r in quiet(runs) if "bw_adjacent_gbs" in r])
                 row["peak_rss_bytes"] = max(r["rss_bytes"] for r in runs)
                 row["rss_budget_bytes"] = rss_budget(info, context)
             else:
@@ -497,15 +518,16 @@ def report(res):
                  " ".join("%.0f" % x for x in m["fma_peak_gflops_samples"]),
                  fmt(max([100 * b for b in m.get("others", []) if b is not None] or [None]), "up to %.0f %%"),
                  " ".join("%.2f" % x for x in res["loadavg"])), "",
-             "| engine | weights | decode tok/s | %% roofline | prefill tok/s (%d-token prompt) | %% FMA peak "
-             "| peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| engine | weights | decode tok/s | %% roofline | %% of bw then | prefill tok/s (%d-token prompt) "
+             "| %% FMA peak | peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["weights"]:
         if "decode_tps" not in r:
-            lines.append("| run.c | %s | n/a | | n/a | | | | %s" % (r["weights"], r.get("error", "")))
+            lines.append("| run.c | %s | n/a | | | n/a | | | | %s" % (r["weights"], r.get("error", "")))
             continue
-        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %.0f | %.0f | %s |" % (
+        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %s | %.0f | %.0f | %s |" % (
             r["weights"], spread(r["decode_runs"], "decode_tps"), r["roofline_pct"],
+            fmt(r.get("roofline_adjacent_pct"), "%.0f %%"),
             spread(r["prefill_runs"], "prefill_tps") if r["prefill_runs"] else "n/a",
             fmt(r.get("fma_pct"), "%.0f %%"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
             busy(r["decode_runs"] + r["prefill_runs"])))
@@ -514,15 +536,16 @@ def report(res):
         lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, %s tokens generated, "
                   "%s run(s) each)" % (res["depth_weights"], d0["generated"] if d0 else "?",
                                        len(d0["runs"]) if d0 else "?"), "",
-                  "| KV heads | depth | decode tok/s | predicted tok/s | measured / predicted | KV read MiB/token "
-                  "| prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| KV heads | depth | decode tok/s | predicted tok/s | measured / predicted | same, bw then "
+                  "| KV read MiB/token | prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["depth"]:
             if "decode_tps" not in r:
                 lines.append("| %d | %s | n/a | | | | | | %s" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
                 continue
-            lines.append("| %d | %d | %s | %.2f | %.2f | %.1f | %s | %.0f | %.0f | %s |" % (
+            lines.append("| %d | %d | %s | %.2f | %.2f | %s | %.1f | %s | %.0f | %.0f | %s |" % (
                 r["n_kv_heads"], r["depth"], spread(r["runs"], "decode_tps"), r["predicted_tps"], r["ratio"],
+                fmt(r.get("ratio_adjacent"), "%.2f"),
                 r["kv_read_bytes"] / MIB, fmt(r.get("prefill_tps")), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
                 busy(r["runs"])))
     tok = res.get("tokenizer")
@@ -531,7 +554,9 @@ def report(res):
             fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"),
             fmt(None if tok.get("others") is None else 100 * tok["others"], "%.0f %%"))
         if tok else "n/a (no bench/bench_tokenizer)")]
-    lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% FMA peak = prefill tok/s x 2 x "
+    lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% of bw then: the same with the "
+              "bandwidth measured just before and after each run (neighbours on the host share the memory bus); "
+              "%% FMA peak = prefill tok/s x 2 x "
               "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
               "others = the most CPU other programs used during the runs used (%% of all cores; high = noisy), "
               "(used/made): runs with others > %.0f %% are retried and left out while quiet ones exist." %
