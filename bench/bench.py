@@ -398,7 +398,13 @@ def bench_weights(args, machine, prompts, dtype):
     prompt_file, n = prompts.make(PREFILL_TOKENS)
     pre = repeat(args.runs, lambda: generate(model, args.threads, n, prompt_file=prompt_file),
                  "%s prefill (%d tokens)" % (dtype, n))
-    row["decode_runs"], row["prefill_runs"] = dec, pre
+    # The first forward pass of a process has a fixed extra cost: on a VM with shadow
+    # page tables every 4 KiB page of weights touched for the first time costs ~1 us,
+    # even after ./run prefaults its map (0.3 s for q8_0, 1.2 s for f32). A 1-token
+    # prompt measures it, so (n - 1) / (t(n) - t(1)) is the marginal prefill rate.
+    one_file, _ = prompts.make(1)
+    one = repeat(args.runs, lambda: generate(model, args.threads, 1, prompt_file=one_file), "%s 1-token prompt" % dtype)
+    row["decode_runs"], row["prefill_runs"], row["one_token_runs"] = dec, pre, one
     row["decode_tps"] = median([r["decode_tps"] for r in quiet(dec)])
     # Memory roofline: every weight byte is read once per decoded token.
     row["roofline_pct"] = 100 * row["decode_tps"] * info["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
@@ -410,7 +416,14 @@ def bench_weights(args, machine, prompts, dtype):
         row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(pre)])
         # Compute roofline: 2 flops (one FMA) per matmul parameter per token.
         row["fma_pct"] = 100 * row["prefill_tps"] * 2 * info["matmul_params"] / (machine["fma_peak_gflops"] * 1e9)
-    row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre)
+        if one and n > 1:
+            t_n, t_1 = n / row["prefill_tps"], 1 / median([r["prefill_tps"] for r in quiet(one)])
+            row["first_pass_s"] = t_1
+            if t_n > t_1:
+                row["prefill_marginal_tps"] = (n - 1) / (t_n - t_1)
+                row["fma_marginal_pct"] = (100 * row["prefill_marginal_tps"] * 2 * info["matmul_params"] /
+                                           (machine["fma_peak_gflops"] * 1e9))
+    row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre + one)
     row["rss_budget_bytes"] = rss_budget(info, info["context"])
     return row
 
@@ -519,18 +532,20 @@ def report(res):
                  fmt(max([100 * b for b in m.get("others", []) if b is not None] or [None]), "up to %.0f %%"),
                  " ".join("%.2f" % x for x in res["loadavg"])), "",
              "| engine | weights | decode tok/s | %% roofline | %% of bw then | prefill tok/s (%d-token prompt) "
-             "| %% FMA peak | peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| %% FMA peak | marginal prefill tok/s | %% FMA peak | peak RSS MiB | RSS budget MiB | others |"
+             % PREFILL_TOKENS,
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["weights"]:
         if "decode_tps" not in r:
-            lines.append("| run.c | %s | n/a | | | n/a | | | | %s" % (r["weights"], r.get("error", "")))
+            lines.append("| run.c | %s | n/a | | | n/a | | | | | | %s" % (r["weights"], r.get("error", "")))
             continue
-        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %s | %.0f | %.0f | %s |" % (
+        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %s | %s | %s | %.0f | %.0f | %s |" % (
             r["weights"], spread(r["decode_runs"], "decode_tps"), r["roofline_pct"],
             fmt(r.get("roofline_adjacent_pct"), "%.0f %%"),
             spread(r["prefill_runs"], "prefill_tps") if r["prefill_runs"] else "n/a",
-            fmt(r.get("fma_pct"), "%.0f %%"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
-            busy(r["decode_runs"] + r["prefill_runs"])))
+            fmt(r.get("fma_pct"), "%.0f %%"), fmt(r.get("prefill_marginal_tps"), "%.2f"),
+            fmt(r.get("fma_marginal_pct"), "%.0f %%"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
+            busy(r["decode_runs"] + r["prefill_runs"] + r.get("one_token_runs", []))))
     if res.get("depth"):
         d0 = next((r for r in res["depth"] if "runs" in r), None)
         lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, %s tokens generated, "
@@ -554,15 +569,20 @@ def report(res):
             fmt(tok["mb_per_s"], "%.1f MB/s"), fmt(tok.get("mb_per_s_cpu"), "%.1f MB/s"),
             fmt(None if tok.get("others") is None else 100 * tok["others"], "%.0f %%"))
         if tok else "n/a (no bench/bench_tokenizer)")]
-    lines += ["", "%% roofline = decode tok/s x weight_bytes / bandwidth; %% of bw then: the same with the "
-              "bandwidth measured just before and after each run (neighbours on the host share the memory bus); "
-              "%% FMA peak = prefill tok/s x 2 x "
-              "matmul params (%s) / FMA peak; predicted = bandwidth / (weight_bytes + KV bytes read per token); "
-              "others = the most CPU other programs used during the runs used (%% of all cores; high = noisy), "
-              "(used/made): runs with others > %.0f %% are retried and left out while quiet ones exist." %
-              (fmt(next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None), "%.4g"),
-               100 * MAX_OTHERS),
-              "took %.0f s" % res["elapsed_s"]]
+    matmul_params = next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None)
+    first = ", ".join("%s %.2f s" % (r["weights"], r["first_pass_s"]) for r in res["weights"] if "first_pass_s" in r)
+    lines += ["",
+              "- % roofline = decode tok/s x weight_bytes / bandwidth; % of bw then: the same with the bandwidth "
+              "measured just before and after each run (neighbours on the host share the memory bus).",
+              "- %% FMA peak = prefill tok/s x 2 x matmul params (%s) / FMA peak. Marginal prefill = (n - 1) / "
+              "(t(n) - t(1)): without the fixed cost of a process's first forward pass (%s)." % (
+                  fmt(matmul_params, "%.4g"), first or "n/a"),
+              "- predicted = bandwidth / (weight_bytes + KV bytes read per token).",
+              "- others = the most CPU other programs used during the runs a figure comes from (%% of all cores); "
+              "(used/made): runs with others > %.0f %% are retried, and left out while quiet ones exist." %
+              (100 * MAX_OTHERS),
+              "", "took %.0f s; ./run at %s%s" % (res["elapsed_s"], (res["git"].get("commit") or "?")[:7],
+                                                  " + uncommitted changes" if res["git"].get("dirty") else "")]
     return "\n".join(lines)
 
 
