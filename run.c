@@ -108,6 +108,10 @@ typedef struct {
     Matrix classifier;      // (vocab_size, dim); the embedding when tied
 } Weights;
 
+// A thread's share of a matmul's row chunks [first, end), taken from the
+// front by its owner and from the back by threads that are done with theirs.
+typedef struct { _Alignas(64) _Atomic uint64_t range; } Share; // end << 32 | first; a cache line each
+
 #define MAX_BATCH 128 // tokens per forward call during prefill (a multiple of GEMM_TOKENS)
 
 // Activations for a block of up to MAX_BATCH tokens, and the KV cache.
@@ -123,8 +127,9 @@ typedef struct {
     int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
     float *xs;      // (B, max_cols / Q8_GROUP) ... and its scales
     float *xT;      // (max_cols, B) a block's matmul input, transposed
-    float *outT;    // (max_rows, B) a block's matmul output, transposed
+    float *outT;    // (max_rows, B) a block's matmul output, transposed (all matrices of a matmuls() call)
     float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
+    Share *shares;  // (n_threads) decode matmul work still to do
     size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
     float *key_cache;   // (n_layers, seq_len, kv_dim)
@@ -571,11 +576,11 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
 static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
     for (int g = 0; g < n / Q8_GROUP; g++) {
         const float *xg = x + g * Q8_GROUP;
-        float amax = 0;
-        for (int i = 0; i < Q8_GROUP; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float amax = 0; // (written so that compilers vectorize both loops: no fmaxf or lrintf calls)
+        for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
         float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
         s[g] = scale;
-        for (int i = 0; i < Q8_GROUP; i++) q[g * Q8_GROUP + i] = (int8_t)lrintf(xg[i] * inv);
+        for (int i = 0; i < Q8_GROUP; i++) q[g * Q8_GROUP + i] = (int8_t)(int)rintf(xg[i] * inv); // to nearest even, as lrintf
     }
 }
 
@@ -604,9 +609,31 @@ static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
 #endif
 
 static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
+    int g = 0, groups = n / Q8_GROUP;
+    float sum = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    // 16 groups per step: their 16 scale products ws*xs fill one vector, and
+    // each 64-byte load holds two groups, whose 2 x 8 int32 lanes take their
+    // scales from it by a lane permutation.
+    __m512 wide0 = _mm512_setzero_ps(), wide1 = _mm512_setzero_ps();
+    for (; g + 16 <= groups; g += 16) {
+        __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + g), _mm512_loadu_ps(xs + g));
+        for (int j = 0; j < 8; j++) {
+            const int8_t *wp = wq + (size_t)(g + 2 * j) * Q8_GROUP, *xp = xq + (size_t)(g + 2 * j) * Q8_GROUP;
+            __m512i w = _mm512_loadu_si512(wp), x = _mm512_loadu_si512(xp);
+            __m512i x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), x_signed);
+            __m512i lanes = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+                                             2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
+            __m512 s = _mm512_permutexvar_ps(lanes, scale);
+            if (j & 1) wide1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, wide1);
+            else wide0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, wide0);
+        }
+    }
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(wide0, wide1));
+#endif
 #if defined(__AVX2__)
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); // two chains hide FMA latency
-    int g = 0, groups = n / Q8_GROUP;
     for (; g + 1 < groups; g += 2) {
         __m256 d0 = _mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP));
         __m256 d1 = _mm256_cvtepi32_ps(dot_i8_group(wq + (g + 1) * Q8_GROUP, xq + (g + 1) * Q8_GROUP));
@@ -620,9 +647,9 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
+    return sum + _mm_cvtss_f32(h);
 #else
-    return dot_q8_scalar(wq, ws, xq, xs, n);
+    return sum + dot_q8_scalar(wq + g * Q8_GROUP, ws + g, xq + g * Q8_GROUP, xs + g, n - g * Q8_GROUP);
 #endif
 }
 
@@ -659,44 +686,79 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
     }
 }
 
-// out (T, W.rows) = x (T, W.cols) @ W^T, rows split across threads.
+// out (T, W.rows) = x (T, W.cols) @ W^T, for one or several matrices W that
+// share the input x (q, k and v; gate and up), in one task: one hand-off to
+// the threads, x quantized or transposed once.
 //  T < VEC_LEN (decode): one dot product per (row, token), the row read from
 //    memory once; q8_0 weights use integer dot products with x quantized to
-//    q8_0 (xq, xs).
+//    q8_0 (xq, xs). The rows are cut into chunks of about CHUNK_BYTES of
+//    weights; each thread works through its own contiguous share of chunks
+//    (one stream for the hardware prefetcher), and one that finishes early
+//    takes chunks from the back of the others' shares, so a core slowed by a
+//    neighbour on the machine does not leave the other waiting. (A row's
+//    result does not depend on which thread computes it.)
 //  T >= VEC_LEN (prefill): register tiles over x^T (xT, the block transposed and
 //    padded to a multiple of GEMM_TOKENS tokens) into outT, transposed back
 //    at the end. q8_0 rows are first dequantized into a small per-thread
 //    buffer, which is cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
 #define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
+#define CHUNK_BYTES (256 << 10)
+#define MAX_PRODUCTS 3
+
+typedef struct { float *out; const Matrix *w; } Product; // out (T, w->rows) = x @ w^T
 
 typedef struct {
-    float *out; const float *x; const Matrix *w; int T;
+    Product p[MAX_PRODUCTS]; int n_products; int T; // all w have the same cols
+    const float *x;                    // (T, cols)
     const int8_t *xq; const float *xs; // x quantized (q8_0 weights, T < VEC_LEN)
-    const float *xT; float *outT;      // (cols, Tpad) and (rows, Tpad) (T >= VEC_LEN)
+    const float *xT; float *outT;      // (cols, Tpad) and (rows of all products, Tpad) (T >= VEC_LEN)
     int Tpad;
     float *scratch;                    // (n_threads, scratch_stride) dequantized weights
     size_t scratch_stride;
+    int chunk_rows[MAX_PRODUCTS];      // decode: rows per chunk, about CHUNK_BYTES of weights
+    Share *shares;                     // decode: (n_threads) each thread's chunks still to do
+    int n_shares;
 } MatmulTask;
 
-static void matmul_task(void *arg, int ith, int nth) {
-    const MatmulTask *a = arg;
-    const Matrix *w = a->w;
-    const int T = a->T, n = w->cols, Tp = a->Tpad;
-    int lo, hi;
-    split_range(w->rows, ith, nth, ROW_QUANTUM, &lo, &hi); // tiles start at the same rows for any thread count
-    if (T < VEC_LEN) {
-        for (int r = lo; r < hi; r++)
-            for (int t = 0; t < T; t++)
-                a->out[(size_t)t * w->rows + r] = w->q
-                    ? dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
-                             a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
-                    : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
-        return;
+// Rows [r0, r1) of w for the T < VEC_LEN tokens of x.
+static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
+    const Matrix *w = p->w;
+    const int n = w->cols;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < a->T; t++)
+            p->out[(size_t)t * w->rows + r] = w->q
+                ? dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
+                         a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
+                : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
+}
+
+// Takes the first (front) or the last chunk of a share; -1 when it is empty.
+static int take_chunk(Share *sh, int front) {
+    uint64_t v = atomic_load_explicit(&sh->range, memory_order_relaxed);
+    for (;;) {
+        uint32_t first = (uint32_t)v, end = (uint32_t)(v >> 32);
+        if (first >= end) return -1;
+        uint64_t next = front ? v + 1 : (uint64_t)(end - 1) << 32 | first;
+        if (atomic_compare_exchange_weak_explicit(&sh->range, &v, next, memory_order_relaxed, memory_order_relaxed))
+            return front ? (int)first : (int)end - 1;
     }
+}
+
+// Chunk c counts through the products in order: which product, which rows.
+static void matvec_chunk(const MatmulTask *a, int c) {
+    int i = 0;
+    for (; c >= (a->p[i].w->rows + a->chunk_rows[i] - 1) / a->chunk_rows[i]; i++)
+        c -= (a->p[i].w->rows + a->chunk_rows[i] - 1) / a->chunk_rows[i];
+    int r0 = c * a->chunk_rows[i], rows = a->p[i].w->rows;
+    matvec_rows(a, &a->p[i], r0, r0 + a->chunk_rows[i] < rows ? r0 + a->chunk_rows[i] : rows);
+}
+
+// Rows [lo, hi) of w for a block of T >= VEC_LEN tokens, into outT (w->rows, Tpad).
+static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo, int hi, float *buf) {
+    const int n = w->cols, T = a->T, Tp = a->Tpad;
     // k blocks outermost: a block of x^T (K_BLOCK, Tpad) stays in L2 cache
     // while every row tile of this thread passes over it
-    float *buf = a->scratch + (size_t)ith * a->scratch_stride;
     int tiled_hi = lo + (hi - lo) / GEMM_R * GEMM_R; // rows past it: the matrix's last few
     for (int k0 = 0; k0 < n; k0 += K_BLOCK) {
         int kn = n - k0 < K_BLOCK ? n - k0 : K_BLOCK;
@@ -709,30 +771,71 @@ static void matmul_task(void *arg, int ith, int nth) {
                 rows = buf, ldw = kn;
             }
             for (int t = 0; t < Tp; t += GEMM_TOKENS)
-                gemm_tile(a->outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + (size_t)k0 * Tp + t, Tp, kn, k0 > 0);
+                gemm_tile(outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + (size_t)k0 * Tp + t, Tp, kn, k0 > 0);
         }
     }
     for (int r = tiled_hi; r < hi; r++) {
         matrix_slice(w, r, 0, n, buf);
-        for (int t = 0; t < T; t++) a->outT[(size_t)r * Tp + t] = dot(buf, a->x + (size_t)t * n, n);
+        for (int t = 0; t < T; t++) outT[(size_t)r * Tp + t] = dot(buf, a->x + (size_t)t * n, n);
     }
-    for (int t = 0; t < T; t++)
-        for (int r = lo; r < hi; r++) a->out[(size_t)t * w->rows + r] = a->outT[(size_t)r * Tp + t];
 }
 
-static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
+static void matmul_task(void *arg, int ith, int nth) {
+    MatmulTask *a = arg;
+    if (a->T < VEC_LEN) {
+        int c;
+        if (ith < a->n_shares)
+            while ((c = take_chunk(&a->shares[ith], 1)) >= 0) matvec_chunk(a, c);
+        for (int k = 1; k < a->n_shares; k++) // then help the others, from the back of their shares
+            while ((c = take_chunk(&a->shares[(ith + k) % a->n_shares], 0)) >= 0) matvec_chunk(a, c);
+        return;
+    }
+    float *buf = a->scratch + (size_t)ith * a->scratch_stride, *outT = a->outT;
+    for (int i = 0; i < a->n_products; i++) {
+        const Product *p = &a->p[i];
+        int lo, hi;
+        split_range(p->w->rows, ith, nth, ROW_QUANTUM, &lo, &hi); // tiles start at the same rows for any thread count
+        gemm_rows(a, p->w, outT, lo, hi, buf);
+        for (int t = 0; t < a->T; t++)
+            for (int r = lo; r < hi; r++) p->out[(size_t)t * p->w->rows + r] = outT[(size_t)r * a->Tpad + t];
+        outT += (size_t)p->w->rows * a->Tpad;
+    }
+}
+
+static void matmuls(Transformer *m, const float *x, int T, const Product *p, int n_products) {
     RunState *s = &m->s;
-    const int n = w->cols, Tpad = (T + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
-    MatmulTask task = {out, x, w, T, s->xq, s->xs, s->xT, s->outT, Tpad, s->scratch, s->scratch_stride};
-    if (T < VEC_LEN && w->q)
+    const int n = p[0].w->cols, Tpad = (T + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
+    MatmulTask task = {.n_products = n_products, .T = T, .x = x, .xq = s->xq, .xs = s->xs, .xT = s->xT,
+                       .outT = s->outT, .Tpad = Tpad, .scratch = s->scratch, .scratch_stride = s->scratch_stride};
+    size_t work = 0;
+    for (int i = 0; i < n_products; i++) {
+        task.p[i] = p[i];
+        work += (size_t)p[i].w->rows * n * T;
+        size_t row_bytes = p[i].w->q ? n + n / Q8_GROUP * sizeof(float) : n * sizeof(float);
+        task.chunk_rows[i] = CHUNK_BYTES / row_bytes / ROW_QUANTUM * ROW_QUANTUM + ROW_QUANTUM;
+    }
+    if (T < VEC_LEN) { // decode: each thread's share of the chunks
+        int chunks = 0;
+        for (int i = 0; i < n_products; i++) chunks += (p[i].w->rows + task.chunk_rows[i] - 1) / task.chunk_rows[i];
+        task.shares = s->shares, task.n_shares = m->n_threads;
+        for (int t = 0; t < m->n_threads; t++) {
+            uint64_t first = (uint64_t)chunks * t / m->n_threads, end = (uint64_t)chunks * (t + 1) / m->n_threads;
+            atomic_store_explicit(&s->shares[t].range, end << 32 | first, memory_order_relaxed);
+        }
+    }
+    if (T < VEC_LEN && p[0].w->q)
         for (int t = 0; t < T; t++)
             quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, x + (size_t)t * n, n);
     if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
         for (int k = 0; k < n; k++)
             for (int t = 0; t < Tpad; t++) s->xT[(size_t)k * Tpad + t] = t < T ? x[(size_t)t * n + k] : 0;
     // waking the workers costs microseconds: not worth it for a tiny product
-    if ((size_t)w->rows * n * T < SMALL_WORK) matmul_task(&task, 0, 1);
+    if (work < SMALL_WORK) matmul_task(&task, 0, 1);
     else pool_run(m->pool, matmul_task, &task);
+}
+
+static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
+    matmuls(m, x, T, &(Product){out, w}, 1);
 }
 
 // RoPE: rotate each pair (x[2i], x[2i+1]) of every head by the angle pos * freq[i].
@@ -864,12 +967,16 @@ static void malloc_run_state(Transformer *m) {
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
     s->xq = xcalloc((size_t)MAX_BATCH * max_cols, 1, "activations");
     s->xs = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
-    int max_rows = c->vocab_size > c->hidden_dim ? c->vocab_size : c->hidden_dim;
-    if (max_cols > max_rows) max_rows = max_cols;
+    // rows of one matmuls() call: the classifier, gate + up, q + k + v, or wo / w2
+    size_t max_rows = c->vocab_size;
+    size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim};
+    for (int i = 0; i < 3; i++) if (rows_of[i] > max_rows) max_rows = rows_of[i];
     s->xT = xcalloc((size_t)max_cols * MAX_BATCH, sizeof(float), "activations");
     s->outT = xcalloc((size_t)max_rows * MAX_BATCH, sizeof(float), "activations");
     s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
+    s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
+    if (!s->shares) die("out of memory for the thread shares");
     size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
     s->key_cache = alloc_cache(cache, "the key cache");
     s->value_cache = alloc_cache(cache, "the value cache");
@@ -880,7 +987,7 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->rope_freq);
+    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(s->key_cache, s->kv_cache_elems / 2);
     free_cache(s->value_cache, s->kv_cache_elems / 2);
 }
@@ -948,9 +1055,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
         // k and v go straight into the cache: rows pos .. pos+T-1 of this layer, (T, kv_dim)
         float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
         float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
-        matmul(m, s->q, s->xb, &L->wq, T);
-        matmul(m, k, s->xb, &L->wk, T);
-        matmul(m, v, s->xb, &L->wv, T);
+        matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {k, &L->wk}, {v, &L->wv}}, 3);
         for (int t = 0; t < T; t++) {
             rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
             rope(k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
@@ -965,8 +1070,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
         // feed-forward: x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
         for (int t = 0; t < T; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->ffn_norm, dim, c->norm_eps);
-        matmul(m, s->hb, s->xb, &L->w1, T);
-        matmul(m, s->hb2, s->xb, &L->w3, T);
+        matmuls(m, s->xb, T, (Product[]){{s->hb, &L->w1}, {s->hb2, &L->w3}}, 2);
         for (size_t i = 0; i < (size_t)T * hid; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
         matmul(m, s->xb2, s->hb, &L->w2, T);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];

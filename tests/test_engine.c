@@ -65,6 +65,8 @@ static void test_matmul_paths(void) {
     Matrix w = random_matrix(ROWS, COLS, &rng, &wf);
     for (int i = 0; i < TMAX * COLS; i++) x[i] = frand(&rng);
     Transformer m = {0};
+    m.n_threads = 3; // shares for up to 3 threads
+    m.s.shares = aligned_alloc(64, 3 * sizeof(Share));
     m.s.scratch_stride = GEMM_R * K_BLOCK > COLS ? GEMM_R * K_BLOCK : COLS;
     m.s.scratch = xcalloc(3 * m.s.scratch_stride, sizeof(float), "scratch");
     m.s.xT = xcalloc((size_t)COLS * MAX_BATCH, sizeof(float), "xT");
@@ -79,9 +81,23 @@ static void test_matmul_paths(void) {
         pool_free(m.pool);
         m.pool = pool_create(3);
         matmul(&m, out3, x, &w, T);
-        pool_free(m.pool);
         snprintf(name, sizeof name, "matmul_T%d_1_and_3_threads_bit_identical", T);
         check(!memcmp(out1, out3, (size_t)T * ROWS * sizeof(float)), name, "outputs differ");
+        // three products sharing x in one call (q, k, v) give what three calls give
+        float *fused = xcalloc(3 * TMAX * ROWS, sizeof(float), "out");
+        Matrix top = w, bottom = w;
+        top.rows = 64, bottom.f += (size_t)64 * COLS, bottom.rows = ROWS - 64;
+        matmuls(&m, x, T, (Product[]){{fused, &top}, {fused + TMAX * 64, &bottom}, {fused + 2 * TMAX * ROWS, &w}}, 3);
+        int same = 1;
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < ROWS; r++) {
+                float part = r < 64 ? fused[t * 64 + r] : fused[TMAX * 64 + t * (ROWS - 64) + r - 64];
+                same &= part == out3[t * ROWS + r] && fused[2 * TMAX * ROWS + t * ROWS + r] == out3[t * ROWS + r];
+            }
+        snprintf(name, sizeof name, "matmuls_T%d_three_products_equal_separate_calls", T);
+        check(same, name, "outputs differ");
+        free(fused);
+        pool_free(m.pool);
         float worst = 0;
         for (int t = 0; t < T; t++)
             for (int r = 0; r < ROWS; r++)
@@ -89,7 +105,7 @@ static void test_matmul_paths(void) {
         snprintf(name, sizeof name, "matmul_T%d_matches_scalar_dot_products", T);
         check(worst < 1e-5f, name, "max abs error %g", worst);
     }
-    free(wf); free(x); free(out1); free(out3); free(m.s.xT); free(m.s.outT); free(m.s.scratch);
+    free(wf); free(x); free(out1); free(out3); free(m.s.xT); free(m.s.outT); free(m.s.scratch); free(m.s.shares);
 }
 
 static void test_sampler(void) {
@@ -139,11 +155,19 @@ static void test_q8_kernels(void) {
         if (e > worst) worst = e;
     }
     check(worst < 1e-5f, "simd_q8_dot_matches_scalar_q8_dot", "worst relative error %g", worst);
+    // lengths that end in every part of the kernel: 16-group steps, pairs of groups, a last group
+    int lengths[] = {32, 64, 96, 480, 544, 608}, all_close = 1;
+    for (int i = 0; i < 6; i++) {
+        float ref = dot_q8_scalar(wq, ws, xq, xs, lengths[i]), got = dot_q8(wq, ws, xq, xs, lengths[i]);
+        all_close &= fabsf(got - ref) <= 1e-5f * (fabsf(ref) + 1e-3f);
+    }
+    check(all_close, "simd_q8_dot_matches_scalar_for_any_group_count", "a length differs");
     // the matmul's two q8_0 paths: integer dots (T < VEC_LEN) and dequantized tiles
     Matrix m8 = {.q = wq, .s = ws, .rows = ROWS, .cols = N};
     Transformer m = {0};
     m.n_threads = 2;
     m.pool = pool_create(2);
+    m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
     m.s.xq = xq; m.s.xs = xs; // matmul re-quantizes x into these for the integer path
     m.s.scratch_stride = GEMM_R * K_BLOCK > N ? GEMM_R * K_BLOCK : N;
     m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
@@ -165,7 +189,7 @@ static void test_q8_kernels(void) {
     check(worst_int < 0.02f * scale, "q8_integer_matvec_close_to_dequantized_math", "error %g of scale %g", worst_int, scale);
     check(worst_tile < 1e-4f * scale, "q8_tiled_matmul_equals_dequantized_math", "error %g of scale %g", worst_tile, scale);
     pool_free(m.pool);
-    free(m.s.scratch); free(m.s.xT); free(m.s.outT);
+    free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares);
 }
 
 // The cache is allocated for n_kv_heads, not n_heads: GQA's memory saving.
