@@ -120,6 +120,7 @@ typedef struct {
     float *xb;      // (B, max(dim, q_dim)) normed input / attention output
     float *xb2;     // (B, dim)
     float *q;       // (B, q_dim)
+    float *k, *v;   // (B, kv_dim) before they go into the cache
     float *hb;      // (B, hidden_dim)
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, seq_len) attention scores
@@ -132,8 +133,8 @@ typedef struct {
     Share *shares;  // (n_threads) decode matmul work still to do
     size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
-    float *key_cache;   // (n_layers, seq_len, kv_dim)
-    float *value_cache; // (n_layers, seq_len, kv_dim)
+    float *key_cache;   // (n_layers, n_kv_heads, seq_len, head_dim)
+    float *value_cache; // (n_layers, n_kv_heads, seq_len, head_dim)
     size_t kv_cache_elems; // of both caches together
     float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
 } RunState;
@@ -491,9 +492,25 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-// y += a * x
-static void axpy(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
+// out (hd) += sum over p < n of a[p] * v[p * hd .. p * hd + hd): the rows
+// weighted and summed, with four vector accumulators (independent multiply-add
+// chains) held in registers across all n rows.
+static void weighted_sum(float *out, const float *a, const float *v, int n, int hd) {
+    int d = 0;
+    for (; d + 4 * VEC_LEN <= hd; d += 4 * VEC_LEN) {
+        vfloat acc[4];
+        for (int i = 0; i < 4; i++) acc[i] = *(vfloat *)(out + d + i * VEC_LEN);
+        for (int p = 0; p < n; p++)
+            for (int i = 0; i < 4; i++) acc[i] += a[p] * *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN);
+        for (int i = 0; i < 4; i++) *(vfloat *)(out + d + i * VEC_LEN) = acc[i];
+    }
+    for (; d + VEC_LEN <= hd; d += VEC_LEN) {
+        vfloat acc = *(vfloat *)(out + d);
+        for (int p = 0; p < n; p++) acc += a[p] * *(const vfloat *)(v + (size_t)p * hd + d);
+        *(vfloat *)(out + d) = acc;
+    }
+    for (; d < hd; d++)
+        for (int p = 0; p < n; p++) out[d] += a[p] * v[(size_t)p * hd + d];
 }
 
 // RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
@@ -504,12 +521,46 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
 }
 
+// e^x for every lane, to about 1 ulp (tests/test_engine.c checks it against
+// expf): e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2)/2, e^r by
+// its Taylor polynomial to degree 7. Attention takes one exponential per
+// (query head, position), a million per token at depth 2000 with 32 heads:
+// a libm call each would cost as much as reading the cache.
+typedef int32_t vint __attribute__((vector_size(VEC_BYTES), aligned(4)));
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)((mask & (vint)a) | (~mask & (vint)b)); }
+static vfloat vexp(vfloat x) {
+    const float round_magic = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+    x = vselect(x < -87.0f, vbroadcast(-87.0f), x); // e^-87: near the smallest normal float
+    x = vselect(x > 88.0f, vbroadcast(88.0f), x);   // e^88: near the largest
+    vfloat t = x * 1.44269504f + round_magic;
+    vfloat n = t - round_magic;
+    vfloat r = x - n * 0.693145752f - n * 1.42860677e-6f; // ln 2 in two parts: n * hi is exact
+    vfloat p = 1.0f / 5040 + r * 0.0f;
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+    vint two_n = ((vint)t - (vint)vbroadcast(round_magic) + 127) << 23; // 2^n as float bits
+    return p * (vfloat)two_n;
+}
+
 static void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    float sum = 0;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    vfloat sum_v = {0};
+    int i = 0;
+    for (; i + VEC_LEN <= n; i += VEC_LEN) {
+        vfloat e = vexp(*(vfloat *)(x + i) - max);
+        *(vfloat *)(x + i) = e;
+        sum_v += e;
+    }
+    float sum = vsum(sum_v);
+    if (i < n) { // the last n % VEC_LEN, through a zero-padded vector
+        vfloat tail = vbroadcast(-INFINITY);
+        memcpy(&tail, x + i, (n - i) * sizeof(float));
+        vfloat e = vexp(tail - max);
+        for (int j = 0; j < n - i; j++) { x[i + j] = e[j]; sum += e[j]; }
+    }
+    float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
 }
 
 // Matrix multiplication is where all the time goes: decode is one matrix-
@@ -959,6 +1010,8 @@ static void malloc_run_state(Transformer *m) {
     s->xb = xcalloc((size_t)MAX_BATCH * xb_dim, sizeof(float), "activations");
     s->xb2 = xcalloc((size_t)MAX_BATCH * c->dim, sizeof(float), "activations");
     s->q = xcalloc((size_t)MAX_BATCH * c->q_dim, sizeof(float), "activations");
+    s->k = xcalloc((size_t)MAX_BATCH * c->kv_dim, sizeof(float), "activations");
+    s->v = xcalloc((size_t)MAX_BATCH * c->kv_dim, sizeof(float), "activations");
     s->hb = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->att = xcalloc((size_t)m->n_threads * c->kv_mul * c->seq_len, sizeof(float), "attention scores");
@@ -986,18 +1039,26 @@ static void malloc_run_state(Transformer *m) {
 }
 
 static void free_run_state(RunState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(s->key_cache, s->kv_cache_elems / 2);
     free_cache(s->value_cache, s->kv_cache_elems / 2);
 }
 
+// The cache of one layer and KV head: (seq_len, head_dim), positions in
+// order, so attention streams it front to back (one KV head's rows are not
+// interleaved with the other heads').
+static float *cache_head(float *cache, const Config *c, int layer, int kv_head) {
+    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * c->seq_len * c->head_dim;
+}
+
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
 // and values are already in the cache. A task is one (token, KV head) pair:
 // the kv_mul query heads that share the KV head are handled together, so each
-// cached K and V row is read once per group, not once per query head. (With
-// fewer pairs than threads, as in MQA decoding, a group's query heads are
-// split into `parts` so every thread has work.)
+// cached K and V row is read from memory once per group, not once per query
+// head. (With fewer pairs than threads, as in MQA decoding, a group's query
+// heads are split into `parts` so every thread has work.)
+#define ATT_BLOCK 256 // positions whose K or V rows (64 KB at head_dim 64) stay in cache while the group uses them
 typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
 
 static void attention_task(void *arg, int ith, int nth) {
@@ -1014,22 +1075,24 @@ static void attention_task(void *arg, int ith, int nth) {
         int g = item / a->parts % c->n_kv_heads;         // KV head g
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
-        int pos = a->pos + t;                            // attends to positions 0 .. pos
-        // k, v cache rows of this layer: (seq_len, kv_dim); head g at offset g * head_dim
-        const float *k_cache = s->key_cache + (size_t)a->layer * L * c->kv_dim + g * hd;
-        const float *v_cache = s->value_cache + (size_t)a->layer * L * c->kv_dim + g * hd;
+        int n_pos = a->pos + t + 1;                      // attends to positions 0 .. pos+t
+        const float *k = cache_head(s->key_cache, c, a->layer, g);   // (seq_len, head_dim)
+        const float *v = cache_head(s->value_cache, c, a->layer, g); // (seq_len, head_dim)
         const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
         float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, seq_len)
-        for (int p = 0; p <= pos; p++) {
-            const float *k = k_cache + (size_t)p * c->kv_dim;
-            for (int j = j0; j < j1; j++) att[j * L + p] = dot(q + j * hd, k, hd) * scale;
+        // scores: att[j][p] = q_j . k_p / sqrt(head_dim), block by block of positions
+        for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
+            int p1 = p0 + ATT_BLOCK < n_pos ? p0 + ATT_BLOCK : n_pos;
+            for (int j = j0; j < j1; j++)
+                for (int p = p0; p < p1; p++) att[j * L + p] = dot(q + j * hd, k + (size_t)p * hd, hd) * scale;
         }
-        for (int j = j0; j < j1; j++) softmax(att + j * L, pos + 1);
+        for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
+        // out_j = sum over p of att[j][p] * v_p
         float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
         memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
-        for (int p = 0; p <= pos; p++) {
-            const float *v = v_cache + (size_t)p * c->kv_dim;
-            for (int j = j0; j < j1; j++) axpy(out + j * hd, att[j * L + p], v, hd);
+        for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
+            int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK;
+            for (int j = j0; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, v + (size_t)p0 * hd, n, hd);
         }
     }
 }
@@ -1052,13 +1115,15 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
         // attention: x += wo @ attention(rope(wq @ norm(x)), cache)
         for (int t = 0; t < T; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->attn_norm, dim, c->norm_eps);
-        // k and v go straight into the cache: rows pos .. pos+T-1 of this layer, (T, kv_dim)
-        float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
-        float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * c->kv_dim;
-        matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {k, &L->wk}, {v, &L->wv}}, 3);
+        matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {s->k, &L->wk}, {s->v, &L->wv}}, 3);
         for (int t = 0; t < T; t++) {
             rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
-            rope(k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
+            rope(s->k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
+            for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's row at position pos + t
+                size_t row = (size_t)(pos + t) * c->head_dim, from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
+                memcpy(cache_head(s->key_cache, c, l, g) + row, s->k + from, c->head_dim * sizeof(float));
+                memcpy(cache_head(s->value_cache, c, l, g) + row, s->v + from, c->head_dim * sizeof(float));
+            }
         }
         int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
         AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul};

@@ -61,13 +61,14 @@ static long long huge_mapped_kb(const char *path) {
 static void fill_cache(Transformer *m, int positions) {
     const Config *c = &m->c;
     uint64_t state = 0x2545F4914F6CDD1Dull;
-    for (int l = 0; l < c->n_layers; l++) {
-        size_t off = (size_t)l * c->seq_len * c->kv_dim, n = (size_t)positions * c->kv_dim;
-        for (size_t i = 0; i < n; i++) {
-            m->s.key_cache[off + i] = 2 * random_f32(&state) - 1;   // [-1, 1)
-            m->s.value_cache[off + i] = 2 * random_f32(&state) - 1;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            float *k = cache_head(m->s.key_cache, c, l, g), *v = cache_head(m->s.value_cache, c, l, g);
+            for (size_t i = 0; i < (size_t)positions * c->head_dim; i++) {
+                k[i] = 2 * random_f32(&state) - 1; // [-1, 1)
+                v[i] = 2 * random_f32(&state) - 1;
+            }
         }
-    }
 }
 
 #define MAX_MODELS 8

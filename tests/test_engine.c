@@ -30,6 +30,53 @@ static void test_dot_matches_scalar(void) {
     check(worst < 1e-6f, "simd_dot_matches_scalar_dot", "worst relative error %g", worst);
 }
 
+// The vector exponential against expf over the range softmax feeds it
+// (x - max <= 0) and beyond, and softmax against the formula in double.
+static void test_vexp_and_softmax(void) {
+    float worst = 0;
+    for (float x = -100.0f; x <= 88.0f; x += 0.0137f) {
+        vfloat v = vexp(vbroadcast(x));
+        double ref = exp((double)x);
+        if (ref < 1e-37) continue; // below the clamp: denormals are not needed
+        float e = (float)fabs(v[0] - ref) / (float)ref;
+        if (e > worst) worst = e;
+    }
+    check(worst < 4e-7f, "vexp_matches_exp_within_a_few_ulp", "worst relative error %g", worst);
+    uint64_t rng = 5;
+    float x[37], worst_sm = 0;
+    for (int n = 1; n <= 37; n += 4) {
+        for (int i = 0; i < n; i++) x[i] = 20 * frand(&rng);
+        double max = x[0], sum = 0, ref[37];
+        for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+        for (int i = 0; i < n; i++) sum += ref[i] = exp(x[i] - max);
+        softmax(x, n);
+        for (int i = 0; i < n; i++) worst_sm = fmaxf(worst_sm, (float)fabs(x[i] - ref[i] / sum));
+    }
+    check(worst_sm < 1e-6f, "softmax_matches_double_formula", "worst error %g", worst_sm);
+}
+
+// weighted_sum (attention's values) against the scalar loop, for head sizes
+// that use each of its paths.
+static void test_weighted_sum(void) {
+    uint64_t rng = 9;
+    float a[300], v[300 * 136], worst = 0;
+    for (int i = 0; i < 300; i++) a[i] = frand(&rng);
+    for (int i = 0; i < 300 * 136; i++) v[i] = frand(&rng);
+    int sizes[] = {2, 6, 16, 24, 64, 72, 128, 136};
+    for (int k = 0; k < 8; k++) {
+        int hd = sizes[k];
+        float out[136], ref[136];
+        for (int d = 0; d < hd; d++) out[d] = ref[d] = frand(&rng);
+        weighted_sum(out, a, v, 300, hd);
+        for (int d = 0; d < hd; d++) {
+            double r = ref[d];
+            for (int p = 0; p < 300; p++) r += (double)a[p] * v[(size_t)p * hd + d];
+            worst = fmaxf(worst, (float)fabs(out[d] - r));
+        }
+    }
+    check(worst < 1e-4f, "weighted_sum_matches_scalar_sums", "worst error %g", worst);
+}
+
 static void test_split_range_partitions_rows(void) {
     int ok = 1;
     for (int n = 0; n < 200 && ok; n += 7)
@@ -201,16 +248,18 @@ static void test_kv_cache_is_grouped(const char *model) {
     size_t expect = (size_t)m.c.n_layers * 100 * 2 * m.c.n_kv_heads * m.c.head_dim;
     check(m.c.n_kv_heads < m.c.n_heads && m.s.kv_cache_elems == expect, "kv_cache_holds_only_kv_heads",
           "%zu elements, expected n_layers*ctx*2*n_kv_heads*head_dim = %zu", m.s.kv_cache_elems, expect);
-    // one forward step writes exactly kv_dim values per layer at position 0
+    // one forward step writes exactly one head_dim row per layer and KV head, at position 0
     int tok = 1;
     forward(&m, &tok, 1, 0, 0);
     int written = 0, beyond = 0;
     for (int l = 0; l < m.c.n_layers; l++)
-        for (int i = 0; i < 100 * m.c.kv_dim; i++) {
-            float v = m.s.key_cache[(size_t)l * 100 * m.c.kv_dim + i];
-            if (i < m.c.kv_dim) written += v != 0; else beyond += v != 0;
-        }
-    check(written > 0 && beyond == 0, "forward_writes_one_kv_row_per_layer", "written %d, beyond %d", written, beyond);
+        for (int g = 0; g < m.c.n_kv_heads; g++)
+            for (int i = 0; i < 100 * m.c.head_dim; i++) {
+                float v = cache_head(m.s.key_cache, &m.c, l, g)[i];
+                if (i < m.c.head_dim) written += v != 0; else beyond += v != 0;
+            }
+    check(written > m.c.n_layers * m.c.n_kv_heads && beyond == 0, "forward_writes_one_kv_row_per_layer_and_head",
+          "written %d, beyond %d", written, beyond);
     // a block forward equals token-by-token forwards
     int toks[7] = {5, 9, 2, 77, 3, 3, 100};
     float *block = xcalloc((size_t)7 * m.c.vocab_size, sizeof(float), "t");
@@ -230,6 +279,8 @@ static void test_kv_cache_is_grouped(const char *model) {
 
 int main(void) {
     test_dot_matches_scalar();
+    test_vexp_and_softmax();
+    test_weighted_sum();
     test_split_range_partitions_rows();
     test_matmul_paths();
     test_sampler();
