@@ -995,6 +995,15 @@ static float *alloc_cache(size_t n, const char *what) {
 #ifdef MADV_HUGEPAGE
     madvise(p, n * sizeof(float), MADV_HUGEPAGE);
 #endif
+#ifdef MADV_POPULATE_WRITE
+    // Fault the pages in now, at load, rather than during the first forward
+    // pass (every head's rows start at position 0, so the first token would
+    // touch all of them); not when the cache is over half of physical memory,
+    // where committing it up front could fail where lazy allocation would not.
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && n * sizeof(float) <= (size_t)pages * page / 2)
+        madvise(p, n * sizeof(float), MADV_POPULATE_WRITE);
+#endif
     return p;
 }
 
