@@ -63,7 +63,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from bench import file_is_complete, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
+from bench import file_is_complete, level_page_cache, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -358,21 +358,6 @@ class Prompts:
             else:
                 hi = mid - 1
         return path, self.write(lo, path)
-
-
-def level_page_cache(path):
-    """Drops the file from the page cache and reads it back sequentially, so
-    every model sits in the cache the same way (large folios, mapped with
-    huge pages): how a file was first read could otherwise change its
-    decode speed (TLB misses), whatever its KV heads. Pages
-    another program has mapped stay; the harness reports the result."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        while os.read(fd, 16 << 20):
-            pass
-    finally:
-        os.close(fd)
 
 
 def measure_decode(args, tmp):
