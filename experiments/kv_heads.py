@@ -24,7 +24,7 @@
    plus depth x kv_bytes_per_token of cache. Prefilling 4000 tokens through a
    1B model takes one to several minutes per run on 2 cores, far over the
    budget for 6 models x 3 depths x several repeats, so the decode is timed
-   by experiments/decode_at_depth.c: it #includes run.c, writes the cache
+   by bench/decode_at_depth.c: it #includes run.c, writes the cache
    positions 0..D-1 directly and times the very forward() calls ./run's
    generate loop makes after a prefill (median of 5 measurements of 8 tokens
    for q8_0, 4 for f32; the three models of a weight type in one process,
@@ -317,10 +317,10 @@ TOOLS = {}
 
 
 def build_tools(args):
-    """experiments/decode_at_depth.c and tests/logits.c, which #include run.c,
+    """bench/decode_at_depth.c and tests/logits.c, which #include run.c,
     built into the cache folder with the Makefile's flags (once per run)."""
     if not TOOLS:
-        for name, src in (("decode_at_depth", os.path.join(HERE, "decode_at_depth.c")),
+        for name, src in (("decode_at_depth", os.path.join(ROOT, "bench", "decode_at_depth.c")),
                           ("logits", os.path.join(ROOT, "tests", "logits.c"))):
             exe = os.path.join(args.cache, name)
             run([os.environ.get("CC", "cc")] + CFLAGS + ["-DTESTING", "-I", ROOT, "-o", exe, src,
@@ -469,7 +469,7 @@ def markdown(data):
     if data.get("decode"):
         L += ["## Decode speed at depth (Llama-3.2-1B shape, random weights)", "",
               "Decode tok/s with `depth` tokens already in the cache: median of %d measurements of %s decoded "
-              "tokens by experiments/decode_at_depth.c (the engine's own forward(); see the cross-check below), "
+              "tokens by bench/decode_at_depth.c (the engine's own forward(); see the cross-check below), "
               "which holds the three models of a weight type and measures them in turn, so load from other "
               "programs hits them alike. Every weight file is first dropped from the page cache and read back "
               "sequentially, so all are mapped with huge pages alike (column \"huge pages\"). "

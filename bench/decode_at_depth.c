@@ -1,7 +1,7 @@
-// experiments/decode_at_depth.c - the engine's decode speed at a given depth
+// bench/decode_at_depth.c - the engine's decode speed at a given depth
 // (tokens already in the KV cache), without paying for the prefill.
 //
-//   decode_at_depth MODEL.bin [MODEL2.bin ...] -d 1,1024,4000 [-n 16] [-r 3] [-T 2] [-K kv_heads]
+//   decode_at_depth MODEL.bin [MODEL2.bin ...] -d 1,1024,4000 [-n 16] [-r 3] [-T 2] [-K kv_heads] [-b GIB]
 //
 // Decoding at depth D = one forward() call per token at positions D, D+1, ...:
 // the same call ./run's generate loop makes after its prefill, so the same
@@ -21,9 +21,17 @@
 // S = process CPU time / (wall time x threads) while timing: near 1 when the
 // threads had the cores to themselves (and spun little), lower when other
 // programs took them.
+// With -b GIB, the read bandwidth of this machine is measured before every
+// measurement and after the last, as bench/bandwidth.c does (the engine's
+// threads sum a GIB array), and printed as ", bandwidth B GB/s": the mean of
+// the passes just before and just after it. On a VM whose neighbours share the
+// memory bus, the bandwidth on offer moves by 2x within minutes; measured
+// milliseconds apart in the same process, tok/s x bytes per token / B is the
+// fraction of the bandwidth decode got *then*.
+//
 // Built by experiments/kv_heads.py with the Makefile's flags:
 //   cc -O3 -march=native -std=c11 -D_GNU_SOURCE -ffp-contract=fast -DTESTING -I.
-//   -o experiments/decode_at_depth experiments/decode_at_depth.c tokenizer.c -lm -lpthread
+//   -o bench/decode_at_depth bench/decode_at_depth.c tokenizer.c -lm -lpthread
 #pragma GCC diagnostic ignored "-Wunused-function" // main() and its helpers are compiled out
 #include "run.c"
 
@@ -73,11 +81,45 @@ static void fill_cache(Transformer *m, int positions) {
 
 #define MAX_MODELS 8
 
+// Bandwidth: each thread sums its share of the array into vector accumulators.
+typedef struct { const vfloat *data; size_t n; float sink[64]; } SumTask; // n vectors, a multiple of 8
+
+static void sum_task(void *arg, int ith, int nth) {
+    SumTask *a = arg;
+    int lo, hi, blocks = (int)(a->n / 8);
+    split_range(blocks, ith, nth, 1, &lo, &hi);
+    vfloat acc[8] = {0};
+    for (size_t i = (size_t)lo * 8; i < (size_t)hi * 8; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a->data[i + k];
+    vfloat sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    a->sink[ith % 64] += vsum(sum);
+}
+
+// GB/s of one pass over the array (GB = 1e9 bytes).
+static double bandwidth_pass(ThreadPool *pool, SumTask *task) {
+    double t0 = now_seconds();
+    pool_run(pool, sum_task, task);
+    return task->n * sizeof(vfloat) / (now_seconds() - t0) / 1e9;
+}
+
+// The median of 5 passes.
+static double bandwidth(ThreadPool *pool, SumTask *task) {
+    double g[5];
+    for (int i = 0; i < 5; i++) {
+        double x = bandwidth_pass(pool, task);
+        int j = i;
+        for (; j > 0 && g[j - 1] > x; j--) g[j] = g[j - 1];
+        g[j] = x;
+    }
+    return g[2];
+}
+
 int main(int argc, char **argv) {
     const char *usage = "usage: decode_at_depth MODEL.bin [MODEL2.bin ...] -d D1,D2,... [-n TOKENS] [-r REPEATS] "
-                        "[-T THREADS] [-K KV_HEADS]";
+                        "[-T THREADS] [-K KV_HEADS] [-b GIB]";
     const char *paths[MAX_MODELS];
     int n_models = 0, depths[16], n_depths = 0, tokens = 16, repeats = 3, threads = 2, kv_heads = 0, max_depth = 0;
+    double bw_gib = 0;
     for (int i = 1; i < argc; i++) {
         if (argv[i][0] != '-') {
             if (n_models == MAX_MODELS) die("at most %d models", MAX_MODELS);
@@ -97,6 +139,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-r")) repeats = atoi(v);
         else if (!strcmp(a, "-T")) threads = atoi(v);
         else if (!strcmp(a, "-K")) kv_heads = atoi(v);
+        else if (!strcmp(a, "-b")) bw_gib = atof(v);
         else die("unknown option '%s'\n%s", a, usage);
     }
     if (!n_models || !n_depths || tokens < 1 || repeats < 1 || threads < 1) die("%s", usage);
@@ -119,6 +162,16 @@ int main(int argc, char **argv) {
         pool_free(m[j].pool);
         m[j].pool = m[0].pool;
     }
+    SumTask bw_task = {0};
+    double bw_before = 0;
+    if (bw_gib > 0) {
+        bw_task.n = (size_t)(bw_gib * (1 << 30)) / sizeof(vfloat) / 8 * 8;
+        vfloat *data = aligned_alloc(64, bw_task.n * sizeof(vfloat));
+        if (!data) die("cannot allocate %g GiB for -b", bw_gib);
+        for (size_t i = 0; i < bw_task.n * VEC_LEN; i++) ((float *)data)[i] = (float)(i & 7); // not the zero page
+        bw_task.data = data;
+        bw_before = bandwidth(m[0].pool, &bw_task);
+    }
     for (int r = 0; r < repeats; r++)
         for (int k = 0; k < n_depths; k++)
             for (int j = 0; j < n_models; j++) {
@@ -130,10 +183,17 @@ int main(int argc, char **argv) {
                     tok[j] = argmax(logits, m[j].c.vocab_size);
                 }
                 double t = now_seconds() - t0, cpu = cpu_seconds() - c0;
-                printf("model %d depth %d: %d tokens, %.3f tok/s, cpu share %.2f\n", j, depths[k], tokens, tokens / t,
+                printf("model %d depth %d: %d tokens, %.3f tok/s, cpu share %.2f", j, depths[k], tokens, tokens / t,
                        cpu / (t * threads));
+                if (bw_gib > 0) {
+                    double bw_after = bandwidth(m[0].pool, &bw_task);
+                    printf(", bandwidth %.2f GB/s", (bw_before + bw_after) / 2);
+                    bw_before = bw_after;
+                }
+                printf("\n");
                 fflush(stdout);
             }
+    free((void *)bw_task.data);
     for (int j = n_models - 1; j >= 0; j--) {
         if (j) m[j].pool = NULL;
         free_transformer(&m[j]);
