@@ -45,9 +45,13 @@ bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h u
 bench/bandwidth bench/fma_peak: bench/%: bench/%.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
+# Decode at a given depth with the engine's own forward() (it #includes run.c).
+bench/decode_at_depth: bench/decode_at_depth.c $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(CFLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
+
 # Speed against this machine's measured limits (see bench/bench.py); models
 # are generated once into ~/.cache/l3bench. BENCH_ARGS=--quick for a short run.
-bench: run bench/bench_tokenizer bench/bandwidth bench/fma_peak
+bench: run bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth
 	python3 bench/bench.py $(BENCH_ARGS)
 
 models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.py
@@ -61,7 +65,7 @@ test: run run-omp tests/logits $(C_TESTS)
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak $(C_TESTS) models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth $(C_TESTS) models/*.l3ck
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind, fuzzing

@@ -9,15 +9,22 @@ layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
                   % roofline = tok/s x weight_bytes / bandwidth.
                   (weight_bytes from `-m info` counts the tied embedding once:
                   the lookup reads one row, the classifier the whole matrix.)
+                  On a VM the bandwidth on offer moves by up to 2x within
+                  minutes (neighbours share the memory bus), so decode is also
+                  timed by bench/decode_at_depth, which measures the bandwidth
+                  in the same process milliseconds before and after each
+                  measurement: "% of bw then" = tok/s x bytes / that bandwidth.
   prefill tok/s   A prompt token costs 2 flops per matmul parameter (the
                   classifier included, the norm vectors not), so the compute
                   roofline is  FMA peak / (2 x matmul params).
                   % FMA peak = tok/s x 2 x matmul params / FMA peak.
   decode at depth After a prompt of D tokens every new token also reads the KV
                   cache up to its position:
-                  predicted tok/s = bandwidth / (weight_bytes + D' x kv_bytes_per_token),
-                  D' = D + half the generated tokens (the mean position),
-                  for MHA (32 KV heads), GQA (8) and MQA (1) models.
+                  predicted tok/s = bandwidth then / (weight_bytes + D' x kv_bytes_per_token),
+                  D' = the mean number of positions attended to, for MHA (32 KV
+                  heads), GQA (8) and MQA (1) models; bench/decode_at_depth
+                  fills the cache instead of prefilling D tokens, and one real
+                  ./run at depth 2000 per model checks it.
   peak RSS        of each run (os.wait4 on the child), next to a budget of
                   file size + KV cache + 100 MiB.
   tokenizer MB/s  from bench/bench_tokenizer, if there is one.
@@ -54,6 +61,8 @@ MIB = 1 << 20
 SHORT_PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 PREFILL_TOKENS = 128  # prompt length for the prefill test, BOS included (as in PEERS.md)
 DECODE_POSITIONS = 64  # -n for the decode test
+DEPTH_TOKENS = 16      # tokens decoded per depth measurement
+CHECK_DEPTH = 2000     # depth of the real ./run check of the depth test
 VERBOSE = sys.stderr.isatty()
 
 
@@ -77,8 +86,8 @@ def median(xs):
 def build(cc):
     """./run through the Makefile (its flags), the microbenchmarks with cc -O3 -march=native."""
     log("building ./run and the microbenchmarks")
-    if subprocess.run(["make", "-C", ROOT, "run"], stdout=sys.stderr).returncode != 0:
-        sys.exit("bench: `make run` failed")
+    if subprocess.run(["make", "-C", ROOT, "run", "bench/decode_at_depth"], stdout=sys.stderr).returncode != 0:
+        sys.exit("bench: `make run bench/decode_at_depth` failed")
     for name in ("bandwidth", "fma_peak"):
         src, exe = os.path.join(BENCH, name + ".c"), os.path.join(BENCH, name)
         if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(src):
@@ -197,25 +206,12 @@ PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 
 
-def probe_bandwidth(threads):
-    """A quick read-bandwidth measurement (GB/s, median of 5 passes over 0.5 GiB). On a VM
-    the memory bus is shared with neighbours we cannot see: the bandwidth available moves
-    between ~30 and ~70 GB/s with nothing else running here, so decode runs are also
-    compared with the bandwidth measured right before and after them."""
-    r = run_child([os.path.join(BENCH, "bandwidth"), "-t", str(threads), "-g", "0.5", "-p", "5"], stdout=True)
-    kv = key_values(r["stdout"])
-    return float(kv["bandwidth_median_gbs"]) if r["rc"] == 0 and "bandwidth_median_gbs" in kv else None
-
-
-def generate(model, threads, n, prompt=None, prompt_file=None, context=None, probe=False):
-    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure.
-    probe: also measure the bandwidth just before and after (bw_adjacent_gbs, their mean)."""
+def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
+    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
     cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
     cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
     quiet_machine()
-    bw = [probe_bandwidth(threads)] if probe else []
     r = run_child(cmd)
-    bw += [probe_bandwidth(threads)] if probe else []
     pre, dec = PREFILL_RE.search(r["stderr"]), DECODE_RE.search(r["stderr"])
     if r["rc"] != 0 or not pre or not dec:
         warn("%s failed (exit %d):\n%s" % (" ".join(cmd), r["rc"], r["stderr"].strip()[-1000:]))
@@ -223,9 +219,29 @@ def generate(model, threads, n, prompt=None, prompt_file=None, context=None, pro
     del r["stdout"], r["stderr"], r["rc"]
     r.update(cmd=" ".join(cmd), prefill_tokens=int(pre.group(1)), prefill_tps=float(pre.group(2)),
              decode_tokens=int(dec.group(1)), decode_tps=float(dec.group(2)))
-    if bw and None not in bw:
-        r["bw_adjacent_gbs"] = sum(bw) / len(bw)
     return r
+
+
+HARNESS = os.path.join(BENCH, "decode_at_depth")
+HARNESS_RE = re.compile(r"^model (\d+) depth (\d+): (\d+) tokens, ([0-9.]+) tok/s, cpu share ([0-9.]+), "
+                        r"bandwidth ([0-9.]+) GB/s$", re.M)
+
+
+def harness(models, depths, tokens, repeats, threads):
+    """bench/decode_at_depth on these models (loaded together, measured in turn) -> (list of
+    {model, depth, tokens, tps, cpu_share, bw_gbs}, the run's dict), or None on failure."""
+    cmd = [HARNESS] + models + ["-d", ",".join(map(str, depths)), "-n", str(tokens), "-r", str(repeats),
+                                "-T", str(threads), "-b", "1"]
+    quiet_machine()
+    r = run_child(cmd, stdout=True)
+    if r["rc"] != 0:
+        warn("%s failed (exit %d):\n%s" % (" ".join(cmd), r["rc"], r["stderr"].strip()[-1000:]))
+        return None
+    rows = [{"model": int(j), "depth": int(d), "tokens": int(n), "tps": float(t), "cpu_share": float(c),
+             "bw_gbs": float(b)} for j, d, n, t, c, b in HARNESS_RE.findall(r["stdout"])]
+    run = {k: r[k] for k in ("wall_s", "cpu_s", "rss_bytes", "others")}
+    run["cmd"] = " ".join(cmd)
+    return rows, run
 
 
 MAX_OTHERS = 0.25  # --max-others: a run during which other programs used more of the machine is "noisy"
@@ -399,80 +415,81 @@ def bench_weights(args, machine, prompts, dtype):
     log("%s: levelling the page cache" % dtype)
     level_page_cache(model)
 
-    dec = repeat(args.runs, lambda: generate(model, args.threads, DECODE_POSITIONS, prompt=SHORT_PROMPT,
-                                             probe=True), "%s decode" % dtype)
+    dec = repeat(args.runs, lambda: generate(model, args.threads, DECODE_POSITIONS, prompt=SHORT_PROMPT),
+                 "%s decode" % dtype)
     if not dec:
         row["error"] = "./run failed"
         return row
     prompt_file, n = prompts.make(PREFILL_TOKENS)
     pre = repeat(args.runs, lambda: generate(model, args.threads, n, prompt_file=prompt_file),
                  "%s prefill (%d tokens)" % (dtype, n))
-    # The first forward pass of a process has a fixed extra cost: on a VM with shadow
-    # page tables every 4 KiB page of weights touched for the first time costs ~1 us,
-    # even after ./run prefaults its map (0.3 s for q8_0, 1.2 s for f32). A 1-token
-    # prompt measures it, so (n - 1) / (t(n) - t(1)) is the marginal prefill rate.
-    one_file, _ = prompts.make(1)
-    one = repeat(args.runs, lambda: generate(model, args.threads, 1, prompt_file=one_file), "%s 1-token prompt" % dtype)
-    row["decode_runs"], row["prefill_runs"], row["one_token_runs"] = dec, pre, one
+    log("%s: decode with the bandwidth measured around it (bench/decode_at_depth)" % dtype)
+    h = harness([model], [1], 32, 2 * args.runs - 1, args.threads)
+    row["decode_runs"], row["prefill_runs"] = dec, pre
     row["decode_tps"] = median([r["decode_tps"] for r in quiet(dec)])
     # Memory roofline: every weight byte is read once per decoded token.
     row["roofline_pct"] = 100 * row["decode_tps"] * info["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
-    # The same against the bandwidth measured around each run (what the engine could get then).
-    row["roofline_adjacent_pct"] = median([100 * r["decode_tps"] * info["weight_bytes"] / (r["bw_adjacent_gbs"] * 1e9)
-                                           for r in quiet(dec) if "bw_adjacent_gbs" in r])
+    if h and h[0]:
+        samples, hrun = h
+        row["harness_run"], row["harness_samples"] = hrun, samples
+        row["harness_tps"] = median([x["tps"] for x in samples])
+        row["bw_then_gbs"] = median([x["bw_gbs"] for x in samples])
+        row["bw_then_pct"] = median([100 * x["tps"] * info["weight_bytes"] / (x["bw_gbs"] * 1e9) for x in samples])
     if pre:
         row["prefill_prompt_tokens"] = pre[0]["prefill_tokens"]
         row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(pre)])
         # Compute roofline: 2 flops (one FMA) per matmul parameter per token.
         row["fma_pct"] = 100 * row["prefill_tps"] * 2 * info["matmul_params"] / (machine["fma_peak_gflops"] * 1e9)
-        if one and n > 1:
-            t_n, t_1 = n / row["prefill_tps"], 1 / median([r["prefill_tps"] for r in quiet(one)])
-            row["first_pass_s"] = t_1
-            if t_n > t_1:
-                row["prefill_marginal_tps"] = (n - 1) / (t_n - t_1)
-                row["fma_marginal_pct"] = (100 * row["prefill_marginal_tps"] * 2 * info["matmul_params"] /
-                                           (machine["fma_peak_gflops"] * 1e9))
-    row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre + one)
+    row["peak_rss_bytes"] = max(r["rss_bytes"] for r in dec + pre)
     row["rss_budget_bytes"] = rss_budget(info, info["context"])
     return row
 
 
 def bench_depth(args, machine, prompts, dtype):
-    rows = []
-    gen = 16 if args.quick else 32
-    for kv in (32, 8, 1):
-        model = ensure_model(args, dtype, kv)
-        if not model:
-            rows.append({"n_kv_heads": kv, "error": "export failed"})
-            continue
+    """Decode at each depth on the MHA, GQA and MQA models, from bench/decode_at_depth (all three
+    loaded, measured in turn, the bandwidth measured around each measurement), and one real
+    ./run per model at CHECK_DEPTH (its own prefill, then decode) as a check."""
+    kvs = (32, 8, 1)
+    models = [ensure_model(args, dtype, kv) for kv in kvs]
+    if None in models:
+        return [{"n_kv_heads": kv, "error": "export failed"} for kv, m in zip(kvs, models) if not m]
+    for kv, model in zip(kvs, models):
         log("kv%d: levelling the page cache" % kv)
         level_page_cache(model)
+    gen = DEPTH_TOKENS
+    infos = [model_info(model, max(args.depths) + gen) for model in models]
+    log("depth: bench/decode_at_depth, %d repeats x %d depths x 3 models" % (args.depth_runs, len(args.depths)))
+    h = harness(models, args.depths, gen, args.depth_runs, args.threads)
+    samples, hrun = h if h else ([], None)
+    rows = []
+    for j, (kv, info) in enumerate(zip(kvs, infos)):
         for depth in args.depths:
-            prompt_file, n = prompts.make(depth)
-            context = max(4096, n + gen)
-            info = model_info(model, context)
-            runs = repeat(args.depth_runs, lambda: generate(model, args.threads, n + gen, prompt_file=prompt_file,
-                                                            context=context, probe=True), "kv%d depth %d" % (kv, n))
-            row = {"n_kv_heads": kv, "weights": dtype, "depth": n, "generated": gen, "context": context,
-                   "runs": runs}
-            if runs:
-                # Bytes read per decoded token: all weights, plus the KV cache up to
-                # the token's position (on average the prompt plus half the generated).
-                kv_read = (n + gen / 2) * info["kv_bytes_per_token"]
-                row["decode_tps"] = median([r["decode_tps"] for r in quiet(runs)])
-                row["prefill_tps"] = median([r["prefill_tps"] for r in quiet(runs)])
-                row["kv_read_bytes"] = kv_read
-                row["predicted_tps"] = machine["bandwidth_gbs"] * 1e9 / (info["weight_bytes"] + kv_read)
-                row["ratio"] = row["decode_tps"] / row["predicted_tps"]
-                row["ratio_adjacent"] = median([r["decode_tps"] * (info["weight_bytes"] + kv_read) /
-                                                (r["bw_adjacent_gbs"] * 1e9)
-                                                for r in quiet(runs) if "bw_adjacent_gbs" in r])
-                row["peak_rss_bytes"] = max(r["rss_bytes"] for r in runs)
-                row["rss_budget_bytes"] = rss_budget(info, context)
-            else:
-                row["error"] = "./run failed"
+            xs = [x for x in samples if x["model"] == j and x["depth"] == depth]
+            row = {"n_kv_heads": kv, "weights": dtype, "depth": depth, "generated": gen, "samples": xs}
+            if not xs:
+                row["error"] = "bench/decode_at_depth failed"
+                rows.append(row)
+                continue
+            # Bytes read per decoded token: all weights, plus the KV cache up to the
+            # token's position (positions depth .. depth+gen-1 attend to depth+1 .. depth+gen).
+            kv_read = (depth + (gen + 1) / 2) * info["kv_bytes_per_token"]
+            row["kv_read_bytes"] = kv_read
+            row["decode_tps"] = median([x["tps"] for x in xs])
+            row["bw_then_gbs"] = median([x["bw_gbs"] for x in xs])
+            row["predicted_tps"] = median([x["bw_gbs"] * 1e9 / (info["weight_bytes"] + kv_read) for x in xs])
+            row["ratio"] = median([x["tps"] * (info["weight_bytes"] + kv_read) / (x["bw_gbs"] * 1e9) for x in xs])
             rows.append(row)
-    return rows
+    checks = []
+    prompt_file, n = prompts.make(CHECK_DEPTH)
+    for kv, model in zip(kvs, models):
+        context = max(4096, n + gen)
+        info = model_info(model, context)
+        r = generate(model, args.threads, n + gen, prompt_file=prompt_file, context=context)
+        log("kv%d: ./run at depth %d" % (kv, n))
+        check = {"n_kv_heads": kv, "depth": n, "generated": gen, "context": context, "run": r,
+                 "rss_budget_bytes": rss_budget(info, context)}
+        checks.append(check)
+    return {"rows": rows, "harness_run": hrun, "checks": checks}
 
 
 def bench_tokenizer(args):
@@ -540,38 +557,48 @@ def report(res):
                  " ".join("%.0f" % x for x in m["fma_peak_gflops_samples"]),
                  fmt(max([100 * b for b in m.get("others", []) if b is not None] or [None]), "up to %.0f %%"),
                  " ".join("%.2f" % x for x in res["loadavg"])), "",
-             "| engine | weights | decode tok/s | %% roofline | %% of bw then | prefill tok/s (%d-token prompt) "
-             "| %% FMA peak | marginal prefill tok/s | %% FMA peak | peak RSS MiB | RSS budget MiB | others |"
-             % PREFILL_TOKENS,
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weights | decode tok/s | %% roofline | decode tok/s, harness | bw then GB/s | %% of bw then "
+             "| prefill tok/s (%d-token prompt) | %% FMA peak | peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["weights"]:
         if "decode_tps" not in r:
-            lines.append("| run.c | %s | n/a | | | n/a | | | | | | %s" % (r["weights"], r.get("error", "")))
+            lines.append("| %s | n/a | | | | | | | | | %s |" % (r["weights"], r.get("error", "")))
             continue
-        lines.append("| run.c | %s | %s | %.0f %% | %s | %s | %s | %s | %s | %.0f | %.0f | %s |" % (
+        hs = r.get("harness_samples") or []
+        lines.append("| %s | %s | %.0f %% | %s | %s | %s | %s | %s | %.0f | %.0f | %s |" % (
             r["weights"], spread(r["decode_runs"], "decode_tps"), r["roofline_pct"],
-            fmt(r.get("roofline_adjacent_pct"), "%.0f %%"),
+            spread(hs, "tps") if hs else "n/a", fmt(r.get("bw_then_gbs")), fmt(r.get("bw_then_pct"), "**%.0f %%**"),
             spread(r["prefill_runs"], "prefill_tps") if r["prefill_runs"] else "n/a",
-            fmt(r.get("fma_pct"), "%.0f %%"), fmt(r.get("prefill_marginal_tps"), "%.2f"),
-            fmt(r.get("fma_marginal_pct"), "%.0f %%"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
-            busy(r["decode_runs"] + r["prefill_runs"] + r.get("one_token_runs", []))))
-    if res.get("depth"):
-        d0 = next((r for r in res["depth"] if "runs" in r), None)
-        lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, %s tokens generated, "
-                  "%s run(s) each)" % (res["depth_weights"], d0["generated"] if d0 else "?",
-                                       len(d0["runs"]) if d0 else "?"), "",
-                  "| KV heads | depth | decode tok/s | predicted tok/s | measured / predicted | same, bw then "
-                  "| KV read MiB/token | prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["depth"]:
+            fmt(r.get("fma_pct"), "**%.0f %%**"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
+            busy(r["decode_runs"] + r["prefill_runs"] + ([r["harness_run"]] if r.get("harness_run") else []))))
+    d = res.get("depth")
+    if d and d.get("rows"):
+        r0 = d["rows"][0]
+        lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, bench/decode_at_depth: "
+                  "%d tokens per measurement, medians of %d)" % (res["depth_weights"], r0.get("generated", 0),
+                                                                 len(r0.get("samples", []))), "",
+                  "| KV heads | depth | decode tok/s | bw then GB/s | KV read MiB/token | predicted tok/s "
+                  "| measured / predicted |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
             if "decode_tps" not in r:
-                lines.append("| %d | %s | n/a | | | | | | %s" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
+                lines.append("| %d | %s | n/a | | | | %s |" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
                 continue
-            lines.append("| %d | %d | %s | %.2f | %.2f | %s | %.1f | %s | %.0f | %.0f | %s |" % (
-                r["n_kv_heads"], r["depth"], spread(r["runs"], "decode_tps"), r["predicted_tps"], r["ratio"],
-                fmt(r.get("ratio_adjacent"), "%.2f"),
-                r["kv_read_bytes"] / MIB, fmt(r.get("prefill_tps")), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
-                busy(r["runs"])))
+            lines.append("| %d | %d | %s | %.1f | %.1f | %.2f | %s |" % (
+                r["n_kv_heads"], r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"], r["kv_read_bytes"] / MIB,
+                r["predicted_tps"], "**%.2f**" % r["ratio"] if r["depth"] == CHECK_DEPTH else "%.2f" % r["ratio"]))
+        if d.get("checks"):
+            lines += ["", "Check with ./run (its own prefill of the prompt, then %d tokens):" % d["checks"][0]["generated"],
+                      "", "| KV heads | depth | decode tok/s | prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
+                      "|---|---|---|---|---|---|---|"]
+            for c in d["checks"]:
+                r = c["run"]
+                if not r:
+                    lines.append("| %d | %d | ./run failed | | | | |" % (c["n_kv_heads"], c["depth"]))
+                    continue
+                lines.append("| %d | %d | %.2f | %.1f | %.0f | %.0f | %s |" % (
+                    c["n_kv_heads"], c["depth"], r["decode_tps"], r["prefill_tps"], r["rss_bytes"] / MIB,
+                    c["rss_budget_bytes"] / MIB, busy([r])))
     tok = res.get("tokenizer")
     lines += ["", "tokenizer (1 thread, encode prose.txt): %s" % (
         "%s wall clock, %s CPU time (others %s)" % (
@@ -579,14 +606,12 @@ def report(res):
             fmt(None if tok.get("others") is None else 100 * tok["others"], "%.0f %%"))
         if tok else "n/a (no bench/bench_tokenizer)")]
     matmul_params = next((r["info"]["matmul_params"] for r in res["weights"] if "info" in r), None)
-    first = ", ".join("%s %.2f s" % (r["weights"], r["first_pass_s"]) for r in res["weights"] if "first_pass_s" in r)
     lines += ["",
-              "- % roofline = decode tok/s x weight_bytes / bandwidth; % of bw then: the same with the bandwidth "
-              "measured just before and after each run (neighbours on the host share the memory bus).",
-              "- %% FMA peak = prefill tok/s x 2 x matmul params (%s) / FMA peak. Marginal prefill = (n - 1) / "
-              "(t(n) - t(1)): without the fixed cost of a process's first forward pass (%s)." % (
-                  fmt(matmul_params, "%.4g"), first or "n/a"),
-              "- predicted = bandwidth / (weight_bytes + KV bytes read per token).",
+              "- % roofline = decode tok/s (./run, -n 64) x weight_bytes / the bandwidth above; % of bw then: "
+              "decode tok/s x weight_bytes / the bandwidth measured in the same process just before and after "
+              "(bench/decode_at_depth -b 1; neighbours on the host share the memory bus).",
+              "- %% FMA peak = prefill tok/s x 2 x matmul params (%s) / FMA peak." % fmt(matmul_params, "%.4g"),
+              "- predicted = bandwidth then / (weight_bytes + KV bytes read per token).",
               "- others = the most CPU other programs used during the runs a figure comes from (%% of all cores); "
               "(used/made): runs with others > %.0f %% are retried, and left out while quiet ones exist." %
               (100 * MAX_OTHERS),
@@ -604,7 +629,7 @@ def git_state():
 
 
 def main():
-    global VERBOSE, WAIT_IDLE, RUN, MAX_OTHERS, RETRIES
+    global VERBOSE, WAIT_IDLE, RUN, HARNESS, MAX_OTHERS, RETRIES
     cache_default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "l3bench")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
@@ -614,8 +639,7 @@ def main():
     ap.add_argument("--depth-weights", choices=("auto", "f32", "q8_0"), default="auto",
                     help="weights of the depth-test models (auto: q8_0 if the engine runs it, else f32)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
-    ap.add_argument("--depth-runs", type=int, default=1,
-                    help="runs per depth point (default 1: each averages 32 tokens, and the long prefill dominates)")
+    ap.add_argument("--depth-runs", type=int, default=3, help="measurements per depth and model (default 3)")
     ap.add_argument("--cache", default=cache_default, help="model and results directory (default %(default)s)")
     ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -634,20 +658,21 @@ def main():
     VERBOSE = VERBOSE or args.verbose
     WAIT_IDLE, MAX_OTHERS, RETRIES = args.wait_idle, args.max_others, args.retries
     args.runs = args.runs or (1 if args.quick else 3)
-    args.depths = [1, 1024] if args.quick else [1, 1024, 2000, 4000]
-    if args.quick:
-        args.depth_runs = 1
+    args.depths = [1, CHECK_DEPTH] if args.quick else [1, 1024, CHECK_DEPTH, 4000]
     os.makedirs(args.cache, exist_ok=True)
     t0 = time.time()
 
     build(os.environ.get("CC", "cc"))
     # Run a copy: others rebuild ./run in this tree while the benchmark runs.
     RUN = os.path.join(args.cache, "run.%d" % os.getpid())
+    HARNESS = os.path.join(args.cache, "decode_at_depth.%d" % os.getpid())
     shutil.copy2(os.path.join(ROOT, "run"), RUN)
+    shutil.copy2(os.path.join(BENCH, "decode_at_depth"), HARNESS)
     try:
         bench_all(args, t0)
     finally:
         os.remove(RUN)
+        os.remove(HARNESS)
 
 
 def bench_all(args, t0):

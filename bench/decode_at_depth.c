@@ -23,7 +23,7 @@
 // programs took them.
 // With -b GIB, the read bandwidth of this machine is measured before every
 // measurement and after the last, as bench/bandwidth.c does (the engine's
-// threads sum a GIB array), and printed as ", bandwidth B GB/s": the mean of
+// threads sum a GIB array in 2 MiB pages), and printed as ", bandwidth B GB/s": the mean of
 // the passes just before and just after it. On a VM whose neighbours share the
 // memory bus, the bandwidth on offer moves by 2x within minutes; measured
 // milliseconds apart in the same process, tok/s x bytes per token / B is the
@@ -166,8 +166,7 @@ int main(int argc, char **argv) {
     double bw_before = 0;
     if (bw_gib > 0) {
         bw_task.n = (size_t)(bw_gib * (1 << 30)) / sizeof(vfloat) / 8 * 8;
-        vfloat *data = aligned_alloc(64, bw_task.n * sizeof(vfloat));
-        if (!data) die("cannot allocate %g GiB for -b", bw_gib);
+        vfloat *data = (vfloat *)alloc_cache(bw_task.n * VEC_LEN, "the -b array"); // 2 MiB pages, as bench/bandwidth
         for (size_t i = 0; i < bw_task.n * VEC_LEN; i++) ((float *)data)[i] = (float)(i & 7); // not the zero page
         bw_task.data = data;
         bw_before = bandwidth(m[0].pool, &bw_task);
@@ -193,7 +192,7 @@ int main(int argc, char **argv) {
                 printf("\n");
                 fflush(stdout);
             }
-    free((void *)bw_task.data);
+    if (bw_task.data) free_cache((float *)bw_task.data, bw_task.n * VEC_LEN);
     for (int j = n_models - 1; j >= 0; j--) {
         if (j) m[j].pool = NULL;
         free_transformer(&m[j]);
