@@ -446,21 +446,25 @@ def bench_weights(args, machine, prompts, dtype):
 
 
 def bench_depth(args, machine, prompts, dtype):
-    """Decode at each depth on the MHA, GQA and MQA models, from bench/decode_at_depth (all three
-    loaded, measured in turn, the bandwidth measured around each measurement), and one real
+    """Decode at each depth on the MHA, GQA and MQA models with these weights, from
+    bench/decode_at_depth (the bandwidth measured around each measurement), and one real
     ./run per model at CHECK_DEPTH (its own prefill, then decode) as a check."""
     kvs = (32, 8, 1)
     models = [ensure_model(args, dtype, kv) for kv in kvs]
     if None in models:
-        return [{"n_kv_heads": kv, "error": "export failed"} for kv, m in zip(kvs, models) if not m]
-    for kv, model in zip(kvs, models):
-        log("kv%d: levelling the page cache" % kv)
-        level_page_cache(model)
+        return {"weights": dtype, "error": "export failed"}
     gen = DEPTH_TOKENS
     infos = [model_info(model, max(args.depths) + gen) for model in models]
-    log("depth: bench/decode_at_depth, %d repeats x %d depths x 3 models" % (args.depth_runs, len(args.depths)))
-    h = harness(models, args.depths, gen, args.depth_runs, args.threads)
-    samples, hrun = h if h else ([], None)
+    samples, hruns = [], []
+    for j, (kv, model) in enumerate(zip(kvs, models)):
+        # one model per process: three f32 models would not fit in memory together
+        log("%s kv%d: levelling the page cache; bench/decode_at_depth, %d repeats x %d depths"
+            % (dtype, kv, args.depth_runs, len(args.depths)))
+        level_page_cache(model)
+        h = harness([model], args.depths, gen, args.depth_runs, args.threads)
+        if h:
+            samples += [dict(x, model=j) for x in h[0]]
+            hruns.append(h[1])
     rows = []
     for j, (kv, info) in enumerate(zip(kvs, infos)):
         for depth in args.depths:
@@ -484,12 +488,13 @@ def bench_depth(args, machine, prompts, dtype):
     for kv, model in zip(kvs, models):
         context = max(4096, n + gen)
         info = model_info(model, context)
+        log("%s kv%d: ./run at depth %d" % (dtype, kv, n))
+        level_page_cache(model)
         r = generate(model, args.threads, n + gen, prompt_file=prompt_file, context=context)
-        log("kv%d: ./run at depth %d" % (kv, n))
         check = {"n_kv_heads": kv, "depth": n, "generated": gen, "context": context, "run": r,
                  "rss_budget_bytes": rss_budget(info, context)}
         checks.append(check)
-    return {"rows": rows, "harness_run": hrun, "checks": checks}
+    return {"weights": dtype, "rows": rows, "harness_runs": hruns, "checks": checks}
 
 
 def bench_tokenizer(args):
@@ -571,11 +576,13 @@ def report(res):
             spread(r["prefill_runs"], "prefill_tps") if r["prefill_runs"] else "n/a",
             fmt(r.get("fma_pct"), "**%.0f %%**"), r["peak_rss_bytes"] / MIB, r["rss_budget_bytes"] / MIB,
             busy(r["decode_runs"] + r["prefill_runs"] + ([r["harness_run"]] if r.get("harness_run") else []))))
-    d = res.get("depth")
-    if d and d.get("rows"):
+    for d in res.get("depth") or []:
+        if not d.get("rows"):
+            lines += ["", "### decode at depth, %s weights: %s" % (d["weights"], d.get("error", "no results"))]
+            continue
         r0 = d["rows"][0]
         lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, bench/decode_at_depth: "
-                  "%d tokens per measurement, medians of %d)" % (res["depth_weights"], r0.get("generated", 0),
+                  "%d tokens per measurement, medians of %d)" % (d["weights"], r0.get("generated", 0),
                                                                  len(r0.get("samples", []))), "",
                   "| KV heads | depth | decode tok/s | bw then GB/s | KV read MiB/token | predicted tok/s "
                   "| measured / predicted |",
@@ -636,8 +643,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="threads for ./run and the microbenchmarks (default 2)")
     ap.add_argument("--skip-depth", action="store_true", help="skip the decode-at-depth test")
     ap.add_argument("--only", choices=("f32", "q8_0"), help="benchmark only these weights")
-    ap.add_argument("--depth-weights", choices=("auto", "f32", "q8_0"), default="auto",
-                    help="weights of the depth-test models (auto: q8_0 if the engine runs it, else f32)")
+    ap.add_argument("--depth-weights", choices=("both", "f32", "q8_0"), default="both",
+                    help="weights of the depth-test models (default: both)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
     ap.add_argument("--depth-runs", type=int, default=3, help="measurements per depth and model (default 3)")
     ap.add_argument("--cache", default=cache_default, help="model and results directory (default %(default)s)")
@@ -691,11 +698,8 @@ def bench_all(args, t0):
 
     if not args.skip_depth:
         ok = [r["weights"] for r in res["weights"] if "decode_tps" in r]
-        dw = args.depth_weights
-        if dw == "auto":
-            dw = "q8_0" if "q8_0" in ok else "f32"
-        res["depth_weights"] = dw
-        res["depth"] = bench_depth(args, res["machine"], prompts, dw)
+        dws = ["f32", "q8_0"] if args.depth_weights == "both" else [args.depth_weights]
+        res["depth"] = [bench_depth(args, res["machine"], prompts, dw) for dw in dws if dw in ok]
     res["tokenizer"] = bench_tokenizer(args)
     res["elapsed_s"] = time.time() - t0
 
