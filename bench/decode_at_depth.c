@@ -21,12 +21,13 @@
 // S = process CPU time / (wall time x threads) while timing: near 1 when the
 // threads had the cores to themselves (and spun little), lower when other
 // programs took them.
-// With -b GIB, the read bandwidth of this machine is measured before every
-// measurement and after the last, as bench/bandwidth.c does (the engine's
-// threads sum a GIB array in 2 MiB pages), and printed as ", bandwidth B GB/s": the mean of
-// the passes just before and just after it. On a VM whose neighbours share the
-// memory bus, the bandwidth on offer moves by 2x within minutes; measured
-// milliseconds apart in the same process, tok/s x bytes per token / B is the
+// With -b GIB, the read bandwidth is measured before every measurement and
+// after the last: the engine's threads sum the first GIB of the model's own
+// weights (the memory decode streams, mapped the same way, huge pages or
+// not), and the line ends ", bandwidth B GB/s", the mean of the passes just
+// before and just after. On a VM whose neighbours share the memory bus, the
+// bandwidth on offer moves by 2x within minutes; measured milliseconds apart
+// in the same process on the same pages, tok/s x bytes per token / B is the
 // fraction of the bandwidth decode got *then*.
 //
 // Built by experiments/kv_heads.py with the Makefile's flags:
@@ -81,25 +82,26 @@ static void fill_cache(Transformer *m, int positions) {
 
 #define MAX_MODELS 8
 
-// Bandwidth: each thread sums its share of the array into vector accumulators.
-typedef struct { const vfloat *data; size_t n; float sink[64]; } SumTask; // n vectors, a multiple of 8
+// Bandwidth: each thread sums its share of the bytes (as integers: weights
+// read as floats could be denormals, slow on some CPUs) into vector accumulators.
+typedef struct { const vint *data; size_t n; int32_t sink[64]; } SumTask; // n vectors, a multiple of 8
 
 static void sum_task(void *arg, int ith, int nth) {
     SumTask *a = arg;
     int lo, hi, blocks = (int)(a->n / 8);
     split_range(blocks, ith, nth, 1, &lo, &hi);
-    vfloat acc[8] = {0};
+    vint acc[8] = {0};
     for (size_t i = (size_t)lo * 8; i < (size_t)hi * 8; i += 8)
         for (int k = 0; k < 8; k++) acc[k] += a->data[i + k];
-    vfloat sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    a->sink[ith % 64] += vsum(sum);
+    vint sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (int k = 0; k < VEC_LEN; k++) a->sink[ith % 64] += sum[k];
 }
 
 // GB/s of one pass over the array (GB = 1e9 bytes).
 static double bandwidth_pass(ThreadPool *pool, SumTask *task) {
     double t0 = now_seconds();
     pool_run(pool, sum_task, task);
-    return task->n * sizeof(vfloat) / (now_seconds() - t0) / 1e9;
+    return task->n * sizeof(vint) / (now_seconds() - t0) / 1e9;
 }
 
 // The median of 5 passes.
@@ -162,18 +164,18 @@ int main(int argc, char **argv) {
         pool_free(m[j].pool);
         m[j].pool = m[0].pool;
     }
-    SumTask bw_task = {0};
+    SumTask bw_task[MAX_MODELS] = {0};
     double bw_before = 0;
-    if (bw_gib > 0) {
-        bw_task.n = (size_t)(bw_gib * (1 << 30)) / sizeof(vfloat) / 8 * 8;
-        vfloat *data = (vfloat *)alloc_cache(bw_task.n * VEC_LEN, "the -b array"); // 2 MiB pages, as bench/bandwidth
-        for (size_t i = 0; i < bw_task.n * VEC_LEN; i++) ((float *)data)[i] = (float)(i & 7); // not the zero page
-        bw_task.data = data;
-        bw_before = bandwidth(m[0].pool, &bw_task);
+    for (int j = 0; j < n_models && bw_gib > 0; j++) { // the start of model j's weights, at most bw_gib
+        size_t start = (m[j].h.weights_offset + 63) / 64 * 64, bytes = m[j].map_bytes - start;
+        if (bytes > (size_t)(bw_gib * (1 << 30))) bytes = (size_t)(bw_gib * (1 << 30));
+        bw_task[j].data = (const vint *)((const char *)m[j].map + start);
+        bw_task[j].n = bytes / sizeof(vint) / 8 * 8;
     }
     for (int r = 0; r < repeats; r++)
         for (int k = 0; k < n_depths; k++)
             for (int j = 0; j < n_models; j++) {
+                if (bw_gib > 0) bw_before = bandwidth(m[0].pool, &bw_task[j]);
                 // position p attends to p + 1 cached positions; depth D = D positions before the
                 // first decoded token, as after a D-token prompt in ./run
                 double t0 = now_seconds(), c0 = cpu_seconds();
@@ -184,15 +186,10 @@ int main(int argc, char **argv) {
                 double t = now_seconds() - t0, cpu = cpu_seconds() - c0;
                 printf("model %d depth %d: %d tokens, %.3f tok/s, cpu share %.2f", j, depths[k], tokens, tokens / t,
                        cpu / (t * threads));
-                if (bw_gib > 0) {
-                    double bw_after = bandwidth(m[0].pool, &bw_task);
-                    printf(", bandwidth %.2f GB/s", (bw_before + bw_after) / 2);
-                    bw_before = bw_after;
-                }
+                if (bw_gib > 0) printf(", bandwidth %.2f GB/s", (bw_before + bandwidth(m[0].pool, &bw_task[j])) / 2);
                 printf("\n");
                 fflush(stdout);
             }
-    if (bw_task.data) free_cache((float *)bw_task.data, bw_task.n * VEC_LEN);
     for (int j = n_models - 1; j >= 0; j--) {
         if (j) m[j].pool = NULL;
         free_transformer(&m[j]);
