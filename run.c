@@ -700,6 +700,7 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return sum + _mm_cvtss_f32(h);
 #else
+    (void)groups;
     return sum + dot_q8_scalar(wq + g * Q8_GROUP, ws + g, xq + g * Q8_GROUP, xs + g, n - g * Q8_GROUP);
 #endif
 }
