@@ -631,7 +631,10 @@ static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
         for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
         float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
         s[g] = scale;
-        for (int i = 0; i < Q8_GROUP; i++) q[g * Q8_GROUP + i] = (int8_t)(int)rintf(xg[i] * inv); // to nearest even, as lrintf
+        for (int i = 0; i < Q8_GROUP; i++) { // to nearest even, as lrintf; NaN (corrupt weights upstream) to 0, not UB
+            float v = rintf(xg[i] * inv);
+            q[g * Q8_GROUP + i] = (int8_t)(v >= -127.0f && v <= 127.0f ? (int)v : 0);
+        }
     }
 }
 

@@ -209,6 +209,12 @@ static void test_q8_kernels(void) {
         all_close &= fabsf(got - ref) <= 1e-5f * (fabsf(ref) + 1e-3f);
     }
     check(all_close, "simd_q8_dot_matches_scalar_for_any_group_count", "a length differs");
+    // NaN activations (from corrupt weights) quantize to 0 instead of an undefined float-to-int conversion
+    float bad[Q8_GROUP] = {NAN, 1.0f, -INFINITY};
+    int8_t bq[Q8_GROUP];
+    float bs;
+    quantize_q8(bq, &bs, bad, Q8_GROUP);
+    check(bq[0] == 0 && bq[2] == 0, "q8_quantization_of_nan_and_inf_is_defined", "q %d %d", bq[0], bq[2]);
     // the matmul's two q8_0 paths: integer dots (T < VEC_LEN) and dequantized tiles
     Matrix m8 = {.q = wq, .s = ws, .rows = ROWS, .cols = N};
     Transformer m = {0};
