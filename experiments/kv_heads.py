@@ -63,7 +63,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from bench import file_is_complete, level_page_cache, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
+from bench import Prompts, file_is_complete, level_page_cache, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -329,37 +329,6 @@ def build_tools(args):
     return TOOLS
 
 
-class Prompts:
-    """Prompts of exactly n tokens (BOS included) cut from prose.txt at a word
-    boundary, counted with ./run -m tokenize (BOS + ids, one per word of output)."""
-
-    def __init__(self, args, model, tmp):
-        with open(os.path.join(args.shared, "corpora", "prose.txt"), encoding="utf-8") as f:
-            text = f.read()
-        self.text = text[max(0, text.find("Call me Ishmael")):]  # skip the Gutenberg front matter
-        self.ends = [m.end() for m in re.finditer(r"\S+", self.text)]
-        self.model, self.tmp = model, tmp
-
-    def count(self, path):
-        return len(run([RUN, self.model, "-m", "tokenize", "-f", path, "-T", "1"])[0].split())
-
-    def write(self, words, path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.text[:self.ends[words - 1]] if words else "")
-        return self.count(path)
-
-    def make(self, n):
-        path = os.path.join(self.tmp, "prompt-%d.txt" % n)
-        lo, hi = 0, min(n, len(self.ends))  # every word is at least one token
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.write(mid, path) <= n:
-                lo = mid
-            else:
-                hi = mid - 1
-        return path, self.write(lo, path)
-
-
 def measure_decode(args, tmp):
     """Per weight type, one harness process holding the three models, which
     measures them in turn (repeat, depth, model), a second or two each: load
@@ -368,7 +337,7 @@ def measure_decode(args, tmp):
     rows, checks, pages = [], [], {}
     models = {(dtype, kv): ensure_model(args, dtype, kv) for dtype in DTYPES for kv in KV_HEADS}
     infos = {key: info(path) for key, path in models.items()}
-    prompts = Prompts(args, models[(DTYPES[0], 8)], tmp)
+    prompts = Prompts(models[(DTYPES[0], 8)], os.path.join(args.shared, "corpora", "prose.txt"), tmp)
     for dtype in DTYPES:
         t0 = time.time()
         for kv in KV_HEADS:
