@@ -31,7 +31,7 @@ import make_hf  # noqa: E402
 import reference  # noqa: E402
 from testlib import (EXPORT, LOGITS, RUN, Checks, engine, engine_built, engine_logits, engine_ppl,  # noqa: E402
                      engine_tokens, export, export_ok, llama2c_to_hf, read_header, read_llama2c, read_tensors,
-                     rel_err, scratch, shared_file)
+                     llama2c_files, rel_err, scratch, shared_file)
 
 T = Checks()
 TMP = scratch("kv-heads-")
@@ -129,11 +129,9 @@ def pool_matches_reference_random():
 
 
 def pool_matches_reference_llama2c(name, model_file, tok_file, Ks, text_chars):
-    mpath, tpath = shared_file("models/" + model_file), shared_file("models/" + tok_file)
-    corpus = shared_file("corpora/tinystories-valid.txt")
-    for p in (mpath, tpath, corpus):
-        if not os.path.exists(p):
-            return T.missing(f"pool_{name}_ppl_matches_reference", p)
+    (mpath, tpath, corpus), missing = llama2c_files(model_file, tok_file)
+    if missing:
+        return T.missing(f"pool_{name}_ppl_matches_reference", missing)
     model = export_ok(path(name + ".bin"), "--llama2c", mpath, "--tokenizer", tpath)
     cfg, hf = llama2c_to_hf(*read_llama2c(mpath))
     W = {k: v.astype(np.float64) for k, v in hf.items()}

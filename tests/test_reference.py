@@ -23,7 +23,7 @@ import make_hf  # noqa: E402
 import reference  # noqa: E402
 from testlib import (RUN, LOGITS, Checks, engine_built, engine_logits, engine_ppl, engine_tokens,  # noqa: E402
                      export_ok, llama2c_to_hf, read_header, read_llama2c, read_tensors, rel_err, scratch,
-                     shared_file, hf_permute)
+                     shared_file, hf_permute, llama2c_files)
 
 T = Checks()
 TMP = scratch("reference-")
@@ -211,11 +211,9 @@ def q8_0_model():
 # The real llama2.c checkpoints: interleaved RoPE weights, same numbers
 
 def llama2c_model(name, model_file, tok_file, text_chars, chunk_context):
-    mpath, tpath = shared_file("models/" + model_file), shared_file("models/" + tok_file)
-    corpus = shared_file("corpora/tinystories-valid.txt")
-    for p in (mpath, tpath, corpus):
-        if not os.path.exists(p):
-            return T.missing(f"{name}_logits_token_by_token_match_reference", p)
+    (mpath, tpath, corpus), missing = llama2c_files(model_file, tok_file)
+    if missing:
+        return T.missing(f"{name}_logits_token_by_token_match_reference", missing)
     model = export_ok(path(name + ".bin"), "--llama2c", mpath, "--tokenizer", tpath)
     h, W2c = read_llama2c(mpath)
     cfg, hf = llama2c_to_hf(h, W2c)

@@ -74,6 +74,13 @@ def shared_file(rel):
     return os.path.join(SHARED, rel)
 
 
+def llama2c_files(model_file, tok_file):
+    """((checkpoint, tokenizer, tinystories-valid.txt) paths in ../shared, the first of them missing or None)."""
+    paths = (shared_file("models/" + model_file), shared_file("models/" + tok_file),
+             shared_file("corpora/tinystories-valid.txt"))
+    return paths, next((p for p in paths if not os.path.exists(p)), None)
+
+
 # ----------------------------------------------------------------------------
 # Running things
 
