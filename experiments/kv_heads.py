@@ -63,7 +63,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from bench import Prompts, file_is_complete, level_page_cache, model_path, numpy_python  # noqa: E402  (shared with make bench: same model names)
+from bench import Prompts, level_page_cache, ensure_model as bench_ensure_model  # noqa: E402  (shared with make bench: same model names)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -298,18 +298,9 @@ def divergence(args, tmp, rows, corpus):
 # 2. Decode speed at depth
 
 def ensure_model(args, dtype, kv):
-    path = model_path(args.cache, dtype, kv)
-    if file_is_complete(path):
-        return path
-    python = numpy_python()
-    if not python:
-        fail("no python3 with numpy to run export/export.py (apt-get install python3-numpy)")
-    cmd = [python, EXPORT, path, "--random", "--preset", "llama3.2-1b", "--tokenizer",
-           os.path.join(args.shared, "models", "llama3-tokenizer.json"), "--dtype", dtype]
-    if kv != 8:
-        cmd += ["--n-kv-heads", str(kv)]
-    log("exporting %s (once; a minute or two)" % path)
-    run(cmd)
+    path = bench_ensure_model(args, dtype, kv)  # exported once into args.cache, as make bench does
+    if not path:
+        fail("cannot export the %s model with %d KV heads" % (dtype, kv))
     return path
 
 
