@@ -623,6 +623,11 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
 // at run time, so a dot product is a sum over groups of (integer dot) x scales.
 #define Q8_GROUP 32
 
+// Bytes of one row of w: cols f32 values, or cols int8 values and cols / Q8_GROUP scales.
+static size_t row_bytes(const Matrix *w) {
+    return w->q ? (size_t)w->cols + (size_t)w->cols / Q8_GROUP * sizeof(float) : (size_t)w->cols * sizeof(float);
+}
+
 // x (n) -> q (n), s (n / Q8_GROUP): the largest |x| of a group maps to 127.
 static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
     for (int g = 0; g < n / Q8_GROUP; g++) {
@@ -771,7 +776,8 @@ typedef struct {
     int Tpad;
     float *scratch;                    // (n_threads, scratch_stride) dequantized weights
     size_t scratch_stride;
-    int chunk_rows[MAX_PRODUCTS];      // decode: rows per chunk, about CHUNK_BYTES of weights
+    int chunk_rows[MAX_PRODUCTS];      // decode: rows per chunk, about CHUNK_BYTES of weights ...
+    int n_chunks[MAX_PRODUCTS];        // ... and chunks per product
     Share *shares;                     // decode: (n_threads) each thread's chunks still to do
     int n_shares;
 } MatmulTask;
@@ -803,8 +809,7 @@ static int take_chunk(Share *sh, int front) {
 // Chunk c counts through the products in order: which product, which rows.
 static void matvec_chunk(const MatmulTask *a, int c) {
     int i = 0;
-    for (; c >= (a->p[i].w->rows + a->chunk_rows[i] - 1) / a->chunk_rows[i]; i++)
-        c -= (a->p[i].w->rows + a->chunk_rows[i] - 1) / a->chunk_rows[i];
+    for (; c >= a->n_chunks[i]; i++) c -= a->n_chunks[i];
     int r0 = c * a->chunk_rows[i], rows = a->p[i].w->rows;
     matvec_rows(a, &a->p[i], r0, r0 + a->chunk_rows[i] < rows ? r0 + a->chunk_rows[i] : rows);
 }
@@ -866,12 +871,12 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
     for (int i = 0; i < n_products; i++) {
         task.p[i] = p[i];
         work += (size_t)p[i].w->rows * n * T;
-        size_t row_bytes = p[i].w->q ? n + n / Q8_GROUP * sizeof(float) : n * sizeof(float);
-        task.chunk_rows[i] = CHUNK_BYTES / row_bytes / ROW_QUANTUM * ROW_QUANTUM + ROW_QUANTUM;
+        task.chunk_rows[i] = CHUNK_BYTES / row_bytes(p[i].w) / ROW_QUANTUM * ROW_QUANTUM + ROW_QUANTUM;
+        task.n_chunks[i] = (p[i].w->rows + task.chunk_rows[i] - 1) / task.chunk_rows[i];
     }
     if (T < VEC_LEN) { // decode: each thread's share of the chunks
         int chunks = 0;
-        for (int i = 0; i < n_products; i++) chunks += (p[i].w->rows + task.chunk_rows[i] - 1) / task.chunk_rows[i];
+        for (int i = 0; i < n_products; i++) chunks += task.n_chunks[i];
         task.shares = s->shares, task.n_shares = m->n_threads;
         for (int t = 0; t < m->n_threads; t++) {
             uint64_t first = (uint64_t)chunks * t / m->n_threads, end = (uint64_t)chunks * (t + 1) / m->n_threads;
@@ -1521,10 +1526,7 @@ static void print_tokens(Transformer *m, const char *text, size_t len) {
     free(tokens);
 }
 
-static size_t matrix_bytes(const Matrix *w) {
-    size_t n = (size_t)w->rows * w->cols;
-    return w->q ? n + n / Q8_GROUP * sizeof(float) : n * sizeof(float);
-}
+static size_t matrix_bytes(const Matrix *w) { return (size_t)w->rows * row_bytes(w); }
 
 // Bytes of all weights in use (after --kv-heads); a tied classifier counts once.
 static size_t weight_bytes(const Transformer *m) {
