@@ -81,11 +81,10 @@ typedef struct {
     float norm_eps;
 } Config;
 
-// A weight matrix (rows, cols), y = W x. For DTYPE_Q8_0, q and s are used.
+// A weight matrix (rows, cols), y = W x: f or q8 is set, by the file's dtype.
 typedef struct {
-    const float *f;  // DTYPE_F32: (rows, cols)
-    const int8_t *q; // DTYPE_Q8_0: (rows, cols)
-    const float *s;  // DTYPE_Q8_0: (rows, cols / group_size) scales
+    const float *f;    // DTYPE_F32: (rows, cols)
+    const uint8_t *q8; // DTYPE_Q8_0: rows of blocks of int8 values and float16 scales (model.h)
     int rows, cols;
 } Matrix;
 
@@ -123,7 +122,7 @@ typedef struct {
     float *k, *v;   // (B, kv_dim) before they go into the cache
     float *hb;      // (B, hidden_dim)
     float *hb2;     // (B, hidden_dim)
-    float *att;     // (n_threads, kv_mul, seq_len) attention scores
+    float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
     float *xs;      // (B, max_cols / Q8_GROUP) ... and its scales
@@ -133,8 +132,9 @@ typedef struct {
     Share *shares;  // (n_threads) decode matmul work still to do
     size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
-    float *key_cache;   // (n_layers, n_kv_heads, seq_len, head_dim)
-    float *value_cache; // (n_layers, n_kv_heads, seq_len, head_dim)
+    // Keys are stored in tiles of VEC_LEN positions, transposed (see key_index).
+    float *key_cache;   // (n_layers, n_kv_heads, cache_len / VEC_LEN, head_dim, VEC_LEN)
+    float *value_cache; // (n_layers, n_kv_heads, cache_len, head_dim)
     size_t kv_cache_elems; // of both caches together
     float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
 } RunState;
@@ -163,7 +163,7 @@ static size_t align_up(size_t n) { return (n + MODEL_ALIGN - 1) / MODEL_ALIGN * 
 // Bytes a (rows, cols) tensor occupies in the file, padding included.
 static size_t tensor_bytes(const ModelHeader *h, size_t rows, size_t cols, int is_matrix) {
     if (!is_matrix || h->dtype == DTYPE_F32) return align_up(rows * cols * sizeof(float));
-    return align_up(rows * cols) + align_up(rows * cols / h->group_size * sizeof(float));
+    return align_up(rows * cols + rows * cols / h->group_size * sizeof(uint16_t)); // values + float16 scales
 }
 
 // Walks the tensors in file order (model.h); with m != NULL, points them into the map.
@@ -175,8 +175,7 @@ static size_t layout_weights(const ModelHeader *h, Transformer *m) {
 #define MATRIX(dst, R, C) do { \
         if (m) { Matrix *mt = (dst); mt->rows = (int)(R); mt->cols = (int)(C); \
             if (h->dtype == DTYPE_F32) mt->f = (const float *)(base + off); \
-            else { mt->q = (const int8_t *)(base + off); \
-                   mt->s = (const float *)(base + off + align_up((size_t)(R) * (C))); } } \
+            else mt->q8 = base + off; } \
         off += tensor_bytes(h, (R), (C), 1); } while (0)
 #define VECTOR(dst, N) do { if (m) (dst) = (const float *)(base + off); \
         off += tensor_bytes(h, (N), 1, 0); } while (0)
@@ -619,43 +618,133 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
 }
 
 // Q8_0 (model.h): each group of Q8_GROUP consecutive values of a row shares
-// one float scale, value = q * scale. Activations are quantized the same way
-// at run time, so a dot product is a sum over groups of (integer dot) x scales.
+// one scale, value = q * scale, so a dot product is a sum over groups of
+// (integer dot) x scales. A weight row is a sequence of blocks of Q8_BLOCK
+// groups: their int8 values, then their float16 scales, so decode reads it
+// in one stream, front to back. Activations are quantized at run time into
+// plain arrays instead (int8 values, float32 scales): they are made for one
+// matmul and never stored.
 #define Q8_GROUP 32
+#define Q8_BLOCK 32                                    // groups per block
+#define Q8_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP + sizeof(uint16_t))) // 1088: 17 cache lines
 
-// Bytes of one row of w: cols f32 values, or cols int8 values and cols / Q8_GROUP scales.
-static size_t row_bytes(const Matrix *w) {
-    return w->q ? (size_t)w->cols + (size_t)w->cols / Q8_GROUP * sizeof(float) : (size_t)w->cols * sizeof(float);
+// IEEE float16 (the scales of q8_0 weights) to float32, exactly.
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, em = h & 0x7fff, bits;
+    if (em < 0x400) { float v = em * 0x1p-24f; return sign ? -v : v; } // zero, subnormal: em x 2^-24
+    if (em < 0x7c00) bits = sign | (em + ((127 - 15) << 10)) << 13;     // normal: the exponent rebiased
+    else bits = sign | 0x7f800000 | (em & 0x3ff) << 13;                  // inf, NaN
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-// x (n) -> q (n), s (n / Q8_GROUP): the largest |x| of a group maps to 127.
+// float32 to the nearest float16 (ties to even), as numpy's astype(float16).
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // NaN
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // >= 65520: inf
+    if (ax < 0x38800000) return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 0x1p24f)); // < 2^-14: steps of 2^-24
+    uint32_t r = ax + 0xfff + (ax >> 13 & 1); // drop 13 mantissa bits, to nearest even (a carry bumps the exponent)
+    return (uint16_t)(sign | ((r >> 13) - ((127 - 15) << 10)));
+}
+
+// Bytes of one row of w: cols f32 values, or cols int8 values and cols / Q8_GROUP float16 scales.
+static size_t row_bytes(const Matrix *w) {
+    return w->q8 ? (size_t)w->cols + (size_t)w->cols / Q8_GROUP * sizeof(uint16_t) : (size_t)w->cols * sizeof(float);
+}
+
+static const uint8_t *matrix_row(const Matrix *w, int r) {
+    return (w->q8 ? w->q8 : (const uint8_t *)w->f) + (size_t)r * row_bytes(w);
+}
+
+// Block b of a q8_0 row of n values: its groups' values and scales.
+typedef struct { const int8_t *q; const uint16_t *scale; int groups; } Q8Block;
+
+static Q8Block q8_block(const uint8_t *row, int n, int b) {
+    int groups = n / Q8_GROUP - b * Q8_BLOCK; // all blocks are full but maybe the last
+    if (groups > Q8_BLOCK) groups = Q8_BLOCK;
+    const uint8_t *p = row + (size_t)b * Q8_BLOCK_BYTES;
+    return (Q8Block){(const int8_t *)p, (const uint16_t *)(p + groups * Q8_GROUP), groups};
+}
+
+// Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
+// 127, given the scale that the group's amax rounded to; NaN (corrupt
+// weights upstream) gives 0 rather than an undefined float-to-int conversion.
+static void round_group_q8(int8_t *q, const float *x, float scale) {
+    float inv = scale > 0 ? 1.0f / scale : 0;
+    for (int i = 0; i < Q8_GROUP; i++) { // (written so that compilers vectorize it: no lrintf call)
+        float v = rintf(x[i] * inv);     // to nearest even, as lrintf
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[i] = (int8_t)(v == v ? (int)v : 0);
+    }
+}
+
+static float group_amax(const float *x) {
+    float amax = 0;
+    for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    return amax;
+}
+
+// Activations: x (n) -> q (n), s (n / Q8_GROUP), float32 scales.
 static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
     for (int g = 0; g < n / Q8_GROUP; g++) {
-        const float *xg = x + g * Q8_GROUP;
-        float amax = 0; // (written so that compilers vectorize both loops: no fmaxf or lrintf calls)
-        for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
-        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
-        s[g] = scale;
-        for (int i = 0; i < Q8_GROUP; i++) { // to nearest even, as lrintf; NaN (corrupt weights upstream) to 0, not UB
-            float v = rintf(xg[i] * inv);
-            q[g * Q8_GROUP + i] = (int8_t)(v >= -127.0f && v <= 127.0f ? (int)v : 0);
+        s[g] = group_amax(x + g * Q8_GROUP) / 127.0f;
+        round_group_q8(q + g * Q8_GROUP, x + g * Q8_GROUP, s[g]);
+    }
+}
+
+// Weights: x (n) -> one q8_0 row (model.h), float16 scales, as export.py writes it.
+static void quantize_q8_row(uint8_t *row, const float *x, int n) {
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(row, n, b);
+        for (int j = 0; j < k.groups; j++) {
+            const float *xg = x + ((size_t)b * Q8_BLOCK + j) * Q8_GROUP;
+            uint16_t h = f32_to_f16(group_amax(xg) / 127.0f);
+            memcpy((uint8_t *)(k.scale + j), &h, sizeof h);
+            round_group_q8((int8_t *)k.q + j * Q8_GROUP, xg, f16_to_f32(h));
         }
     }
 }
 
-static REFERENCE float dot_q8_scalar(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
+// Sum over `groups` groups of (integer dot) x w scale x x scale.
+static float dot_q8_groups(const int8_t *wq, const uint16_t *ws, const int8_t *xq, const float *xs, int groups) {
     float sum = 0;
-    for (int g = 0; g < n / Q8_GROUP; g++) {
+    for (int g = 0; g < groups; g++) {
         int32_t isum = 0;
         for (int i = 0; i < Q8_GROUP; i++) isum += wq[g * Q8_GROUP + i] * xq[g * Q8_GROUP + i];
-        sum += (float)isum * (ws[g] * xs[g]);
+        sum += (float)isum * (f16_to_f32(ws[g]) * xs[g]);
     }
     return sum;
 }
 
+// A q8_0 weight row (n values) . x quantized (xq, xs).
+static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0;
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(w, n, b);
+        sum += dot_q8_groups(k.q, k.scale, xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, k.groups);
+    }
+    return sum;
+}
+
+// The SIMD paths: AVX-512 with VNNI (16 groups per step), AVX2 with F16C (8 groups per step).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q8_AVX512 1
+#else
+#define Q8_AVX512 0
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+#define Q8_AVX2 1
+#else
+#define Q8_AVX2 0
+#endif
+
 // One group's 32 int8 products summed into 8 int32 lanes. The instructions
 // multiply unsigned by signed bytes, so w's sign moves onto x: w*x = |w| * (x*sign(w)).
-#if defined(__AVX2__)
+#if Q8_AVX2
 static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
     __m256i w = _mm256_loadu_si256((const __m256i *)a), x = _mm256_loadu_si256((const __m256i *)b);
     __m256i abs_w = _mm256_sign_epi8(w, w), x_signed = _mm256_sign_epi8(x, w);
@@ -667,61 +756,74 @@ static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
 }
 #endif
 
-static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n) {
-    int g = 0, groups = n / Q8_GROUP;
+static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
     float sum = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    // 16 groups per step: their 16 scale products ws*xs fill one vector, and
-    // each 64-byte load holds two groups, whose 2 x 8 int32 lanes take their
-    // scales from it by a lane permutation.
-    __m512 wide0 = _mm512_setzero_ps(), wide1 = _mm512_setzero_ps();
-    for (; g + 16 <= groups; g += 16) {
-        __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(ws + g), _mm512_loadu_ps(xs + g));
-        for (int j = 0; j < 8; j++) {
-            const int8_t *wp = wq + (size_t)(g + 2 * j) * Q8_GROUP, *xp = xq + (size_t)(g + 2 * j) * Q8_GROUP;
-            __m512i w = _mm512_loadu_si512(wp), x = _mm512_loadu_si512(xp);
-            __m512i x_signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), x_signed);
-            __m512i lanes = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
-                                             2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
-            __m512 s = _mm512_permutexvar_ps(lanes, scale);
-            if (j & 1) wide1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, wide1);
-            else wide0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, wide0);
+#if Q8_AVX512
+    __m512 wide[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+#endif
+#if Q8_AVX2
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
+#endif
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(w, n, b);
+        const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
+        const float *s = xs + b * Q8_BLOCK;
+        int g = 0;
+#if Q8_AVX512
+        // 16 groups per step: their 16 scale products fill one vector, and
+        // each 64-byte load holds two groups, whose 2 x 8 int32 lanes take
+        // their scales from it by a lane permutation.
+        for (; g + 16 <= k.groups; g += 16) {
+            __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.scale + g))),
+                                         _mm512_loadu_ps(s + g));
+            for (int j = 0; j < 8; j++) {
+                __m512i wv = _mm512_loadu_si512(k.q + (g + 2 * j) * Q8_GROUP);
+                __m512i xv = _mm512_loadu_si512(x + (g + 2 * j) * Q8_GROUP);
+                __m512i x_signed = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
+                __m512i lanes = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+                                                 2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
+                wide[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(lanes, scale), wide[j & 1]);
+            }
         }
-    }
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(wide0, wide1));
 #endif
-#if defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); // two chains hide FMA latency
-    for (; g + 1 < groups; g += 2) {
-        __m256 d0 = _mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP));
-        __m256 d1 = _mm256_cvtepi32_ps(dot_i8_group(wq + (g + 1) * Q8_GROUP, xq + (g + 1) * Q8_GROUP));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(ws[g] * xs[g]), acc0);
-        acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(ws[g + 1] * xs[g + 1]), acc1);
+#if Q8_AVX2
+        // 8 groups per step: 8 scale products in one vector, each group's
+        // 8 int32 lanes take theirs by a lane permutation.
+        for (; g + 8 <= k.groups; g += 8) {
+            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k.scale + g))),
+                                         _mm256_loadu_ps(s + g));
+            for (int j = 0; j < 8; j++) {
+                __m256 d = _mm256_cvtepi32_ps(dot_i8_group(k.q + (g + j) * Q8_GROUP, x + (g + j) * Q8_GROUP));
+                acc[j & 1] = _mm256_fmadd_ps(d, _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j)), acc[j & 1]);
+            }
+        }
+#endif
+        sum += dot_q8_groups(k.q + g * Q8_GROUP, k.scale + g, x + g * Q8_GROUP, s + g, k.groups - g);
     }
-    if (g < groups)
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8_group(wq + g * Q8_GROUP, xq + g * Q8_GROUP)),
-                               _mm256_set1_ps(ws[g] * xs[g]), acc0);
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+#if Q8_AVX512
+    sum += _mm512_reduce_add_ps(_mm512_add_ps(wide[0], wide[1]));
+#endif
+#if Q8_AVX2
+    __m256 a = _mm256_add_ps(acc[0], acc[1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return sum + _mm_cvtss_f32(h);
-#else
-    (void)groups;
-    return sum + dot_q8_scalar(wq + g * Q8_GROUP, ws + g, xq + g * Q8_GROUP, xs + g, n - g * Q8_GROUP);
+    sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #endif
+    return sum;
 }
 
 // Columns [k0, k1) of row r of w as floats (k0, k1 multiples of Q8_GROUP
 // for q8_0). For q8_0 this is the only dequantization there is: an embedding
 // lookup, a slice of a prefill tile, a row of --kv-heads.
 static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
-    size_t first = (size_t)r * w->cols + k0, n = k1 - k0;
-    if (!w->q) { memcpy(out, w->f + first, n * sizeof(float)); return; }
-    for (size_t g = 0; g < n / Q8_GROUP; g++) {
-        float scale = w->s[first / Q8_GROUP + g];
-        for (int i = 0; i < Q8_GROUP; i++) out[g * Q8_GROUP + i] = w->q[first + g * Q8_GROUP + i] * scale;
+    const uint8_t *row = matrix_row(w, r);
+    if (!w->q8) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
+    for (int g = k0 / Q8_GROUP; g < k1 / Q8_GROUP; g++) {
+        Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
+        const int8_t *q = k.q + g % Q8_BLOCK * Q8_GROUP;
+        float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+        for (int i = 0; i < Q8_GROUP; i++) *out++ = q[i] * scale;
     }
 }
 
@@ -736,14 +838,15 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
 
 // (Inlined by force: on its own, GCC judges a function that only prefetches to have no effect and drops the call.)
 static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w, int r, int nr, int k0, int kn) {
-    for (int i = 0; i < nr; i++) {
-        size_t first = (size_t)(r + i) * w->cols + k0;
-        if (w->q) {
-            for (int k = 0; k < kn; k += 64) PREFETCH(w->q + first + k);
-            for (int k = 0; k < kn / Q8_GROUP; k += 16) PREFETCH(w->s + first / Q8_GROUP + k);
-        } else
-            for (int k = 0; k < kn; k += 16) PREFETCH(w->f + first + k);
+    size_t lo = (size_t)k0 * sizeof(float), hi = (size_t)(k0 + kn) * sizeof(float);
+    if (w->q8) { // the whole q8_0 blocks that hold the columns
+        const size_t block_cols = Q8_BLOCK * Q8_GROUP, end = row_bytes(w);
+        lo = k0 / block_cols * Q8_BLOCK_BYTES;
+        hi = (k0 + kn + block_cols - 1) / block_cols * Q8_BLOCK_BYTES;
+        hi = hi < end ? hi : end;
     }
+    for (int i = 0; i < nr; i++)
+        for (size_t b = lo; b < hi; b += 64) PREFETCH(matrix_row(w, r + i) + b);
 }
 
 // out (T, W.rows) = x (T, W.cols) @ W^T, for one or several matrices W that
@@ -788,9 +891,8 @@ static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
     const int n = w->cols;
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < a->T; t++)
-            p->out[(size_t)t * w->rows + r] = w->q
-                ? dot_q8(w->q + (size_t)r * n, w->s + (size_t)r * n / Q8_GROUP,
-                         a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
+            p->out[(size_t)t * w->rows + r] = w->q8
+                ? dot_q8(matrix_row(w, r), a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
                 : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
 }
 
@@ -826,7 +928,7 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
             if (r + GEMM_R < tiled_hi) prefetch_block(w, r + GEMM_R, GEMM_R, k0, kn);
             const float *rows = w->f + (size_t)r * n + k0; // the tile's (GEMM_R, kn) block
             size_t ldw = n;
-            if (w->q) {
+            if (w->q8) {
                 for (int i = 0; i < GEMM_R; i++) matrix_slice(w, r + i, k0, k0 + kn, buf + (size_t)i * kn);
                 rows = buf, ldw = kn;
             }
@@ -883,7 +985,7 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
             atomic_store_explicit(&s->shares[t].range, end << 32 | first, memory_order_relaxed);
         }
     }
-    if (T < VEC_LEN && p[0].w->q)
+    if (T < VEC_LEN && p[0].w->q8)
         for (int t = 0; t < T; t++)
             quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, x + (size_t)t * n, n);
     if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
@@ -936,27 +1038,17 @@ static int valid_kv_heads(const Config *c, int K) {
 // w (n_kv_heads * head_dim, dim) -> (K * head_dim, dim), in engine-owned memory.
 static void regroup_matrix(Transformer *m, Matrix *w, int K) {
     const int old = m->c.n_kv_heads, hd = m->c.head_dim, cols = w->cols;
-    const size_t row_q = (size_t)cols, row_s = (size_t)cols / Q8_GROUP; // q8_0 row: values, scales
+    const size_t rb = row_bytes(w); // the same for the new matrix: same dtype and cols
     Matrix out = {.rows = K * hd, .cols = cols};
-    float *f = NULL;
-    int8_t *q = NULL;
-    float *sc = NULL;
-    if (w->f) out.f = f = owned_alloc(m, (size_t)out.rows * cols, sizeof(float), "--kv-heads weights");
-    else {
-        out.q = q = owned_alloc(m, (size_t)out.rows * row_q, 1, "--kv-heads weights");
-        out.s = sc = owned_alloc(m, (size_t)out.rows * row_s, sizeof(float), "--kv-heads weights");
-    }
+    uint8_t *rows = owned_alloc(m, (size_t)out.rows, rb, "--kv-heads weights");
+    if (w->q8) out.q8 = rows;
+    else out.f = (const float *)rows;
     float *acc = xcalloc(cols, sizeof(float), "row"), *row = xcalloc(cols, sizeof(float), "row");
     for (int j = 0; j < K; j++)
         for (int d = 0; d < hd; d++) {
-            int dst = j * hd + d;
+            uint8_t *dst = rows + (size_t)(j * hd + d) * rb;
             if (K > old) { // repeat: copy the row as stored, so the outputs stay bit-identical
-                int src = (j / (K / old)) * hd + d;
-                if (f) memcpy(f + dst * row_q, w->f + src * row_q, row_q * sizeof(float));
-                else {
-                    memcpy(q + dst * row_q, w->q + src * row_q, row_q);
-                    memcpy(sc + dst * row_s, w->s + src * row_s, row_s * sizeof(float));
-                }
+                memcpy(dst, matrix_row(w, (j / (K / old)) * hd + d), rb);
                 continue;
             }
             int group = old / K; // pool: the mean of the same row of `group` adjacent heads
@@ -965,8 +1057,8 @@ static void regroup_matrix(Transformer *m, Matrix *w, int K) {
                 matrix_slice(w, (j * group + i) * hd + d, 0, cols, row);
                 for (int k = 0; k < cols; k++) acc[k] += row[k] / group;
             }
-            if (f) memcpy(f + dst * row_q, acc, cols * sizeof(float));
-            else quantize_q8(q + dst * row_q, sc + dst * row_s, acc, cols);
+            if (w->q8) quantize_q8_row(dst, acc, cols);
+            else memcpy(dst, acc, cols * sizeof(float));
         }
     free(acc); free(row);
     *w = out;
@@ -1020,6 +1112,9 @@ static void free_cache(float *p, size_t n) {
     if (p) munmap(p, n * sizeof(float));
 }
 
+// Positions the cache has room for: seq_len rounded up to whole key tiles.
+static size_t cache_len(const Config *c) { return ((size_t)c->seq_len + VEC_LEN - 1) / VEC_LEN * VEC_LEN; }
+
 static void malloc_run_state(Transformer *m) {
     const Config *c = &m->c;
     RunState *s = &m->s;
@@ -1032,7 +1127,7 @@ static void malloc_run_state(Transformer *m) {
     s->v = xcalloc((size_t)MAX_BATCH * c->kv_dim, sizeof(float), "activations");
     s->hb = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
-    s->att = xcalloc((size_t)m->n_threads * c->kv_mul * c->seq_len, sizeof(float), "attention scores");
+    s->att = xcalloc((size_t)m->n_threads * c->kv_mul * cache_len(c), sizeof(float), "attention scores");
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
@@ -1048,7 +1143,7 @@ static void malloc_run_state(Transformer *m) {
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
     if (!s->shares) die("out of memory for the thread shares");
-    size_t cache = (size_t)c->n_layers * c->seq_len * c->kv_dim;
+    size_t cache = (size_t)c->n_layers * cache_len(c) * c->kv_dim;
     s->key_cache = alloc_cache(cache, "the key cache");
     s->value_cache = alloc_cache(cache, "the value cache");
     s->kv_cache_elems = 2 * cache;
@@ -1063,11 +1158,31 @@ static void free_run_state(RunState *s) {
     free_cache(s->value_cache, s->kv_cache_elems / 2);
 }
 
-// The cache of one layer and KV head: (seq_len, head_dim), positions in
-// order, so attention streams it front to back (one KV head's rows are not
-// interleaved with the other heads').
+// The cache of one layer and KV head: cache_len positions of head_dim
+// numbers, in position order, so attention streams it front to back (one KV
+// head's rows are not interleaved with the other heads').
 static float *cache_head(float *cache, const Config *c, int layer, int kv_head) {
-    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * c->seq_len * c->head_dim;
+    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * cache_len(c) * c->head_dim;
+}
+
+// Where number d of the key at position p lies in its head's cache. Keys are
+// kept in tiles of VEC_LEN positions, each tile transposed to (head_dim,
+// VEC_LEN): then q . k for VEC_LEN positions at once is head_dim vector
+// multiply-adds, q[d] times row d of the tile, with no horizontal sum per
+// score. (Values stay (position, head_dim): their weighted sum runs along
+// head_dim already.)
+static size_t key_index(const Config *c, int p, int d) {
+    return ((size_t)p / VEC_LEN * c->head_dim + d) * VEC_LEN + p % VEC_LEN;
+}
+
+// att[p] = q . k_p * scale for the VEC_LEN positions of one key tile (head_dim, VEC_LEN).
+static void tile_scores(float *att, const float *q, const float *tile, int hd, float scale) {
+    vfloat acc[4] = {0}; // four multiply-add chains, to hide their latency
+    int d = 0;
+    for (; d + 4 <= hd; d += 4)
+        for (int i = 0; i < 4; i++) acc[i] += q[d + i] * *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
+    for (; d < hd; d++) acc[0] += q[d] * *(const vfloat *)(tile + (size_t)d * VEC_LEN);
+    *(vfloat *)att = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -1076,7 +1191,7 @@ static float *cache_head(float *cache, const Config *c, int layer, int kv_head) 
 // cached K and V row is read from memory once per group, not once per query
 // head. (With fewer pairs than threads, as in MQA decoding, a group's query
 // heads are split into `parts` so every thread has work.)
-#define ATT_BLOCK 256 // positions whose K or V rows (64 KB at head_dim 64) stay in cache while the group uses them
+#define ATT_BLOCK 32 // positions whose V rows (8 KB at head_dim 64) stay in L1 cache while the group's query heads use them
 typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
 
 static void attention_task(void *arg, int ith, int nth) {
@@ -1085,7 +1200,7 @@ static void attention_task(void *arg, int ith, int nth) {
     RunState *s = &a->m->s;
     const float scale = 1.0f / sqrtf((float)c->head_dim);
     const int hd = c->head_dim;
-    const size_t L = c->seq_len; // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
+    const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -1094,16 +1209,15 @@ static void attention_task(void *arg, int ith, int nth) {
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
         int n_pos = a->pos + t + 1;                      // attends to positions 0 .. pos+t
-        const float *k = cache_head(s->key_cache, c, a->layer, g);   // (seq_len, head_dim)
-        const float *v = cache_head(s->value_cache, c, a->layer, g); // (seq_len, head_dim)
+        const float *k = cache_head(s->key_cache, c, a->layer, g);   // (cache_len / VEC_LEN, head_dim, VEC_LEN)
+        const float *v = cache_head(s->value_cache, c, a->layer, g); // (cache_len, head_dim)
         const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
-        float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, seq_len)
-        // scores: att[j][p] = q_j . k_p / sqrt(head_dim), block by block of positions
-        for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
-            int p1 = p0 + ATT_BLOCK < n_pos ? p0 + ATT_BLOCK : n_pos;
+        float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, cache_len)
+        // scores: att[j][p] = q_j . k_p / sqrt(head_dim), tile by tile of
+        // positions (a tile's lanes past n_pos are computed and never used)
+        for (int p = 0; p < n_pos; p += VEC_LEN)
             for (int j = j0; j < j1; j++)
-                for (int p = p0; p < p1; p++) att[j * L + p] = dot(q + j * hd, k + (size_t)p * hd, hd) * scale;
-        }
+                tile_scores(att + j * L + p, q + j * hd, k + (size_t)p * hd, hd, scale);
         for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
         // out_j = sum over p of att[j][p] * v_p
         float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
@@ -1148,7 +1262,8 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
             rope(s->k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
             for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's row at position pos + t
                 size_t row = (size_t)(pos + t) * c->head_dim, from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
-                memcpy(cache_head(s->key_cache, c, l, g) + row, s->k + from, c->head_dim * sizeof(float));
+                float *kh = cache_head(s->key_cache, c, l, g);
+                for (int d = 0; d < c->head_dim; d++) kh[key_index(c, pos + t, d)] = s->k[from + d];
                 memcpy(cache_head(s->value_cache, c, l, g) + row, s->v + from, c->head_dim * sizeof(float));
             }
         }

@@ -35,9 +35,10 @@ figures are medians of 3 runs. The machine may be shared: for every run we note
 how much of all cores other programs used meanwhile ("others"); runs above
 --max-others are retried (--retries) and left out of the medians while quiet
 runs exist. Models are exported once into ${XDG_CACHE_HOME:-~/.cache}/l3bench/
-and reused; results go there as JSON. ./run is copied before use, since others
-may rebuild it meanwhile. Python 3 standard library only; export/export.py runs
-under the first python3 that can import numpy.
+and reused (a cached file of another format version than model.h's, or an
+incomplete one, is exported again); results go there as JSON. ./run is copied
+before use, since others may rebuild it meanwhile. Python 3 standard library
+only; export/export.py runs under the first python3 that can import numpy.
 
 usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0]
                               [--wait-idle SECONDS] [--report RESULTS.json]
@@ -288,22 +289,44 @@ def model_path(cache, dtype, kv=8):
     return os.path.join(cache, name)
 
 
-def file_is_complete(path):
-    """The model.h header's magic is right and its file_bytes equals the file's size."""
+def format_version():
+    """MODEL_VERSION of model.h: the only checkpoint version ./run reads."""
+    with open(os.path.join(ROOT, "model.h")) as f:
+        m = re.search(r"^#define MODEL_VERSION (\d+)", f.read(), re.M)
+    if not m:
+        sys.exit("bench: no #define MODEL_VERSION in model.h")
+    return int(m.group(1))
+
+
+def model_problem(path):
+    """Why the cached model at path cannot be used (missing, written in another
+    format version than model.h's, or incomplete), or None if it can: its
+    model.h header's magic and version are right and its file_bytes is the file's size."""
     try:
         with open(path, "rb") as f:
             head = f.read(256)
-        magic, = struct.unpack_from("<I", head, 0)
+        magic, version = struct.unpack_from("<II", head, 0)
         file_bytes, = struct.unpack_from("<Q", head, 152)
-        return magic == 0x4B43334C and file_bytes == os.path.getsize(path)
-    except (OSError, struct.error):
-        return False
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, struct.error) as e:
+        return "unreadable (%s)" % e
+    if magic != 0x4B43334C:
+        return "not a model.h file (bad magic)"
+    if version != format_version():
+        return "format version %d, model.h's is %d" % (version, format_version())
+    if file_bytes != size:
+        return "incomplete (%d bytes, the header says %d)" % (size, file_bytes)
+    return None
 
 
 def ensure_model(args, dtype, kv=8):
-    """The model's path, exporting it first if needed; None if that fails."""
+    """The model's path, exporting it first if it is missing, incomplete or
+    of an older format version (re-exported, never used); None if that fails."""
     path = model_path(args.cache, dtype, kv)
-    if file_is_complete(path):
+    problem = model_problem(path)
+    if problem is None:
         return path
     python = numpy_python()
     if not python:
@@ -314,11 +337,15 @@ def ensure_model(args, dtype, kv=8):
            "--tokenizer", tokenizer, "--dtype", dtype]
     if kv != 8:
         cmd += ["--n-kv-heads", str(kv)]
+    if problem != "missing":
+        warn("%s: %s; exporting it again" % (path, problem))
     log("exporting %s (a minute or more)" % path)
     t0 = time.time()
     r = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, universal_newlines=True)
-    if r.returncode != 0 or not file_is_complete(path):
-        warn("export failed: %s\n%s" % (" ".join(cmd), r.stderr.strip()[-2000:]))
+    problem = model_problem(path)
+    if r.returncode != 0 or problem:
+        warn("export failed: %s\n%s%s" % (" ".join(cmd), r.stderr.strip()[-2000:],
+                                          "\nthe file written: %s" % problem if r.returncode == 0 else ""))
         return None
     log("exported in %.0f s" % (time.time() - t0))
     return path

@@ -73,7 +73,7 @@ static void fill_cache(Transformer *m, int positions) {
     for (int l = 0; l < c->n_layers; l++)
         for (int g = 0; g < c->n_kv_heads; g++) {
             float *k = cache_head(m->s.key_cache, c, l, g), *v = cache_head(m->s.value_cache, c, l, g);
-            for (size_t i = 0; i < (size_t)positions * c->head_dim; i++) {
+            for (size_t i = 0; i < (size_t)positions * c->head_dim; i++) { // (keys lie in tiles: about the same positions)
                 k[i] = 2 * random_f32(&state) - 1; // [-1, 1)
                 v[i] = 2 * random_f32(&state) - 1;
             }

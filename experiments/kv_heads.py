@@ -37,10 +37,11 @@
 The 1B models are made once (export.py --random --preset llama3.2-1b) in
 ${XDG_CACHE_HOME:-~/.cache}/l3bench/ under bench/bench.py's names
 (llama1b-{f32,q8_0}.bin for 8 KV heads, llama1b-kv{32,1}-{f32,q8_0}.bin):
-about 19 GB, a minute or two each. Each weight file is dropped from the
-page cache and read back sequentially before it is timed, so that all are
-cached alike (in huge pages: a file cached in 4 KiB pages, as some were
-after earlier runs, streams slower, whatever its KV heads). Timings are noisy when other programs run: the tables give
+about 19 GB, a minute or two each (bench.py's ensure_model: a cached file
+whose header's format version is not model.h's is exported again). Each
+weight file is dropped from the page cache and read back sequentially before
+it is timed, so that all are cached alike (in huge pages: a file cached in
+4 KiB pages, as some were after earlier runs, streams slower, whatever its KV heads). Timings are noisy when other programs run: the tables give
 every measurement and the fraction of the cores others kept busy.
 
 Writes experiments/kv_heads.json (raw), kv_heads.md (tables) and

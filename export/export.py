@@ -34,7 +34,11 @@ Layout written (see model.h for the authoritative description):
                       ffn_norm w1 w2 w3, final_norm, [classifier]
 Matrices are (out_features, in_features), row-major. The RoPE convention is
 adjacent pairs (2i, 2i+1), so Hugging Face's rotate_half row order of wq/wk
-is undone here, once.
+is undone here, once. With --dtype q8_0 (format version 2) each matrix row is
+stored as blocks of up to 32 groups of 32 values, a block being its int8
+values then its float16 scales (scale = max|x| / 127 rounded to float16; an
+export whose scale would overflow float16 is refused); rows follow each other
+with no padding, cols * 17 / 16 bytes each. Norm vectors stay f32.
 """
 import argparse
 import json
@@ -51,14 +55,15 @@ np = None  # numpy, imported on demand by need_numpy(): --llama2c runs without i
 # The format (mirrors model.h)
 
 MODEL_MAGIC = 0x4B43334C  # "L3CK" as a little-endian uint32
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: q8_0 rows in blocks with float16 scales (1: all values, then f32 scales)
 MODEL_HEADER_BYTES = 256
 MODEL_ALIGN = 64
 MODEL_MAX_STOP_IDS = 8
 DTYPE_F32, DTYPE_Q8_0 = 0, 1
 ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3 = 0, 1
 TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3 = 1, 2
-Q8_0_GROUP_SIZE = 32
+Q8_0_GROUP_SIZE = 32    # values per scale
+Q8_0_BLOCK_GROUPS = 32  # groups per block of a q8_0 row (a row's last block may have fewer)
 
 # struct ModelHeader, field by field (160 bytes, then zero padding to 256)
 HEADER_FORMAT = (
@@ -495,16 +500,52 @@ def unpermute_rope_rows(w, n_heads, head_dim):
         w.reshape(n_heads, 2, head_dim // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
 
 
-def quantize_q8_0(x, group_size=Q8_0_GROUP_SIZE):
-    """(rows, cols) f32 -> int8 q (rows, cols), f32 scale (rows, cols/group).
-    Per group of `group_size` values along a row: scale = max|x| / 127,
-    q = round(x / scale) in [-127, 127]; an all-zero group has scale 0, q 0."""
-    groups = x.reshape(-1, group_size)
-    scale = np.maximum(groups.max(axis=1), -groups.min(axis=1)) / np.float32(127)  # max|x| / 127
-    y = groups / np.where(scale > 0, scale, np.float32(1))[:, None]  # zero groups stay 0
+def quantize_q8_0(x, name="tensor", row0=0):
+    """(rows, cols) f32 -> int8 q (rows, cols), float16 scale (rows, cols/32),
+    as model.h specifies. Per group of 32 values along a row: scale = max|x| /
+    127 in float32, rounded to the nearest float16 (ties to even); with s that
+    float16 as a float32, q = round(x / s) (x / s in float32, ties to even)
+    clamped to [-127, 127]; a group whose s is 0 has q 0. A scale that
+    overflows float16 (max|x| >= about 127 x 65520) or a NaN is refused with
+    an ExportError naming the tensor (`name`) and the row (`row0` + index)."""
+    rows, cols = x.shape
+    groups = x.reshape(rows, cols // Q8_0_GROUP_SIZE, Q8_0_GROUP_SIZE)
+    amax = np.maximum(groups.max(axis=2), -groups.min(axis=2))  # max|x|, float32 (NaN propagates)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale16 = (amax / np.float32(127)).astype(np.float16)  # to nearest even; too big -> inf
+    bad = ~np.isfinite(scale16)
+    if bad.any():
+        r, g = (int(i) for i in np.argwhere(bad)[0])
+        if np.isnan(amax[r, g]):
+            raise ExportError(f"tensor {name}: row {row0 + r} holds a NaN; q8_0 cannot store it")
+        raise ExportError(f"tensor {name}: row {row0 + r} holds a value of magnitude {float(amax[r, g]):g}, "
+                          f"too large for q8_0 (its scale max|x| / 127 overflows float16 above "
+                          f"|x| ~ {127 * 65504:.3g}); export it with --dtype f32")
+    s = scale16.astype(np.float32)
+    y = groups / np.where(s > 0, s, np.float32(1))[:, :, None]  # float32 division
     np.rint(y, out=y)
     np.clip(y, -127, 127, out=y)
-    return y.astype(np.int8).reshape(x.shape), scale.astype(np.float32)
+    y[s == 0] = 0  # scale 0: q 0, whatever (tiny) values the group held
+    return y.astype(np.int8).reshape(rows, cols), scale16
+
+
+def q8_0_rows(q, scale16):
+    """int8 q (rows, cols) and float16 scale16 (rows, cols/32) -> the rows as
+    model.h lays them out, a uint8 array (rows, cols * 17 / 16): each row cut
+    into blocks of up to 32 groups, a block of g groups = its 32 * g int8
+    values, then its g little-endian float16 scales."""
+    rows, cols = q.shape
+    n_groups = cols // Q8_0_GROUP_SIZE
+    out = np.empty((rows, cols + 2 * n_groups), dtype=np.uint8)
+    qb, sb = q.view(np.uint8), scale16.astype("<f2").view(np.uint8)  # sb: (rows, 2 * n_groups)
+    pos = 0
+    for g0 in range(0, n_groups, Q8_0_BLOCK_GROUPS):
+        g1 = min(n_groups, g0 + Q8_0_BLOCK_GROUPS)
+        nq, ns = (g1 - g0) * Q8_0_GROUP_SIZE, (g1 - g0) * 2
+        out[:, pos:pos + nq] = qb[:, g0 * Q8_0_GROUP_SIZE:g1 * Q8_0_GROUP_SIZE]
+        out[:, pos + nq:pos + nq + ns] = sb[:, 2 * g0:2 * g1]
+        pos += nq + ns
+    return out
 
 
 def as_f32_rows(block, cols):
@@ -586,11 +627,12 @@ def pack_header(c, dtype, tokenizer_offset, tokenizer_bytes, weights_offset, fil
     return fields + bytes(MODEL_HEADER_BYTES - len(fields))
 
 
-def write_tensor(f, shape, blocks, dtype):
+def write_tensor(f, shape, blocks, dtype, name="tensor"):
     """Writes one tensor at the current (64-aligned) offset, padded to 64.
     `blocks` yields its f32 values in row order (numpy arrays or raw bytes).
-    q8_0 (matrices only): all int8 q first, then at the next 64-byte boundary
-    the f32 scales, as model.h lays it out."""
+    q8_0 (matrices only): each block of rows is quantized and written as it
+    comes, row after row, each row in blocks of up to 32 groups (int8 values,
+    then float16 scales), as model.h lays it out."""
     if dtype == DTYPE_F32 or len(shape) == 1:
         for block in blocks:
             if isinstance(block, memoryview):
@@ -598,24 +640,22 @@ def write_tensor(f, shape, blocks, dtype):
             else:
                 f.write(np.ascontiguousarray(block, dtype="<f4").data)
     else:
-        scales = []
+        row = 0
         for block in blocks:
-            q, scale = quantize_q8_0(as_f32_rows(block, shape[1]))
-            f.write(q.data)
-            scales.append(scale)
-        pad_to_alignment(f)
-        for scale in scales:
-            f.write(scale.astype("<f4").data)
+            x = as_f32_rows(block, shape[1])
+            f.write(q8_0_rows(*quantize_q8_0(x, name, row)).data)
+            row += x.shape[0]
     pad_to_alignment(f)
 
 
 def tensor_bytes(shape, dtype):
-    """Bytes a tensor takes in the file, padding included."""
+    """Bytes a tensor takes in the file, padding included. A q8_0 row of cols
+    values takes cols int8 values + cols / 32 float16 scales = cols * 17 / 16."""
     n = 1
     for d in shape:
         n *= d
     if dtype == DTYPE_Q8_0 and len(shape) == 2:
-        return align_up(n) + align_up(4 * (n // Q8_0_GROUP_SIZE))
+        return align_up(n + 2 * (n // Q8_0_GROUP_SIZE))
     return align_up(4 * n)
 
 
@@ -644,7 +684,7 @@ def write_model(out_path, c, dtype, tokenizer_section, blocks_of):
                     sys.stderr.write(f"\rtensor {k + 1}/{len(plan)} {name:<24}")
                     sys.stderr.flush()
                 start = f.tell()
-                write_tensor(f, shape, blocks_of(name, shape), dtype)
+                write_tensor(f, shape, blocks_of(name, shape), dtype, name)
                 if f.tell() - start != tensor_bytes(shape, dtype):
                     raise ExportError(f"internal: {name} took {f.tell() - start} bytes, "
                                       f"expected {tensor_bytes(shape, dtype)} (wrong source size?)")

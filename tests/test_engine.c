@@ -178,37 +178,108 @@ static void test_sampler(void) {
     check(worst < 0.01f, "temperature_sampling_follows_softmax", "max frequency error %g", worst);
 }
 
+// float16 <-> float32 (q8_0 weight scales) against the compiler's _Float16.
+static void test_f16_conversions(void) {
+#if defined(__FLT16_MAX__)
+    int exact = 1;
+    for (uint32_t h = 0; h < 0x10000; h++) { // every float16: exact, NaNs stay NaN
+        _Float16 ref;
+        uint16_t bits = (uint16_t)h;
+        memcpy(&ref, &bits, sizeof ref);
+        float got = f16_to_f32(bits), want = (float)ref;
+        exact &= isnan(want) ? isnan(got) : memcmp(&got, &want, sizeof got) == 0;
+    }
+    check(exact, "f16_to_f32_exact_for_every_float16", "a value differs");
+    int rounded = 1;
+    uint64_t rng = 5;
+    for (uint32_t x = 0; x < 0xff800000u; x += 997 + random_u32(&rng) % 1024) { // f32 bit patterns, both signs
+        float f;
+        memcpy(&f, &x, sizeof f);
+        _Float16 want = (_Float16)f;
+        uint16_t w;
+        memcpy(&w, &want, sizeof w);
+        rounded &= isnan(f) ? (f32_to_f16(f) & 0x7fff) > 0x7c00 : f32_to_f16(f) == w;
+    }
+    float ties[] = {65504.0f, 65519.99f, 65520.0f, 0x1p-25f, 0x1.8p-24f, 1.0f + 0x1p-11f, 1.0f + 0x3p-11f, 6.1e-5f};
+    for (int i = 0; i < 8; i++) {
+        _Float16 want = (_Float16)ties[i];
+        uint16_t w;
+        memcpy(&w, &want, sizeof w);
+        rounded &= f32_to_f16(ties[i]) == w && f32_to_f16(-ties[i]) == (w | 0x8000);
+    }
+    check(rounded, "f32_to_f16_rounds_to_nearest_even_as_the_compiler", "a value differs");
+#else
+    printf("FAIL f16_conversions: this compiler has no _Float16 to compare with\n");
+    n_failed++;
+#endif
+}
+
+// sum of |a_i b_i|: the size of a dot product's terms, which rounding errors scale with
+static float abs_dot(const float *a, const float *b, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += fabsf(a[i] * b[i]);
+    return sum;
+}
+
 static void test_q8_kernels(void) {
     uint64_t rng = 11;
-    enum { N = 512, ROWS = 37, T = 20 };
-    float x[T * N], w[ROWS * N], xs[T * N / Q8_GROUP], ws[ROWS * N / Q8_GROUP];
-    int8_t xq[T * N], wq[ROWS * N];
-    for (int i = 0; i < T * N; i++) x[i] = frand(&rng);
-    for (int i = 0; i < ROWS * N; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
+    enum { N = 512, ROWS = 37, T = 20, LONG = 2144 }; // LONG: two full blocks and 3 groups
+    static float x[T * LONG], w[ROWS * LONG], xs[T * LONG / Q8_GROUP];
+    static int8_t xq[T * LONG];
+    static uint8_t wq[ROWS * LONG * 17 / 16];
+    for (int i = 0; i < T * LONG; i++) x[i] = frand(&rng);
+    for (int i = 0; i < ROWS * LONG; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
     for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, x + t * N, N);
-    for (int r = 0; r < ROWS; r++) quantize_q8(wq + r * N, ws + r * N / Q8_GROUP, w + r * N, N);
-    // quantization error is at most half a step of the group's scale
-    float worst_q = 0;
-    for (int i = 0; i < ROWS * N; i++) {
-        float e = fabsf(wq[i] * ws[i / Q8_GROUP] - w[i]) / ws[i / Q8_GROUP];
-        if (e > worst_q) worst_q = e;
+    Matrix m8 = {.q8 = wq, .rows = ROWS, .cols = N};
+    for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&m8), w + r * N, N);
+    // weights: the error is at most half a step of the group's float16 scale, the largest |w| maps to 127
+    float worst_q = 0, deq[LONG];
+    int full_range = 1;
+    for (int r = 0; r < ROWS; r++) {
+        matrix_slice(&m8, r, 0, N, deq);
+        for (int g = 0; g < N / Q8_GROUP; g++) {
+            Q8Block k = q8_block(matrix_row(&m8, r), N, g / Q8_BLOCK);
+            float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+            int qmax = 0;
+            for (int i = 0; i < Q8_GROUP; i++) {
+                int j = g * Q8_GROUP + i, q = k.q[g % Q8_BLOCK * Q8_GROUP + i];
+                worst_q = fmaxf(worst_q, fabsf(deq[j] - w[r * N + j]) / scale);
+                qmax = abs(q) > qmax ? abs(q) : qmax;
+            }
+            full_range &= qmax == 127 || qmax == 126; // 126: amax / 127 rounded up to the next float16
+        }
     }
-    check(worst_q <= 0.5001f, "q8_quantization_error_within_half_a_step", "error %g steps", worst_q);
+    check(worst_q <= 0.5001f && full_range, "q8_quantization_error_within_half_a_step", "error %g steps, full range %d",
+          worst_q, full_range);
+    // activations: the same, with float32 scales
+    float worst_x = 0;
+    for (int i = 0; i < T * N; i++) worst_x = fmaxf(worst_x, fabsf(xq[i] * xs[i / Q8_GROUP] - x[i]) / xs[i / Q8_GROUP]);
+    check(worst_x <= 0.5001f, "q8_activation_error_within_half_a_step", "error %g steps", worst_x);
     float worst = 0;
     for (int r = 0; r < ROWS; r++) {
-        float ref = dot_q8_scalar(wq + r * N, ws + r * N / Q8_GROUP, xq, xs, N);
-        float got = dot_q8(wq + r * N, ws + r * N / Q8_GROUP, xq, xs, N);
-        float e = fabsf(got - ref) / (fabsf(ref) + 1e-3f);
-        if (e > worst) worst = e;
+        float ref = dot_q8_scalar(matrix_row(&m8, r), xq, xs, N), got = dot_q8(matrix_row(&m8, r), xq, xs, N);
+        worst = fmaxf(worst, fabsf(got - ref) / abs_dot(w + r * N, x, N));
     }
-    check(worst < 1e-5f, "simd_q8_dot_matches_scalar_q8_dot", "worst relative error %g", worst);
-    // lengths that end in every part of the kernel: 16-group steps, pairs of groups, a last group
-    int lengths[] = {32, 64, 96, 480, 544, 608}, all_close = 1;
-    for (int i = 0; i < 6; i++) {
-        float ref = dot_q8_scalar(wq, ws, xq, xs, lengths[i]), got = dot_q8(wq, ws, xq, xs, lengths[i]);
-        all_close &= fabsf(got - ref) <= 1e-5f * (fabsf(ref) + 1e-3f);
+    check(worst < 1e-6f, "simd_q8_dot_matches_scalar_q8_dot", "worst error %g of sum |w x|", worst);
+    // lengths that end in every part of the kernel: 16- and 8-group steps, single groups, a second block, a short last block
+    int lengths[] = {32, 96, 256, 288, 512, 736, 1024, 1056, 1312, 2048, LONG}, all_close = 1;
+    quantize_q8(xq, xs, x, LONG);
+    for (int i = 0; i < 11; i++) {
+        quantize_q8_row(wq, w, lengths[i]);
+        float ref = dot_q8_scalar(wq, xq, xs, lengths[i]), got = dot_q8(wq, xq, xs, lengths[i]);
+        all_close &= fabsf(got - ref) <= 1e-6f * abs_dot(w, x, lengths[i]);
     }
     check(all_close, "simd_q8_dot_matches_scalar_for_any_group_count", "a length differs");
+    // a row's last block holds its remaining groups: values, then scales
+    quantize_q8_row(wq, w, LONG);
+    Matrix long_row = {.q8 = wq, .rows = 1, .cols = LONG};
+    matrix_slice(&long_row, 0, 2048, LONG, deq);
+    Q8Block last = q8_block(wq, LONG, 2);
+    check(row_bytes(&long_row) == LONG + LONG / Q8_GROUP * 2 && last.groups == 3 &&
+          (const uint8_t *)last.q == wq + 2 * 1088 && (const uint8_t *)last.scale == wq + 2 * 1088 + 96 &&
+          deq[0] == last.q[0] * f16_to_f32(last.scale[0]),
+          "q8_row_layout_is_blocks_of_values_then_float16_scales", "last block of %d groups", last.groups);
+    quantize_q8(xq, xs, x, N);
     // NaN activations (from corrupt weights) quantize to 0 instead of an undefined float-to-int conversion
     float bad[Q8_GROUP] = {NAN, 1.0f, -INFINITY};
     int8_t bq[Q8_GROUP];
@@ -216,7 +287,6 @@ static void test_q8_kernels(void) {
     quantize_q8(bq, &bs, bad, Q8_GROUP);
     check(bq[0] == 0 && bq[2] == 0, "q8_quantization_of_nan_and_inf_is_defined", "q %d %d", bq[0], bq[2]);
     // the matmul's two q8_0 paths: integer dots (T < VEC_LEN) and dequantized tiles
-    Matrix m8 = {.q = wq, .s = ws, .rows = ROWS, .cols = N};
     Transformer m = {0};
     m.n_threads = 2;
     m.pool = pool_create(2);
@@ -231,7 +301,6 @@ static void test_q8_kernels(void) {
     matmul(&m, outT, x, &m8, T);
     float worst_int = 0, worst_tile = 0;
     for (int r = 0; r < ROWS; r++) {
-        float deq[N];
         matrix_slice(&m8, r, 0, N, deq);
         float exact = dot_scalar(deq, x, N); // x not quantized
         scale = fmaxf(scale, fabsf(exact));
@@ -251,7 +320,8 @@ static void test_kv_cache_is_grouped(const char *model) {
     Transformer m;
     build_transformer(&m, model);
     setup_transformer(&m, 100, 1, 0);
-    size_t expect = (size_t)m.c.n_layers * 100 * 2 * m.c.n_kv_heads * m.c.head_dim;
+    size_t ctx = (100 + VEC_LEN - 1) / VEC_LEN * VEC_LEN; // whole key tiles
+    size_t expect = (size_t)m.c.n_layers * ctx * 2 * m.c.n_kv_heads * m.c.head_dim;
     check(m.c.n_kv_heads < m.c.n_heads && m.s.kv_cache_elems == expect, "kv_cache_holds_only_kv_heads",
           "%zu elements, expected n_layers*ctx*2*n_kv_heads*head_dim = %zu", m.s.kv_cache_elems, expect);
     // one forward step writes exactly one head_dim row per layer and KV head, at position 0
@@ -260,10 +330,12 @@ static void test_kv_cache_is_grouped(const char *model) {
     int written = 0, beyond = 0;
     for (int l = 0; l < m.c.n_layers; l++)
         for (int g = 0; g < m.c.n_kv_heads; g++)
-            for (int i = 0; i < 100 * m.c.head_dim; i++) {
-                float v = cache_head(m.s.key_cache, &m.c, l, g)[i];
-                if (i < m.c.head_dim) written += v != 0; else beyond += v != 0;
-            }
+            for (int p = 0; p < (int)ctx; p++)
+                for (int d = 0; d < m.c.head_dim; d++) {
+                    float k = cache_head(m.s.key_cache, &m.c, l, g)[key_index(&m.c, p, d)];
+                    float v = cache_head(m.s.value_cache, &m.c, l, g)[(size_t)p * m.c.head_dim + d];
+                    if (p == 0) written += (k != 0) + (v != 0); else beyond += (k != 0) + (v != 0);
+                }
     check(written > m.c.n_layers * m.c.n_kv_heads && beyond == 0, "forward_writes_one_kv_row_per_layer_and_head",
           "written %d, beyond %d", written, beyond);
     // a block forward equals token-by-token forwards
@@ -290,6 +362,7 @@ int main(void) {
     test_split_range_partitions_rows();
     test_matmul_paths();
     test_sampler();
+    test_f16_conversions();
     test_q8_kernels();
     // a random GQA model: 8 query heads sharing 2 KV heads
     const char *tmp = getenv("TMPDIR_TESTS"), *py = getenv("PYTHON");

@@ -16,8 +16,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_hf  # noqa: E402
 import reference  # noqa: E402
-from testlib import (EXPORT, Checks, export, export_ok, hf_permute, read_header, read_llama2c,  # noqa: E402
-                     read_tensors, read_tokenizer_section, rel_err, scratch, shared_file, tensor_layout)
+from testlib import (EXPORT, MODEL_MAGIC, MODEL_VERSION, Checks, export, export_ok, hf_permute,  # noqa: E402
+                     read_header, read_llama2c, read_tensors, read_tokenizer_section, rel_err, scratch,
+                     shared_file, tensor_layout)
 
 T = Checks()
 TMP = scratch("export-")
@@ -76,6 +77,15 @@ def expect_refusal(name, args, must_mention=""):
     T.check("refuses_" + name, why is None, why)
 
 
+UP1 = "model.layers.1.mlp.up_proj.weight"  # layers.1.w3, (hidden, dim)
+
+
+def with_value(w, index, value):
+    w = w.copy()
+    w[index] = value
+    return w
+
+
 def refusal_cases():
     def cfg_with(**kw):
         return dict(BASE_CFG, **kw)
@@ -129,6 +139,12 @@ def refusal_cases():
         ("non_bpe_tokenizer", ["--hf", hf_variant("unigram", tokenizer=unigram)], "BPE"),
         ("bpe_not_byte_level", ["--hf", hf_variant("metaspace", tokenizer=not_byte_level)], ""),
         ("tokenizer_larger_than_vocab", ["--hf", hf_variant("big_vocab", tokenizer=big_vocab)], "vocab"),
+        ("q8_0_scale_overflows_float16", ["--hf", hf_variant("q8huge", weights=weights_with(
+            {UP1: with_value(BASE_W[UP1], (5, 3), -1e7)})), "--dtype", "q8_0"], "tensor layers.1.w3: row 5"),
+        ("q8_0_scale_just_past_float16", ["--hf", hf_variant("q8past", weights=weights_with(
+            {UP1: with_value(BASE_W[UP1], (0, 31), 8.33e6)})), "--dtype", "q8_0"], "float16"),
+        ("q8_0_nan_weight", ["--hf", hf_variant("q8nan", weights=weights_with(
+            {UP1: with_value(BASE_W[UP1], (2, 0), np.nan)})), "--dtype", "q8_0"], "tensor layers.1.w3: row 2"),
         ("q8_0_columns_not_multiple_of_32", ["--hf", hf_variant("q8cols", make_hf.hf_config(
             dim=48, hidden=64, n_layers=1, n_heads=4, n_kv_heads=2), make_hf.random_weights(make_hf.hf_config(
                 dim=48, hidden=64, n_layers=1, n_heads=4, n_kv_heads=2), 1)), "--dtype", "q8_0"], "multiple of 32"),
@@ -175,8 +191,8 @@ def check_layout(name, p):
     problems = []
     if h["file_bytes"] != len(data):
         problems.append(f"file is {len(data)} bytes, header says {h['file_bytes']}")
-    if h["magic"] != 0x4B43334C or h["version"] != 1 or not h["pad_is_zero"] or h["reserved"] != 0:
-        problems.append("magic/version/reserved/header padding wrong")
+    if h["magic"] != MODEL_MAGIC or h["version"] != MODEL_VERSION or not h["pad_is_zero"] or h["reserved"] != 0:
+        problems.append(f"magic/version/reserved/header padding wrong (version {h['version']})")
     if h["tokenizer_offset"] != 256 or h["weights_offset"] != (256 + h["tokenizer_bytes"] + 63) // 64 * 64:
         problems.append(f"tokenizer at {h['tokenizer_offset']}+{h['tokenizer_bytes']}, weights at {h['weights_offset']}")
     if data[h["tokenizer_offset"] + h["tokenizer_bytes"]:h["weights_offset"]].any():
@@ -186,8 +202,8 @@ def check_layout(name, p):
         n = int(np.prod(shape))
         if off % 64:
             problems.append(f"{tname} at unaligned offset {off}")
-        if h["dtype"] == 1 and len(shape) == 2:
-            used = [(off, off + n), (off + (n + 63) // 64 * 64, off + (n + 63) // 64 * 64 + 4 * n // 32)]
+        if h["dtype"] == 1 and len(shape) == 2:  # rows back to back: int8 values + float16 scales
+            used = [(off, off + n * 17 // 16)]
         else:
             used = [(off, off + 4 * n)]
         cursor = off
@@ -369,9 +385,17 @@ def adjacent_pair_forward(h, E, ids, inv_freq):
 
 
 def q8_0_roundtrip():
-    cfg = make_hf.hf_config(dim=64, hidden=128, n_layers=1, n_heads=4, n_kv_heads=2, tied=False)
+    """q8_0 (model.h, version 2) against the f32 export of the same weights:
+    every scale is the float16 nearest to max|x| / 127 (in float32), every q
+    is round(x / scale) (ties to even) clamped to [-127, 127], so each value
+    is within half a step (0.5 x scale) of the original. hidden = 2080 = 65
+    groups: w2's rows hold two full blocks of 32 groups and a last of one;
+    dim = 64: the other matrices' rows are a single block of 2 groups."""
+    cfg = make_hf.hf_config(dim=64, hidden=2080, n_layers=1, n_heads=4, n_kv_heads=2, tied=False)
     W = make_hf.random_weights(cfg, 9)
     W["model.embed_tokens.weight"][3] = 0  # an all-zero row: scale 0, q 0
+    W["model.embed_tokens.weight"][4, 32:] = 1e-9  # a group whose scale rounds to float16 0: q 0
+    W["model.layers.0.mlp.down_proj.weight"][1, 1030] = 8.32e6  # scale just below float16's overflow: 65504
     d = path("q8")
     make_hf.write_hf_dir(d, cfg, W)
     _, F = read_tensors(export_ok(d + "_f32.bin", "--hf", d))
@@ -383,21 +407,58 @@ def q8_0_roundtrip():
             if not np.array_equal(Q[name], x):
                 problems.append(f"norm {name} changed")
             continue
-        groups = x.reshape(-1, 32).astype(np.float64)
-        scale = Q[name + ".scale"].astype(np.float64)
-        want_scale = np.abs(groups).max(1) / 127
-        if not np.allclose(scale, want_scale, rtol=1e-6, atol=0):
-            problems.append(f"{name}: scale != max|x|/127")
-        err = np.abs(Q[name].reshape(-1, 32) - groups)
-        if np.any(err > scale[:, None] * 0.5 * (1 + 1e-5) + 1e-12):
+        rows, cols = x.shape
+        groups = x.reshape(rows, cols // 32, 32)
+        scale16 = Q[name + ".scale"]
+        if scale16.dtype != np.float16 or scale16.shape != (rows, cols // 32):
+            problems.append(f"{name}: scales {scale16.dtype} {scale16.shape}, expected float16 {(rows, cols // 32)}")
+            continue
+        want16 = (np.abs(groups).max(axis=2) / np.float32(127)).astype(np.float16)
+        if not np.array_equal(scale16, want16):
+            problems.append(f"{name}: a scale is not the float16 nearest to max|x|/127")
+        s = scale16.astype(np.float32)[:, :, None]
+        want_q = np.where(s > 0, np.clip(np.rint(groups / np.where(s > 0, s, 1)), -127, 127), 0)
+        if not np.array_equal(Q[name + ".q"].reshape(groups.shape), want_q.astype(np.int8)):
+            problems.append(f"{name}: a q is not round(x / scale) clamped to [-127, 127]")
+        deq = Q[name].reshape(groups.shape)
+        if not np.array_equal(deq, Q[name + ".q"].reshape(groups.shape) * s):
+            problems.append(f"{name}: dequantized != q * float32(scale)")
+        err = np.abs(deq.astype(np.float64) - groups)
+        normal = np.abs(groups).max(axis=2, keepdims=True) >= 127 * 2.0 ** -14  # scale a normal float16
+        if np.any((err > s * 0.5 * (1 + 1e-6)) & normal):
             problems.append(f"{name}: an element is off by more than half a step")
-        worst = max(worst, float(np.linalg.norm(Q[name] - x) / np.linalg.norm(x)))
-    zero_row = Q["token_embedding.q"].reshape(cfg["vocab_size"], 64)[3]
-    if zero_row.any() or Q["token_embedding.scale"][6:8].any():
+        if name != "layers.0.w2":
+            worst = max(worst, float(np.linalg.norm(Q[name] - x) / np.linalg.norm(x)))
+    if Q["token_embedding.q"][3].any() or Q["token_embedding.scale"][3].any():
         problems.append("all-zero row did not give q 0, scale 0")
+    if Q["token_embedding.q"][4, 32:64].any() or Q["token_embedding.scale"][4, 1] != 0:
+        problems.append("a group of 1e-9 did not give q 0, scale 0")
+    if Q["layers.0.w2.scale"][1, 1030 // 32] != 65504 or Q["layers.0.w2.q"][1, 1030] != 127:
+        problems.append(f"8.32e6 gave scale {Q['layers.0.w2.scale'][1, 1030 // 32]}, q {Q['layers.0.w2.q'][1, 1030]}; "
+                        "expected 65504 (float16's largest), 127")
     if worst > 0.01:
         problems.append(f"relative Frobenius error {worst:.3g}")
     T.check("q8_0_roundtrip_within_half_a_step", not problems, "; ".join(problems[:3]))
+    T.check("q8_0_row_bytes_follow_model_h", q8_0_row_by_hand(d + "_q8.bin", "layers.0.w2", 1, Q), "")
+
+
+def q8_0_row_by_hand(p, name, r, Q):
+    """Row r of q8_0 matrix `name` decoded with struct, straight from model.h:
+    cols * 17 / 16 bytes per row; blocks of g <= 32 groups: int8 q[32 g],
+    then float16 scale[g]; must equal what read_tensors returned."""
+    h = read_header(p)
+    (_, (rows, cols), off, _), = [t for t in tensor_layout(h) if t[0] == name]
+    with open(p, "rb") as f:
+        f.seek(off + r * cols * 17 // 16)
+        row = f.read(cols * 17 // 16)
+    q, scales, pos, left = [], [], 0, cols // 32
+    while left:
+        g = min(32, left)
+        q += struct.unpack_from(f"<{32 * g}b", row, pos)
+        scales += struct.unpack_from(f"<{g}e", row, pos + 32 * g)
+        pos, left = pos + 34 * g, left - g
+    return (pos == len(row) and list(Q[name + ".q"][r]) == q
+            and Q[name + ".scale"][r].astype(float).tolist() == scales)
 
 
 def random_exports():

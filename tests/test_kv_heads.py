@@ -191,7 +191,8 @@ def export_matches_engine_hf():
                     f"vs engine q8_0 {err:.3g}; vs f32: export {q_err:.3g}, engine {e_err:.3g}")
             _, Q = read_tensors(conv8)
             _, F = read_tensors(path("exp_kv1.bin"))
-            bound = np.repeat(Q["layers.0.wk.scale"], 32).reshape(Q["layers.0.wk"].shape) / 2 * (1 + 1e-5) + 1e-12
+            scale = Q["layers.0.wk.scale"].astype(np.float64)  # float16, (rows, cols / 32)
+            bound = np.repeat(scale, 32, axis=1) / 2 * (1 + 1e-5) + 1e-12
             T.check(f"export_hf_kv_heads_{K}_q8_0_quantizes_the_f32_pooled_rows_once",
                     np.all(np.abs(Q["layers.0.wk"] - F["layers.0.wk"]) <= bound),
                     f"max |q8_0 - f32 pooled| / half step {np.max(np.abs(Q['layers.0.wk'] - F['layers.0.wk']) / bound):.3g}")

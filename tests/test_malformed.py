@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import testlib  # noqa: E402
-from testlib import HEADER_FIELDS, ROOT  # noqa: E402
+from testlib import HEADER_FIELDS, MODEL_VERSION, ROOT  # noqa: E402
 
 T = testlib.Checks()
 TMP = testlib.scratch("malformed_")
@@ -108,8 +108,8 @@ def expected_error(path, raw):
             return err("not a model file of this engine (it looks like a llama2.c checkpoint); convert it: "
                        f"python3 export/export.py out.bin --llama2c {path} --tokenizer tokenizer.bin")
         return err("not a model file of this engine (bad magic); convert a checkpoint with export/export.py")
-    if h["version"] != 1:
-        return err(f"format version {h['version']}, this engine reads version 1; re-export the model")
+    if h["version"] != MODEL_VERSION:
+        return err(f"format version {h['version']}, this engine reads version {MODEL_VERSION}; re-export the model")
     for name, lo, hi in RANGES:
         hi = h["vocab_size"] - 1 if hi is None else hi
         if not lo <= h[name] <= hi:
@@ -322,13 +322,15 @@ def header_cases():
                     ("tied_classifier", 1), ("hidden_dim", 48), ("head_dim", 8)]:
         cases.append((f"header_q8_{name}_set_to_{v}", with_field(q8, name, v)))
     size, to, tb, wo = len(raw), h["tokenizer_offset"], h["tokenizer_bytes"], h["weights_offset"]
-    for name, vals in [("magic", [0, 0x46554747, MAGIC + 1]), ("version", [0, 2, 0xFFFFFFFF]),
+    for name, vals in [("magic", [0, 0x46554747, MAGIC + 1]),
+                       ("version", [0, MODEL_VERSION - 1, MODEL_VERSION + 1, 0xFFFFFFFF]),
                        ("tokenizer_offset", [0, 255, to + 1, wo, size, U64_MAX]),
                        ("tokenizer_bytes", [0, 7, tb - 1, tb + 1, wo - to + 1, size, U64_MAX]),
                        ("weights_offset", [0, wo + 1, wo - 64, wo + 64, size + 64, U64_MAX - 63]),
                        ("file_bytes", [0, size - 1, size + 1, U64_MAX])]:
         for v in vals:
             cases.append((f"header_{name}_{v}", with_field(raw, name, v)))
+    cases.append(("header_q8_version_1", with_field(q8, "version", 1)))  # a q8_0 file of the old layout
     cases.append(("header_l2c_tokenizer_kind_llama3", with_field(l2c, "tokenizer_kind", 2)))
     cases.append(("header_l2c_bos_id_512", with_field(l2c, "bos_id", 512)))
     legacy = struct.pack("<7i", 288, 768, 6, 6, 6, 32000, 256) + bytes(4000)

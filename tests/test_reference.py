@@ -172,8 +172,10 @@ def q8_0_model():
     model) or q8_0-rounded ones (integer dot products): every position must
     match one of those two references within 1e-4. Only uniform runs are
     compared (token by token, or all ids in one block): with mixed block
-    sizes the cached K/V of one block may come from the other kind."""
-    cfg = make_hf.hf_config(dim=64, hidden=128, n_layers=2, n_heads=8, n_kv_heads=2, tied=False)
+    sizes the cached K/V of one block may come from the other kind.
+    hidden = 2080 = 65 groups: w2's rows are two full blocks of 32 groups and
+    a last block of one (model.h), the other rows a single short block."""
+    cfg = make_hf.hf_config(dim=64, hidden=2080, n_layers=2, n_heads=8, n_kv_heads=2, tied=False)
     d = path("q8_src")
     make_hf.write_hf_dir(d, cfg, make_hf.random_weights(cfg, 4))
     model = export_ok(path("q8.bin"), "--hf", d, "--dtype", "q8_0")

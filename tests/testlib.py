@@ -145,6 +145,8 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------
 # Reading an exported file back (model.h)
 
+MODEL_MAGIC, MODEL_VERSION = 0x4B43334C, 2  # model.h: "L3CK"; version 2 (q8_0 rows in blocks, float16 scales)
+
 HEADER_FIELDS = [  # (name, struct code), in order
     ("magic", "I"), ("version", "I"), ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"),
     ("n_heads", "i"), ("n_kv_heads", "i"), ("head_dim", "i"), ("vocab_size", "i"), ("max_seq_len", "i"),
@@ -191,8 +193,8 @@ def tensor_layout(h):
     out, off = [], h["weights_offset"]
     for name, shape in names:
         n = int(np.prod(shape))
-        if h["dtype"] == 1 and len(shape) == 2:
-            nbytes = align64(n) + align64(4 * n // h["group_size"])
+        if h["dtype"] == 1 and len(shape) == 2:  # int8 values + float16 scales: n * 17 / 16 for groups of 32
+            nbytes = align64(n + 2 * (n // h["group_size"]))
         else:
             nbytes = align64(4 * n)
         out.append((name, shape, off, nbytes))
@@ -200,21 +202,51 @@ def tensor_layout(h):
     return out
 
 
+Q8_GROUP, Q8_BLOCK_GROUPS = 32, 32  # values per scale; groups per block of a q8_0 row
+
+
+def read_q8_0_rows(raw, rows, cols):
+    """(int8 q (rows, cols), float16 scale (rows, cols / 32)) of a q8_0 matrix
+    from its bytes (model.h, version 2): rows back to back, cols * 17 / 16
+    bytes each; a row is blocks of up to 32 groups of 32 values, a block of g
+    groups being 32 * g int8 values, then g little-endian float16 scales."""
+    n_groups = cols // Q8_GROUP
+    rb = raw[:rows * (cols + 2 * n_groups)].reshape(rows, cols + 2 * n_groups)
+    q = np.empty((rows, cols), np.int8)
+    scale = np.empty((rows, n_groups), np.float16)
+    pos = 0
+    for g0 in range(0, n_groups, Q8_BLOCK_GROUPS):
+        g = min(Q8_BLOCK_GROUPS, n_groups - g0)
+        q[:, g0 * Q8_GROUP:(g0 + g) * Q8_GROUP] = rb[:, pos:pos + g * Q8_GROUP].view(np.int8)
+        pos += g * Q8_GROUP
+        scale[:, g0:g0 + g] = np.ascontiguousarray(rb[:, pos:pos + 2 * g]).view("<f2")
+        pos += 2 * g
+    assert pos == rb.shape[1]
+    return q, scale
+
+
 def read_tensors(path):
     """(header, {name: float32 array}) of an exported file; q8_0 matrices are
-    dequantized (q * scale per group), and also returned raw as name + ".q"
-    and name + ".scale"."""
+    dequantized (q * float32(scale) per group of 32, in float32), and also
+    returned raw as name + ".q" (int8, (rows, cols)) and name + ".scale"
+    (float16, (rows, cols / 32))."""
     h = read_header(path)
+    if h["magic"] != MODEL_MAGIC or h["version"] != MODEL_VERSION:
+        raise ValueError(f"{path}: magic {h['magic']:#x}, format version {h['version']}; "
+                         f"expected {MODEL_MAGIC:#x}, version {MODEL_VERSION} (model.h)")
     data = np.fromfile(path, dtype=np.uint8)
     out = {}
     for name, shape, off, nbytes in tensor_layout(h):
         n = int(np.prod(shape))
         if h["dtype"] == 1 and len(shape) == 2:
-            q = data[off:off + n].view(np.int8)
-            s_off = off + align64(n)
-            scale = data[s_off:s_off + 4 * (n // h["group_size"])].view("<f4")
+            if h["group_size"] != Q8_GROUP:
+                raise ValueError(f"{path}: q8_0 group_size {h['group_size']}, expected {Q8_GROUP}")
+            rows, cols = shape
+            q, scale = read_q8_0_rows(data[off:off + nbytes], rows, cols)
             out[name + ".q"], out[name + ".scale"] = q, scale
-            out[name] = (q.reshape(-1, h["group_size"]) * scale[:, None]).astype(np.float32).reshape(shape)
+            with np.errstate(invalid="ignore"):  # a corrupt (inf, NaN) scale times q = 0
+                deq = q.reshape(rows, -1, Q8_GROUP).astype(np.float32) * scale.astype(np.float32)[:, :, None]
+            out[name] = deq.reshape(shape)
         else:
             out[name] = data[off:off + 4 * n].view("<f4").reshape(shape)
     return h, out
