@@ -21,14 +21,15 @@
 // S = process CPU time / (wall time x threads) while timing: near 1 when the
 // threads had the cores to themselves (and spun little), lower when other
 // programs took them.
-// With -b GIB, the read bandwidth is measured before every measurement and
-// after the last: the engine's threads sum the first GIB of the model's own
-// weights (the memory decode streams, mapped the same way, huge pages or
-// not), and the line ends ", bandwidth B GB/s", the mean of the passes just
-// before and just after. On a VM whose neighbours share the memory bus, the
-// bandwidth on offer moves by 2x within minutes; measured milliseconds apart
-// in the same process on the same pages, tok/s x bytes per token / B is the
-// fraction of the bandwidth decode got *then*.
+// With -b GIB, the read bandwidth is measured between the tokens: before
+// every token and after the last, the engine's threads sum the first GIB of
+// the model's own weights once (the memory decode streams, mapped the same
+// way, huge pages or not), and the line ends ", bandwidth B GB/s", the median
+// of those passes. (tok/s counts the tokens' time only.) On a VM whose
+// neighbours share the memory bus, the bandwidth on offer moves by 2x within
+// seconds; sampled between the tokens in the same process on the same pages,
+// tok/s x bytes per token / B is the fraction of the bandwidth decode got
+// *then*.
 //
 // Built by experiments/kv_heads.py with the Makefile's flags:
 //   cc -O3 -march=native -std=c11 -D_GNU_SOURCE -ffp-contract=fast -DTESTING -I.
@@ -104,16 +105,11 @@ static double bandwidth_pass(ThreadPool *pool, SumTask *task) {
     return task->n * sizeof(vint) / (now_seconds() - t0) / 1e9;
 }
 
-// The median of 5 passes.
-static double bandwidth(ThreadPool *pool, SumTask *task) {
-    double g[5];
-    for (int i = 0; i < 5; i++) {
-        double x = bandwidth_pass(pool, task);
-        int j = i;
-        for (; j > 0 && g[j - 1] > x; j--) g[j] = g[j - 1];
-        g[j] = x;
-    }
-    return g[2];
+// The median of n values (sorts them).
+static double median_of(double *x, int n) {
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && x[j - 1] > x[j]; j--) { double t = x[j]; x[j] = x[j - 1]; x[j - 1] = t; }
+    return n % 2 ? x[n / 2] : (x[n / 2 - 1] + x[n / 2]) / 2;
 }
 
 int main(int argc, char **argv) {
@@ -165,31 +161,36 @@ int main(int argc, char **argv) {
         m[j].pool = m[0].pool;
     }
     SumTask bw_task[MAX_MODELS] = {0};
-    double bw_before = 0;
     for (int j = 0; j < n_models && bw_gib > 0; j++) { // the start of model j's weights, at most bw_gib
         size_t start = (m[j].h.weights_offset + 63) / 64 * 64, bytes = m[j].map_bytes - start;
         if (bytes > (size_t)(bw_gib * (1 << 30))) bytes = (size_t)(bw_gib * (1 << 30));
         bw_task[j].data = (const vint *)((const char *)m[j].map + start);
         bw_task[j].n = bytes / sizeof(vint) / 8 * 8;
     }
+    double *passes = xcalloc((size_t)tokens + 1, sizeof(double), "bandwidth passes");
     for (int r = 0; r < repeats; r++)
         for (int k = 0; k < n_depths; k++)
             for (int j = 0; j < n_models; j++) {
-                if (bw_gib > 0) bw_before = bandwidth(m[0].pool, &bw_task[j]);
                 // position p attends to p + 1 cached positions; depth D = D positions before the
                 // first decoded token, as after a D-token prompt in ./run
-                double t0 = now_seconds(), c0 = cpu_seconds();
+                double t = 0, cpu = 0;
                 for (int i = 0; i < tokens; i++) {
+                    if (bw_gib > 0) passes[i] = bandwidth_pass(m[0].pool, &bw_task[j]);
+                    double t0 = now_seconds(), c0 = cpu_seconds();
                     float *logits = forward(&m[j], &tok[j], 1, depths[k] + i, 0);
                     tok[j] = argmax(logits, m[j].c.vocab_size);
+                    t += now_seconds() - t0, cpu += cpu_seconds() - c0;
                 }
-                double t = now_seconds() - t0, cpu = cpu_seconds() - c0;
                 printf("model %d depth %d: %d tokens, %.3f tok/s, cpu share %.2f", j, depths[k], tokens, tokens / t,
                        cpu / (t * threads));
-                if (bw_gib > 0) printf(", bandwidth %.2f GB/s", (bw_before + bandwidth(m[0].pool, &bw_task[j])) / 2);
+                if (bw_gib > 0) {
+                    passes[tokens] = bandwidth_pass(m[0].pool, &bw_task[j]);
+                    printf(", bandwidth %.2f GB/s", median_of(passes, tokens + 1));
+                }
                 printf("\n");
                 fflush(stdout);
             }
+    free(passes);
     for (int j = n_models - 1; j >= 0; j--) {
         if (j) m[j].pool = NULL;
         free_transformer(&m[j]);
