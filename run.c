@@ -477,6 +477,16 @@ static float vsum(vfloat v) {
 // f in every lane. (f - 0 is f exactly, even for -0, so compilers emit one broadcast.)
 static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 
+// Pins a loaded vector in a register: otherwise compilers fold the load into
+// each multiply-add that uses it, reading the same value several times.
+#if defined(__x86_64__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
+#else
+#define IN_REGISTER(v) (void)0
+#endif
+
 // Dot product with four vector accumulators (to hide FMA latency). The
 // summation order differs from dot_scalar, so results agree to rounding.
 static float dot(const float *a, const float *b, int n) {
@@ -491,25 +501,43 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-// out (hd) += sum over p < n of a[p] * v[p * hd .. p * hd + hd): the rows
-// weighted and summed, with four vector accumulators (independent multiply-add
-// chains) held in registers across all n rows.
-static void weighted_sum(float *out, const float *a, const float *v, int n, int hd) {
+// Attention handles up to ATT_HEADS query heads of a group at once, so
+// that they share each load of a key or value row (the registers hold
+// their 4 x ATT_HEADS accumulators: 32 with AVX-512, 16 with AVX2/NEON).
+#define ATT_HEADS (VEC_BYTES == 64 ? 4 : 2)
+
+// out_h (hd) += sum over p < n of a_h[p] * v[p * hd .. p * hd + hd) for nh
+// <= ATT_HEADS heads h, out_h = out + h * hd, a_h = a + h * a_stride: the
+// rows of v weighted and summed, with four vector accumulators per head
+// (independent multiply-add chains) held in registers across all n rows.
+// A head's sums run in the same order whatever nh is. (Inlined by force:
+// callers pass nh as a constant, so the loops over heads unroll.)
+static inline __attribute__((always_inline)) void weighted_sum(float *out, const float *a, size_t a_stride,
+                                                               const float *v, int n, int hd, int nh) {
     int d = 0;
     for (; d + 4 * VEC_LEN <= hd; d += 4 * VEC_LEN) {
-        vfloat acc[4];
-        for (int i = 0; i < 4; i++) acc[i] = *(vfloat *)(out + d + i * VEC_LEN);
-        for (int p = 0; p < n; p++)
-            for (int i = 0; i < 4; i++) acc[i] += a[p] * *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN);
-        for (int i = 0; i < 4; i++) *(vfloat *)(out + d + i * VEC_LEN) = acc[i];
+        vfloat acc[ATT_HEADS][4];
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < 4; i++) acc[h][i] = *(vfloat *)(out + h * hd + d + i * VEC_LEN);
+        for (int p = 0; p < n; p++) {
+            vfloat row[4];
+            for (int i = 0; i < 4; i++) { row[i] = *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN); IN_REGISTER(row[i]); }
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < 4; i++) acc[h][i] += a[h * a_stride + p] * row[i];
+        }
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < 4; i++) *(vfloat *)(out + h * hd + d + i * VEC_LEN) = acc[h][i];
     }
-    for (; d + VEC_LEN <= hd; d += VEC_LEN) {
-        vfloat acc = *(vfloat *)(out + d);
-        for (int p = 0; p < n; p++) acc += a[p] * *(const vfloat *)(v + (size_t)p * hd + d);
-        *(vfloat *)(out + d) = acc;
+    for (int h = 0; h < nh; h++) {
+        int e = d;
+        for (; e + VEC_LEN <= hd; e += VEC_LEN) {
+            vfloat acc = *(vfloat *)(out + h * hd + e);
+            for (int p = 0; p < n; p++) acc += a[h * a_stride + p] * *(const vfloat *)(v + (size_t)p * hd + e);
+            *(vfloat *)(out + h * hd + e) = acc;
+        }
+        for (; e < hd; e++)
+            for (int p = 0; p < n; p++) out[h * hd + e] += a[h * a_stride + p] * v[(size_t)p * hd + e];
     }
-    for (; d < hd; d++)
-        for (int p = 0; p < n; p++) out[d] += a[p] * v[(size_t)p * hd + d];
 }
 
 // RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
@@ -584,16 +612,6 @@ _Static_assert(MAX_BATCH % GEMM_TOKENS == 0, "prefill blocks are whole tiles");
 // The k dimension is walked in blocks of K_BLOCK so that a tile's weight rows
 // stay in L1 cache while all the token vectors of the block pass over them.
 #define K_BLOCK 1024
-
-// Pins a loaded vector in a register: otherwise compilers fold the load into
-// each multiply-add that uses it, reading the same value several times.
-#if defined(__x86_64__)
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#elif defined(__aarch64__)
-#define IN_REGISTER(v) __asm__("" : "+w"(v))
-#else
-#define IN_REGISTER(v) (void)0
-#endif
 
 // outT[r * ldo + t] (+)= sum over k < kn of w[r * ldw + k] * xT[k * ldx + t]
 // for the GEMM_R rows r of a tile and its GEMM_TOKENS tokens t; `accumulate`
@@ -1206,14 +1224,26 @@ static size_t key_index(const Config *c, int p, int d) {
     return ((size_t)p / VEC_LEN * c->head_dim + d) * VEC_LEN + p % VEC_LEN;
 }
 
-// att[p] = q . k_p * scale for the VEC_LEN positions of one key tile (head_dim, VEC_LEN).
-static void tile_scores(float *att, const float *q, const float *tile, int hd, float scale) {
-    vfloat acc[4] = {0}; // four multiply-add chains, to hide their latency
+// att_h[i] = q_h . k_(p+i) * scale for the VEC_LEN positions of one key
+// tile (head_dim, VEC_LEN) and nh <= ATT_HEADS query heads h, q_h = q + h *
+// hd, att_h = att + h * att_stride: each row of the tile is loaded once for
+// all nh heads. Four multiply-add chains per head (numbers d = 0, 1, 2, 3
+// mod 4) hide their latency; a head's sums run in the same order whatever nh is.
+static inline __attribute__((always_inline)) void tile_scores(float *att, size_t att_stride, const float *q,
+                                                              const float *tile, int hd, float scale, int nh) {
+    vfloat acc[ATT_HEADS][4];
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
     int d = 0;
     for (; d + 4 <= hd; d += 4)
-        for (int i = 0; i < 4; i++) acc[i] += q[d + i] * *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
-    for (; d < hd; d++) acc[0] += q[d] * *(const vfloat *)(tile + (size_t)d * VEC_LEN);
-    *(vfloat *)att = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
+        for (int i = 0; i < 4; i++) {
+            vfloat k = *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
+            IN_REGISTER(k);
+            for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
+        }
+    for (; d < hd; d++)
+        for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * *(const vfloat *)(tile + (size_t)d * VEC_LEN);
+    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -1246,16 +1276,21 @@ static void attention_task(void *arg, int ith, int nth) {
         float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, cache_len)
         // scores: att[j][p] = q_j . k_p / sqrt(head_dim), tile by tile of
         // positions (a tile's lanes past n_pos are computed and never used)
-        for (int p = 0; p < n_pos; p += VEC_LEN)
-            for (int j = j0; j < j1; j++)
-                tile_scores(att + j * L + p, q + j * hd, k + (size_t)p * hd, hd, scale);
+        for (int p = 0; p < n_pos; p += VEC_LEN) {
+            const float *tile = k + (size_t)p * hd;
+            int j = j0;
+            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS);
+            for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1);
+        }
         for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
         // out_j = sum over p of att[j][p] * v_p
         float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
         memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
         for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
-            int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK;
-            for (int j = j0; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, v + (size_t)p0 * hd, n, hd);
+            int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
+            const float *vb = v + (size_t)p0 * hd;
+            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS);
+            for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1);
         }
     }
 }

@@ -55,26 +55,49 @@ static void test_vexp_and_softmax(void) {
     check(worst_sm < 1e-6f, "softmax_matches_double_formula", "worst error %g", worst_sm);
 }
 
-// weighted_sum (attention's values) against the scalar loop, for head sizes
-// that use each of its paths.
-static void test_weighted_sum(void) {
+// weighted_sum (attention's values) and tile_scores (its scores) against
+// double-precision loops, for head sizes that use each of their paths; heads
+// handled together give bit for bit what one head at a time gives (so the
+// split of heads among threads cannot change the results).
+static void test_attention_kernels(void) {
+    enum { N = 300, HD = 136, H = ATT_HEADS };
     uint64_t rng = 9;
-    float a[300], v[300 * 136], worst = 0;
-    for (int i = 0; i < 300; i++) a[i] = frand(&rng);
-    for (int i = 0; i < 300 * 136; i++) v[i] = frand(&rng);
+    static float a[H * N], v[N * HD];
+    float worst = 0, worst_s = 0;
+    int same = 1;
+    for (int i = 0; i < H * N; i++) a[i] = frand(&rng);
+    for (int i = 0; i < N * HD; i++) v[i] = frand(&rng);
     int sizes[] = {2, 6, 16, 24, 64, 72, 128, 136};
     for (int k = 0; k < 8; k++) {
         int hd = sizes[k];
-        float out[136], ref[136];
-        for (int d = 0; d < hd; d++) out[d] = ref[d] = frand(&rng);
-        weighted_sum(out, a, v, 300, hd);
-        for (int d = 0; d < hd; d++) {
-            double r = ref[d];
-            for (int p = 0; p < 300; p++) r += (double)a[p] * v[(size_t)p * hd + d];
-            worst = fmaxf(worst, (float)fabs(out[d] - r));
-        }
+        float out[H * HD], one[H * HD], init[H * HD];
+        for (int d = 0; d < H * hd; d++) init[d] = frand(&rng);
+        memcpy(out, init, sizeof out);
+        memcpy(one, init, sizeof one);
+        weighted_sum(out, a, N, v, N, hd, H);
+        for (int h = 0; h < H; h++) weighted_sum(one + h * hd, a + h * N, N, v, N, hd, 1);
+        same &= memcmp(out, one, (size_t)H * hd * sizeof(float)) == 0;
+        for (int h = 0; h < H; h++)
+            for (int d = 0; d < hd; d++) {
+                double r = init[h * hd + d];
+                for (int p = 0; p < N; p++) r += (double)a[h * N + p] * v[(size_t)p * hd + d];
+                worst = fmaxf(worst, (float)fabs(out[h * hd + d] - r));
+            }
+        // scores of H heads (q: a's first H * hd numbers) against one key tile (v's first hd * VEC_LEN numbers)
+        float att[H * VEC_LEN], att1[H * VEC_LEN];
+        tile_scores(att, VEC_LEN, a, v, hd, 0.5f, H);
+        for (int h = 0; h < H; h++) tile_scores(att1 + h * VEC_LEN, VEC_LEN, a + h * hd, v, hd, 0.5f, 1);
+        same &= memcmp(att, att1, sizeof att) == 0;
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < VEC_LEN; i++) {
+                double r = 0;
+                for (int d = 0; d < hd; d++) r += (double)a[h * hd + d] * v[(size_t)d * VEC_LEN + i];
+                worst_s = fmaxf(worst_s, (float)fabs(att[h * VEC_LEN + i] - 0.5 * r));
+            }
     }
     check(worst < 1e-4f, "weighted_sum_matches_scalar_sums", "worst error %g", worst);
+    check(worst_s < 1e-4f, "tile_scores_match_scalar_dot_products", "worst error %g", worst_s);
+    check(same, "attention_heads_together_equal_heads_one_by_one", "a result differs");
 }
 
 static void test_split_range_partitions_rows(void) {
@@ -358,7 +381,7 @@ static void test_kv_cache_is_grouped(const char *model) {
 int main(void) {
     test_dot_matches_scalar();
     test_vexp_and_softmax();
-    test_weighted_sum();
+    test_attention_kernels();
     test_split_range_partitions_rows();
     test_matmul_paths();
     test_sampler();
