@@ -1,0 +1,471 @@
+/* kernels.h - the arithmetic under run.c: every loop that touches a vector.
+
+   Included once, by run.c (and by the tests through it): all functions are
+   static, so the compiler inlines them into the forward pass. Each kernel
+   has one definition for every vector width -- GCC vector extensions sized
+   by the build's -march (AVX-512, AVX2 or NEON/SSE), with intrinsics only
+   where integer dot products need them -- and the scalar references
+   (marked REFERENCE) that tests/test_engine.c checks the kernels against.
+
+   In order: the vector type; f32 dot products; the attention kernels (scores
+   against a transposed key tile, weighted sums of value rows); rmsnorm, exp,
+   softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 format
+   (float16 scales, quantization) and its integer dot product. */
+
+#ifndef KERNELS_H
+#define KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+// The vector width of this build: 64 bytes with AVX-512, 32 with AVX, else 16
+// (SSE, NEON, or plain scalar code the compiler maps onto 4-wide registers).
+#if defined(__AVX512F__)
+#define VEC_BYTES 64
+#elif defined(__AVX__)
+#define VEC_BYTES 32
+#else
+#define VEC_BYTES 16
+#endif
+#define VEC_LEN (VEC_BYTES / 4)
+typedef float vfloat __attribute__((vector_size(VEC_BYTES), aligned(4)));
+
+// Scalar references, in the order of the math: the SIMD kernels are tested
+// against them (tests/test_engine.c), and they document what the kernels compute.
+#define REFERENCE __attribute__((unused))
+
+static REFERENCE float dot_scalar(const float *a, const float *b, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Sum of a vector's lanes: add its 4-lane quarters as vectors, then 4 scalars.
+typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
+static float vsum(vfloat v) {
+    vfloat4 s = {0};
+    for (int i = 0; i < VEC_LEN; i += 4) {
+        vfloat4 part;
+        memcpy(&part, (const float *)&v + i, sizeof part);
+        s += part;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// f in every lane. (f - 0 is f exactly, even for -0, so compilers emit one broadcast.)
+static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
+
+// Pins a loaded vector in a register: otherwise compilers fold the load into
+// each multiply-add that uses it, reading the same value several times.
+#if defined(__x86_64__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
+#else
+#define IN_REGISTER(v) (void)0
+#endif
+
+// Dot product with four vector accumulators (to hide FMA latency). The
+// summation order differs from dot_scalar, so results agree to rounding.
+static float dot(const float *a, const float *b, int n) {
+    vfloat acc[4] = {0};
+    int i = 0;
+    for (; i + 4 * VEC_LEN <= n; i += 4 * VEC_LEN)
+        for (int j = 0; j < 4; j++)
+            acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
+    for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
+    float sum = vsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Attention handles up to ATT_HEADS query heads of a group at once, so
+// that they share each load of a key or value row (the registers hold
+// their 4 x ATT_HEADS accumulators: 32 with AVX-512, 16 with AVX2/NEON).
+#define ATT_HEADS (VEC_BYTES == 64 ? 4 : 2)
+
+// out_h (hd) += sum over p < n of a_h[p] * v[p * hd .. p * hd + hd) for nh
+// <= ATT_HEADS heads h, out_h = out + h * hd, a_h = a + h * a_stride: the
+// rows of v weighted and summed, with four vector accumulators per head
+// (independent multiply-add chains) held in registers across all n rows.
+// A head's sums run in the same order whatever nh is. (Inlined by force:
+// callers pass nh as a constant, so the loops over heads unroll.)
+static inline __attribute__((always_inline)) void weighted_sum(float *out, const float *a, size_t a_stride,
+                                                               const float *v, int n, int hd, int nh) {
+    int d = 0;
+    for (; d + 4 * VEC_LEN <= hd; d += 4 * VEC_LEN) {
+        vfloat acc[ATT_HEADS][4];
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < 4; i++) acc[h][i] = *(vfloat *)(out + h * hd + d + i * VEC_LEN);
+        for (int p = 0; p < n; p++) {
+            vfloat row[4];
+            for (int i = 0; i < 4; i++) { row[i] = *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN); IN_REGISTER(row[i]); }
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < 4; i++) acc[h][i] += a[h * a_stride + p] * row[i];
+        }
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < 4; i++) *(vfloat *)(out + h * hd + d + i * VEC_LEN) = acc[h][i];
+    }
+    for (int h = 0; h < nh; h++) {
+        int e = d;
+        for (; e + VEC_LEN <= hd; e += VEC_LEN) {
+            vfloat acc = *(vfloat *)(out + h * hd + e);
+            for (int p = 0; p < n; p++) acc += a[h * a_stride + p] * *(const vfloat *)(v + (size_t)p * hd + e);
+            *(vfloat *)(out + h * hd + e) = acc;
+        }
+        for (; e < hd; e++)
+            for (int p = 0; p < n; p++) out[h * hd + e] += a[h * a_stride + p] * v[(size_t)p * hd + e];
+    }
+}
+
+// att_h[i] = q_h . k_(p+i) * scale for the VEC_LEN positions of one key
+// tile (head_dim, VEC_LEN) and nh <= ATT_HEADS query heads h, q_h = q + h *
+// hd, att_h = att + h * att_stride: each row of the tile is loaded once for
+// all nh heads. Four multiply-add chains per head (numbers d = 0, 1, 2, 3
+// mod 4) hide their latency; a head's sums run in the same order whatever nh is.
+static inline __attribute__((always_inline)) void tile_scores(float *att, size_t att_stride, const float *q,
+                                                              const float *tile, int hd, float scale, int nh) {
+    vfloat acc[ATT_HEADS][4];
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
+    int d = 0;
+    for (; d + 4 <= hd; d += 4)
+        for (int i = 0; i < 4; i++) {
+            vfloat k = *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
+            IN_REGISTER(k);
+            for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
+        }
+    for (; d < hd; d++)
+        for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * *(const vfloat *)(tile + (size_t)d * VEC_LEN);
+    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
+}
+
+// RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0; // in double: for wide models the mean of squares loses digits in float
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+// e^x for every lane, to about 1 ulp (tests/test_engine.c checks it against
+// expf): e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2)/2, e^r by
+// its Taylor polynomial to degree 7. Attention takes one exponential per
+// (query head, position), a million per token at depth 2000 with 32 heads:
+// a libm call each would cost as much as reading the cache.
+typedef int32_t vint __attribute__((vector_size(VEC_BYTES), aligned(4)));
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)((mask & (vint)a) | (~mask & (vint)b)); }
+static vfloat vexp(vfloat x) {
+    const float round_magic = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+    x = vselect(x < -87.0f, vbroadcast(-87.0f), x); // e^-87: near the smallest normal float
+    x = vselect(x > 88.0f, vbroadcast(88.0f), x);   // e^88: near the largest
+    vfloat t = x * 1.44269504f + round_magic;
+    vfloat n = t - round_magic;
+    vfloat r = x - n * 0.693145752f - n * 1.42860677e-6f; // ln 2 in two parts: n * hi is exact
+    vfloat p = 1.0f / 5040 + r * 0.0f;
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+    vint two_n = ((vint)t - (vint)vbroadcast(round_magic) + 127) << 23; // 2^n as float bits
+    return p * (vfloat)two_n;
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    vfloat sum_v = {0};
+    int i = 0;
+    for (; i + VEC_LEN <= n; i += VEC_LEN) {
+        vfloat e = vexp(*(vfloat *)(x + i) - max);
+        *(vfloat *)(x + i) = e;
+        sum_v += e;
+    }
+    float sum = vsum(sum_v);
+    if (i < n) { // the last n % VEC_LEN, through a zero-padded vector
+        vfloat tail = vbroadcast(-INFINITY);
+        memcpy(&tail, x + i, (n - i) * sizeof(float));
+        vfloat e = vexp(tail - max);
+        for (int j = 0; j < n - i; j++) { x[i + j] = e[j]; sum += e[j]; }
+    }
+    float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+// SwiGLU's gate: h = silu(h) * up, silu(x) = x * sigmoid(x) = x / (1 + e^-x);
+// vectorized, with vexp, since it runs on one thread between two matmuls.
+static void swiglu(float *h, const float *up, size_t n) {
+    size_t i = 0;
+    for (; i + VEC_LEN <= n; i += VEC_LEN) {
+        vfloat x = *(vfloat *)(h + i);
+        *(vfloat *)(h + i) = x / (1.0f + vexp(-x)) * *(const vfloat *)(up + i);
+    }
+    for (; i < n; i++) h[i] = h[i] / (1.0f + vexp(vbroadcast(-h[i]))[0]) * up[i];
+}
+
+// Matrix multiplication is where all the time goes: decode is one matrix-
+// vector product per weight matrix (memory-bound: every weight is read once
+// per token), prefill is one matrix-matrix product per block of tokens
+// (compute-bound: each weight row is reused for all tokens of the block).
+
+// The block kernel (prefill) computes outT = W x^T one register tile at a
+// time: GEMM_R weight rows x GEMM_V vectors of tokens. Tokens lie along the
+// vector lanes, so each step broadcasts one weight per row and multiplies it
+// into GEMM_V vectors of x^T: 2 * GEMM_R vector multiply-adds for
+// GEMM_R + GEMM_V loads, and no horizontal sums. AVX-512: 8 x 2 tiles hold
+// 16 accumulators of 16 tokens; AVX2 and NEON: 4 x 2 tiles.
+#if VEC_BYTES == 64
+#define GEMM_R 8
+#else
+#define GEMM_R 4
+#endif
+#define GEMM_V 2
+#define GEMM_TOKENS (GEMM_V * VEC_LEN) // tokens per tile; blocks are padded to a multiple
+// The k dimension is walked in blocks of K_BLOCK so that a tile's weight rows
+// stay in L1 cache while all the token vectors of the block pass over them.
+#define K_BLOCK 1024
+
+// outT[r * ldo + t] (+)= sum over k < kn of w[r * ldw + k] * xT[k * ldx + t]
+// for the GEMM_R rows r of a tile and its GEMM_TOKENS tokens t; `accumulate`
+// adds to outT (k blocks after the first).
+static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const float *xT, size_t ldx,
+                      int kn, int accumulate) {
+    vfloat acc[GEMM_R][GEMM_V];
+    for (int r = 0; r < GEMM_R; r++)
+        for (int v = 0; v < GEMM_V; v++)
+            acc[r][v] = accumulate ? *(const vfloat *)(outT + r * ldo + v * VEC_LEN) : (vfloat){0};
+    for (int k = 0; k < kn; k++) {
+        vfloat x[GEMM_V];
+        for (int v = 0; v < GEMM_V; v++) { x[v] = *(const vfloat *)(xT + k * ldx + v * VEC_LEN); IN_REGISTER(x[v]); }
+        for (int r = 0; r < GEMM_R; r++) {
+            vfloat wk = vbroadcast(w[r * ldw + k]);
+            IN_REGISTER(wk);
+            for (int v = 0; v < GEMM_V; v++) acc[r][v] += wk * x[v];
+        }
+    }
+    for (int r = 0; r < GEMM_R; r++)
+        for (int v = 0; v < GEMM_V; v++) *(vfloat *)(outT + r * ldo + v * VEC_LEN) = acc[r][v];
+}
+
+// Q8_0 (model.h): each group of Q8_GROUP consecutive values of a row shares
+// one scale, value = q * scale, so a dot product is a sum over groups of
+// (integer dot) x scales. A weight row is a sequence of blocks of Q8_BLOCK
+// groups: their int8 values, then their float16 scales, so decode reads it
+// in one stream, front to back. Activations are quantized at run time into
+// plain arrays instead (int8 values, float32 scales): they are made for one
+// matmul and never stored.
+#define Q8_GROUP 32
+#define Q8_BLOCK 32                                    // groups per block
+#define Q8_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP + sizeof(uint16_t))) // 1088: 17 cache lines
+
+// IEEE float16 (the scales of q8_0 weights) to float32, exactly.
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, em = h & 0x7fff, bits;
+    if (em < 0x400) { float v = em * 0x1p-24f; return sign ? -v : v; } // zero, subnormal: em x 2^-24
+    if (em < 0x7c00) bits = sign | (em + ((127 - 15) << 10)) << 13;     // normal: the exponent rebiased
+    else bits = sign | 0x7f800000 | (em & 0x3ff) << 13;                  // inf, NaN
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// float32 to the nearest float16 (ties to even), as numpy's astype(float16).
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // NaN
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // >= 65520: inf
+    if (ax < 0x38800000) return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 0x1p24f)); // < 2^-14: steps of 2^-24
+    uint32_t r = ax + 0xfff + (ax >> 13 & 1); // drop 13 mantissa bits, to nearest even (a carry bumps the exponent)
+    return (uint16_t)(sign | ((r >> 13) - ((127 - 15) << 10)));
+}
+
+// Block b of a q8_0 row of n values: its groups' values and scales.
+typedef struct { const int8_t *q; const uint16_t *scale; int groups; } Q8Block;
+
+static Q8Block q8_block(const uint8_t *row, int n, int b) {
+    int groups = n / Q8_GROUP - b * Q8_BLOCK; // all blocks are full but maybe the last
+    if (groups > Q8_BLOCK) groups = Q8_BLOCK;
+    const uint8_t *p = row + (size_t)b * Q8_BLOCK_BYTES;
+    return (Q8Block){(const int8_t *)p, (const uint16_t *)(p + groups * Q8_GROUP), groups};
+}
+
+// Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
+// 127, given the scale that the group's amax rounded to; NaN (corrupt
+// weights upstream) gives 0 rather than an undefined float-to-int conversion.
+static void round_group_q8(int8_t *q, const float *x, float scale) {
+    float inv = scale > 0 ? 1.0f / scale : 0;
+    for (int i = 0; i < Q8_GROUP; i++) { // (written so that compilers vectorize it: no lrintf call)
+        float v = rintf(x[i] * inv);     // to nearest even, as lrintf
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[i] = (int8_t)(v == v ? (int)v : 0);
+    }
+}
+
+static float group_amax(const float *x) {
+    float amax = 0;
+    for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    return amax;
+}
+
+// Activations: x (n) -> q (n), s (n / Q8_GROUP), float32 scales.
+static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
+    for (int g = 0; g < n / Q8_GROUP; g++) {
+        s[g] = group_amax(x + g * Q8_GROUP) / 127.0f;
+        round_group_q8(q + g * Q8_GROUP, x + g * Q8_GROUP, s[g]);
+    }
+}
+
+// Weights: x (n) -> one q8_0 row (model.h), float16 scales, as export.py writes it.
+static void quantize_q8_row(uint8_t *row, const float *x, int n) {
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(row, n, b);
+        for (int j = 0; j < k.groups; j++) {
+            const float *xg = x + ((size_t)b * Q8_BLOCK + j) * Q8_GROUP;
+            uint16_t h = f32_to_f16(group_amax(xg) / 127.0f);
+            memcpy((uint8_t *)(k.scale + j), &h, sizeof h);
+            round_group_q8((int8_t *)k.q + j * Q8_GROUP, xg, f16_to_f32(h));
+        }
+    }
+}
+
+// Sum over `groups` groups of (integer dot) x w scale x x scale.
+static float dot_q8_groups(const int8_t *wq, const uint16_t *ws, const int8_t *xq, const float *xs, int groups) {
+    float sum = 0;
+    for (int g = 0; g < groups; g++) {
+        int32_t isum = 0;
+        for (int i = 0; i < Q8_GROUP; i++) isum += wq[g * Q8_GROUP + i] * xq[g * Q8_GROUP + i];
+        sum += (float)isum * (f16_to_f32(ws[g]) * xs[g]);
+    }
+    return sum;
+}
+
+// A q8_0 weight row (n values) . x quantized (xq, xs).
+static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0;
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(w, n, b);
+        sum += dot_q8_groups(k.q, k.scale, xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, k.groups);
+    }
+    return sum;
+}
+
+// The SIMD paths: AVX-512 with VNNI (16 groups per step), AVX2 with F16C (8 groups per step).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q8_AVX512 1
+#else
+#define Q8_AVX512 0
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+#define Q8_AVX2 1
+#else
+#define Q8_AVX2 0
+#endif
+
+// One group's 32 int8 products summed into 8 int32 lanes. The instructions
+// multiply unsigned by signed bytes, so w's sign moves onto x: w*x = |w| * (x*sign(w)).
+#if Q8_AVX2
+static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
+    __m256i w = _mm256_loadu_si256((const __m256i *)a), x = _mm256_loadu_si256((const __m256i *)b);
+    __m256i abs_w = _mm256_sign_epi8(w, w), x_signed = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, x_signed);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, x_signed), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+// A compiler barrier: loads before it are emitted before loads after it.
+// Decode kernels use it to keep the weight loads in address order, which
+// the compiler would otherwise shuffle (measured: GCC hoisting a few loads
+// some lines ahead made the q8_0 kernel 20-50 % slower; the hardware
+// prefetchers follow a plainly ascending stream best).
+#define LOAD_IN_ORDER() __asm__ volatile("" ::: "memory")
+
+#if Q8_AVX512
+// `steps` x 16 groups of a block, into the accumulators wide[2]: each 64-byte
+// load holds two groups, whose 2 x 8 int32 lanes take their scales (16 scale
+// products in one vector) by a lane permutation.
+static inline __attribute__((always_inline)) void q8_steps_512(__m512 wide[2], const int8_t *wq, const uint16_t *ws,
+                                                               const int8_t *xq, const float *xs, int steps) {
+    __m512i d[Q8_BLOCK / 2];
+    for (int j = 0; j < steps * 8; j++) { // pass 1: values
+        __m512i wv = _mm512_loadu_si512(wq + j * 2 * Q8_GROUP), xv = _mm512_loadu_si512(xq + j * 2 * Q8_GROUP);
+        __m512i x_signed = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+        d[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
+        LOAD_IN_ORDER();
+    }
+    for (int st = 0; st < steps; st++) { // pass 2: scales
+        __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + st * 16))),
+                                     _mm512_loadu_ps(xs + st * 16));
+        for (int j = 0; j < 8; j++) {
+            __m512i lanes = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+                                             2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
+            wide[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[st * 8 + j]), _mm512_permutexvar_ps(lanes, scale), wide[j & 1]);
+        }
+    }
+}
+#endif
+
+static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0;
+#if Q8_AVX512
+    __m512 wide[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+#endif
+#if Q8_AVX2
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
+#endif
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+        Q8Block k = q8_block(w, n, b);
+        const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
+        const float *s = xs + b * Q8_BLOCK;
+        int g = 0;
+        // Two passes over the block, so that its bytes are read in address
+        // order, values then scales: integer dot products of the groups
+        // first, kept in d, then the scales applied. (Reading each block's
+        // scales before its values measured 5-20 % slower, the more so the
+        // more bandwidth the machine had on offer: the hardware prefetchers
+        // keep up best with one plainly ascending stream.)
+#if Q8_AVX512
+        // (steps as a constant for full blocks: d then stays in registers)
+        if (k.groups == Q8_BLOCK) q8_steps_512(wide, k.q, k.scale, x, s, Q8_BLOCK / 16);
+        else q8_steps_512(wide, k.q, k.scale, x, s, k.groups / 16);
+        g = k.groups / 16 * 16;
+#endif
+#if Q8_AVX2
+        // 8 groups per step: each group's 8 int32 lanes take their scale
+        // (8 scale products in one vector) by a lane permutation.
+        __m256i d8[Q8_BLOCK];
+        int end = g + (k.groups - g) / 8 * 8;
+        for (int j = g; j < end; j++) {
+            d8[j] = dot_i8_group(k.q + j * Q8_GROUP, x + j * Q8_GROUP);
+            LOAD_IN_ORDER();
+        }
+        for (; g < end; g += 8) {
+            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k.scale + g))),
+                                         _mm256_loadu_ps(s + g));
+            for (int j = 0; j < 8; j++)
+                acc[j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8[g + j]),
+                                             _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j)), acc[j & 1]);
+        }
+#endif
+        sum += dot_q8_groups(k.q + g * Q8_GROUP, k.scale + g, x + g * Q8_GROUP, s + g, k.groups - g);
+    }
+#if Q8_AVX512
+    sum += _mm512_reduce_add_ps(_mm512_add_ps(wide[0], wide[1]));
+#endif
+#if Q8_AVX2
+    __m256 a = _mm256_add_ps(acc[0], acc[1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    return sum;
+}
+
+#endif
