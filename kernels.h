@@ -254,12 +254,14 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
 // one scale, value = q * scale, so a dot product is a sum over groups of
 // (integer dot) x scales. A weight row is a sequence of blocks of Q8_BLOCK
 // groups: their int8 values, then their float16 scales, so decode reads it
-// in one stream, front to back. Activations are quantized at run time into
-// plain arrays instead (int8 values, float32 scales): they are made for one
-// matmul and never stored.
+// in one stream, front to back. Within a block the values are interleaved
+// (q8_offset) so that one vector of integer products holds one partial sum
+// per group. Activations are quantized at run time into plain arrays (values
+// in the same interleaved order, float32 scales): made for one matmul, never stored.
 #define Q8_GROUP 32
 #define Q8_BLOCK 32                                    // groups per block
 #define Q8_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP + sizeof(uint16_t))) // 1088: 17 cache lines
+#define Q8_CHUNK 16                                    // groups interleaved together
 
 // IEEE float16 (the scales of q8_0 weights) to float32, exactly.
 static float f16_to_f32(uint16_t h) {
@@ -294,16 +296,37 @@ static Q8Block q8_block(const uint8_t *row, int n, int b) {
     return (Q8Block){(const int8_t *)p, (const uint16_t *)(p + groups * Q8_GROUP), groups};
 }
 
+// Where value i of group g lies among the values of a block of `groups`
+// groups (model.h): the groups are taken Q8_CHUNK at a time (the last chunk
+// of a short block may hold fewer, m), and a chunk is stored as 8 rows of
+// m x 4 bytes: values 4r .. 4r+3 of each of its groups in turn. A 64-byte
+// load then holds 4 values of each of 16 groups, the integer dot product
+// instructions sum 4 byte products into each 32-bit lane, and after 8 loads
+// lane j holds group j's whole dot product: the 16 groups' sums come out in
+// one vector, in group order, ready for their 16 scales.
+static inline size_t q8_offset(int groups, int g, int i) {
+    int c0 = g / Q8_CHUNK * Q8_CHUNK, m = groups - c0 < Q8_CHUNK ? groups - c0 : Q8_CHUNK;
+    return (size_t)c0 * Q8_GROUP + (size_t)(i / 4 * m + g - c0) * 4 + i % 4;
+}
+
 // Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
 // 127, given the scale that the group's amax rounded to; NaN (corrupt
 // weights upstream) gives 0 rather than an undefined float-to-int conversion.
-static void round_group_q8(int8_t *q, const float *x, float scale) {
+// Value i goes to q[q8_offset(groups, g, i)]; returns the sum of the group's q.
+static int32_t round_group_q8(int8_t *q, int groups, int g, const float *x, float scale) {
     float inv = scale > 0 ? 1.0f / scale : 0;
+    int8_t r[Q8_GROUP];
+    int32_t sum = 0;
     for (int i = 0; i < Q8_GROUP; i++) { // (written so that compilers vectorize it: no lrintf call)
         float v = rintf(x[i] * inv);     // to nearest even, as lrintf
         v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-        q[i] = (int8_t)(v == v ? (int)v : 0);
+        r[i] = (int8_t)(v == v ? (int)v : 0);
     }
+    for (int i = 0; i < Q8_GROUP; i += 4) {
+        memcpy(q + q8_offset(groups, g, i), r + i, 4);
+        for (int j = 0; j < 4; j++) sum += r[i + j];
+    }
+    return sum;
 }
 
 static float group_amax(const float *x) {
@@ -312,11 +335,15 @@ static float group_amax(const float *x) {
     return amax;
 }
 
-// Activations: x (n) -> q (n), s (n / Q8_GROUP), float32 scales.
-static void quantize_q8(int8_t *q, float *s, const float *x, int n) {
+// Activations: x (n) -> q (n, blocks interleaved as a weight row's), s (n /
+// Q8_GROUP) float32 scales, and sum128 (n / Q8_GROUP): 128 x the sum of each
+// group's q (what the AVX-512 kernel's offset w + 128 adds to a dot product).
+static void quantize_q8(int8_t *q, float *s, int32_t *sum128, const float *x, int n) {
     for (int g = 0; g < n / Q8_GROUP; g++) {
-        s[g] = group_amax(x + g * Q8_GROUP) / 127.0f;
-        round_group_q8(q + g * Q8_GROUP, x + g * Q8_GROUP, s[g]);
+        int b = g / Q8_BLOCK, groups = n / Q8_GROUP - b * Q8_BLOCK;
+        s[g] = group_amax(x + (size_t)g * Q8_GROUP) / 127.0f;
+        sum128[g] = 128 * round_group_q8(q + (size_t)b * Q8_BLOCK * Q8_GROUP, groups < Q8_BLOCK ? groups : Q8_BLOCK,
+                                         g % Q8_BLOCK, x + (size_t)g * Q8_GROUP, s[g]);
     }
 }
 
@@ -328,18 +355,22 @@ static void quantize_q8_row(uint8_t *row, const float *x, int n) {
             const float *xg = x + ((size_t)b * Q8_BLOCK + j) * Q8_GROUP;
             uint16_t h = f32_to_f16(group_amax(xg) / 127.0f);
             memcpy((uint8_t *)(k.scale + j), &h, sizeof h);
-            round_group_q8((int8_t *)k.q + j * Q8_GROUP, xg, f16_to_f32(h));
+            round_group_q8((int8_t *)k.q, k.groups, j, xg, f16_to_f32(h));
         }
     }
 }
 
-// Sum over `groups` groups of (integer dot) x w scale x x scale.
-static float dot_q8_groups(const int8_t *wq, const uint16_t *ws, const int8_t *xq, const float *xs, int groups) {
+// Sum over groups g0 <= g < k.groups of block k of (integer dot) x w scale
+// x x scale; xq, xs: the block's part of x.
+static float dot_q8_groups(Q8Block k, const int8_t *xq, const float *xs, int g0) {
     float sum = 0;
-    for (int g = 0; g < groups; g++) {
+    for (int g = g0; g < k.groups; g++) {
         int32_t isum = 0;
-        for (int i = 0; i < Q8_GROUP; i++) isum += wq[g * Q8_GROUP + i] * xq[g * Q8_GROUP + i];
-        sum += (float)isum * (f16_to_f32(ws[g]) * xs[g]);
+        for (int i = 0; i < Q8_GROUP; i++) {
+            size_t o = q8_offset(k.groups, g, i);
+            isum += k.q[o] * xq[o];
+        }
+        sum += (float)isum * (f16_to_f32(k.scale[g]) * xs[g]);
     }
     return sum;
 }
@@ -347,37 +378,22 @@ static float dot_q8_groups(const int8_t *wq, const uint16_t *ws, const int8_t *x
 // A q8_0 weight row (n values) . x quantized (xq, xs).
 static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
     float sum = 0;
-    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
-        Q8Block k = q8_block(w, n, b);
-        sum += dot_q8_groups(k.q, k.scale, xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, k.groups);
-    }
+    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++)
+        sum += dot_q8_groups(q8_block(w, n, b), xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, 0);
     return sum;
 }
 
-// The SIMD paths: AVX-512 with VNNI (16 groups per step), AVX2 with F16C (8 groups per step).
+// The SIMD paths, for whole chunks of 16 groups (a short block's last chunk,
+// if any, goes through dot_q8_groups): AVX-512 with VNNI, or AVX2 with F16C.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define Q8_AVX512 1
-#else
+#define Q8_AVX2 0
+#elif defined(__AVX2__) && defined(__F16C__)
 #define Q8_AVX512 0
-#endif
-#if defined(__AVX2__) && defined(__F16C__)
 #define Q8_AVX2 1
 #else
+#define Q8_AVX512 0
 #define Q8_AVX2 0
-#endif
-
-// One group's 32 int8 products summed into 8 int32 lanes. The instructions
-// multiply unsigned by signed bytes, so w's sign moves onto x: w*x = |w| * (x*sign(w)).
-#if Q8_AVX2
-static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
-    __m256i w = _mm256_loadu_si256((const __m256i *)a), x = _mm256_loadu_si256((const __m256i *)b);
-    __m256i abs_w = _mm256_sign_epi8(w, w), x_signed = _mm256_sign_epi8(x, w);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, x_signed);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, x_signed), _mm256_set1_epi16(1));
-#endif
-}
 #endif
 
 // A compiler barrier: loads before it are emitted before loads after it.
@@ -388,78 +404,100 @@ static inline __m256i dot_i8_group(const int8_t *a, const int8_t *b) {
 #define LOAD_IN_ORDER() __asm__ volatile("" ::: "memory")
 
 #if Q8_AVX512
-// `steps` x 16 groups of a block, into the accumulators wide[2]: each 64-byte
-// load holds two groups, whose 2 x 8 int32 lanes take their scales (16 scale
-// products in one vector) by a lane permutation.
-static inline __attribute__((always_inline)) void q8_steps_512(__m512 wide[2], const int8_t *wq, const uint16_t *ws,
-                                                               const int8_t *xq, const float *xs, int steps) {
-    __m512i d[Q8_BLOCK / 2];
-    for (int j = 0; j < steps * 8; j++) { // pass 1: values
-        __m512i wv = _mm512_loadu_si512(wq + j * 2 * Q8_GROUP), xv = _mm512_loadu_si512(xq + j * 2 * Q8_GROUP);
-        __m512i x_signed = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-        d[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
+// The 16 groups' integer dot products of one chunk, + 128 x the sums of
+// their x values. vpdpbusd multiplies unsigned by signed bytes: w + 128 is
+// unsigned (w xor 0x80), and sum (w + 128) x = sum w x + 128 sum x, whose
+// second term the caller subtracts (sum128, computed once per x).
+static inline __attribute__((always_inline)) __m512i q8_chunk_512(const int8_t *wq, const int8_t *xq) {
+    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}; // two chains hide the latency
+    for (int r = 0; r < Q8_GROUP / 4; r++) {
+        __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wq + 64 * r), _mm512_set1_epi8((char)0x80));
+        acc[r & 1] = _mm512_dpbusd_epi32(acc[r & 1], w, _mm512_loadu_si512(xq + 64 * r));
         LOAD_IN_ORDER();
     }
-    for (int st = 0; st < steps; st++) { // pass 2: scales
-        __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + st * 16))),
-                                     _mm512_loadu_ps(xs + st * 16));
-        for (int j = 0; j < 8; j++) {
-            __m512i lanes = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
-                                             2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
-            wide[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[st * 8 + j]), _mm512_permutexvar_ps(lanes, scale), wide[j & 1]);
-        }
+    return _mm512_add_epi32(acc[0], acc[1]);
+}
+
+// The first `chunks` chunks of block k into acc: values, then scales.
+// (Inlined by force: called with a constant for full blocks, so d stays in registers.)
+static inline __attribute__((always_inline)) void q8_block_512(__m512 *acc, Q8Block k, const int8_t *xq, const float *xs,
+                                                               const int32_t *sum128, int chunks) {
+    __m512i d[Q8_BLOCK / Q8_CHUNK];
+    for (int c = 0; c < chunks; c++) d[c] = q8_chunk_512(k.q + c * Q8_CHUNK * Q8_GROUP, xq + c * Q8_CHUNK * Q8_GROUP);
+    for (int c = 0; c < chunks; c++) {
+        const int o = c * Q8_CHUNK;
+        __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.scale + o))),
+                                     _mm512_loadu_ps(xs + o));
+        __m512i dots = _mm512_sub_epi32(d[c], _mm512_loadu_si512(sum128 + o));
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, *acc);
     }
 }
 #endif
 
-static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
+#if Q8_AVX2
+// Groups 0-7 (half 0) or 8-15 (half 1) of one chunk, values 4r .. 4r+3:
+// their products summed into one int32 lane per group. maddubs multiplies
+// unsigned by signed bytes (and would saturate on w + 128), so w's sign
+// moves onto x: w x = |w| (x sign(w)); pairs reach 2 x 127^2 < 2^15.
+static inline __m256i q8_quad_256(const int8_t *wq, const int8_t *xq, int r, int half) {
+    __m256i w = _mm256_loadu_si256((const __m256i *)(wq + 64 * r + 32 * half));
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 64 * r + 32 * half));
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The first `chunks` chunks of block k into acc[2]: values, then scales.
+static inline __attribute__((always_inline)) void q8_block_256(__m256 acc[2], Q8Block k, const int8_t *xq,
+                                                               const float *xs, int chunks) {
+    __m256i d[2 * Q8_BLOCK / Q8_CHUNK]; // (chunk, half): 8 groups' sums each
+    for (int c = 0; c < chunks; c++) {
+        const int8_t *wc = k.q + c * Q8_CHUNK * Q8_GROUP, *xc = xq + c * Q8_CHUNK * Q8_GROUP;
+        d[2 * c] = d[2 * c + 1] = _mm256_setzero_si256();
+        for (int r = 0; r < Q8_GROUP / 4; r++) {
+            d[2 * c] = _mm256_add_epi32(d[2 * c], q8_quad_256(wc, xc, r, 0));
+            d[2 * c + 1] = _mm256_add_epi32(d[2 * c + 1], q8_quad_256(wc, xc, r, 1));
+            LOAD_IN_ORDER();
+        }
+    }
+    for (int h = 0; h < 2 * chunks; h++) {
+        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k.scale + 8 * h))),
+                                     _mm256_loadu_ps(xs + 8 * h));
+        acc[h & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[h]), scale, acc[h & 1]);
+    }
+}
+#endif
+
+// A q8_0 weight row (n values) . x quantized (xq, xs, sum128), in address
+// order through each block: its values first, the integer dot products of
+// its chunks kept in registers, then its scales applied. (Reading each
+// block's scales before its values measured 5-20 % slower, the more so the
+// more bandwidth the machine had on offer: the hardware prefetchers keep up
+// best with one plainly ascending stream.)
+static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
     float sum = 0;
 #if Q8_AVX512
-    __m512 wide[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-#endif
-#if Q8_AVX2
+    __m512 acc = _mm512_setzero_ps();
+#elif Q8_AVX2
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
 #endif
+    (void)sum128;
     for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
         Q8Block k = q8_block(w, n, b);
         const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
         const float *s = xs + b * Q8_BLOCK;
-        int g = 0;
-        // Two passes over the block, so that its bytes are read in address
-        // order, values then scales: integer dot products of the groups
-        // first, kept in d, then the scales applied. (Reading each block's
-        // scales before its values measured 5-20 % slower, the more so the
-        // more bandwidth the machine had on offer: the hardware prefetchers
-        // keep up best with one plainly ascending stream.)
+        int chunks = Q8_AVX512 || Q8_AVX2 ? k.groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
 #if Q8_AVX512
-        // (steps as a constant for full blocks: d then stays in registers)
-        if (k.groups == Q8_BLOCK) q8_steps_512(wide, k.q, k.scale, x, s, Q8_BLOCK / 16);
-        else q8_steps_512(wide, k.q, k.scale, x, s, k.groups / 16);
-        g = k.groups / 16 * 16;
+        if (k.groups == Q8_BLOCK) q8_block_512(&acc, k, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK);
+        else q8_block_512(&acc, k, x, s, sum128 + b * Q8_BLOCK, chunks);
+#elif Q8_AVX2
+        if (k.groups == Q8_BLOCK) q8_block_256(acc, k, x, s, Q8_BLOCK / Q8_CHUNK);
+        else q8_block_256(acc, k, x, s, chunks);
 #endif
-#if Q8_AVX2
-        // 8 groups per step: each group's 8 int32 lanes take their scale
-        // (8 scale products in one vector) by a lane permutation.
-        __m256i d8[Q8_BLOCK];
-        int end = g + (k.groups - g) / 8 * 8;
-        for (int j = g; j < end; j++) {
-            d8[j] = dot_i8_group(k.q + j * Q8_GROUP, x + j * Q8_GROUP);
-            LOAD_IN_ORDER();
-        }
-        for (; g < end; g += 8) {
-            __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k.scale + g))),
-                                         _mm256_loadu_ps(s + g));
-            for (int j = 0; j < 8; j++)
-                acc[j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8[g + j]),
-                                             _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(j)), acc[j & 1]);
-        }
-#endif
-        sum += dot_q8_groups(k.q + g * Q8_GROUP, k.scale + g, x + g * Q8_GROUP, s + g, k.groups - g);
+        sum += dot_q8_groups(k, x, s, chunks * Q8_CHUNK);
     }
 #if Q8_AVX512
-    sum += _mm512_reduce_add_ps(_mm512_add_ps(wide[0], wide[1]));
-#endif
-#if Q8_AVX2
+    sum += _mm512_reduce_add_ps(acc);
+#elif Q8_AVX2
     __m256 a = _mm256_add_ps(acc[0], acc[1]);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));

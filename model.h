@@ -34,17 +34,28 @@
                 (as GGML's Q8_0). Rows follow each other with no padding
                 between them. A row is cut into blocks of up to 32 groups
                 (1024 values); a block of g groups is
-                    int8    q[32 * g]      its values, group after group
-                    float16 scale[g]       one per group, in the same order
+                    int8    q[32 * g]      its values, interleaved (below)
+                    float16 scale[g]       one per group, in group order
                 g = 32 for every block but maybe a row's last, which has the
                 remaining (cols / 32) % 32 groups. A row takes cols * 17 / 16
                 bytes; with cols % 1024 == 0 (the models' usual widths), a
                 block is 1088 bytes = 17 cache lines and every row starts
-                64-byte aligned. Why this layout: decode reads each row once,
-                front to back, and a scale next to the values it scales keeps
-                that one stream (all values, then all scales, as in version 1,
-                decoded about 25 % slower per byte), and float16 scales take
-                1 cache line per 16 of values instead of 2.
+                64-byte aligned. The values of a block are interleaved 4 at a
+                time: its groups are taken 16 at a time (the last chunk of a
+                short block has the g % 16 left, m), and a chunk of m groups
+                is stored as 8 rows of m x 4 bytes, values 4r .. 4r+3 of each
+                of its groups in turn: value i of group j of the chunk lies at
+                chunk_start + (i / 4) * 4 * m + j * 4 + i % 4.
+                Why this layout: decode reads each row once, front to back,
+                and a scale next to the values it scales keeps that one
+                stream (all values, then all scales, as in version 1, decoded
+                about 25 % slower per byte); float16 scales take 1 cache line
+                per 16 of values instead of 2; and with the interleave, a
+                64-byte load holds 4 values of each of 16 groups, so the
+                integer dot product instructions (4 byte products summed per
+                32-bit lane) leave one group's sum per lane, ready for a
+                vector of 16 scales (version 2, groups one after the other,
+                needed a lane shuffle per group).
                 Quantizing a group (export.py): scale = max|x| / 127 in float32,
                 rounded to the nearest float16 (an error if it overflows);
                 q = round(x / scale) to nearest even, clamped to [-127, 127];
@@ -78,7 +89,7 @@
 #include <stddef.h>
 
 #define MODEL_MAGIC 0x4B43334Cu /* "L3CK" read as a little-endian uint32 */
-#define MODEL_VERSION 2 /* 2: q8_0 rows in blocks with float16 scales (1: values, then float32 scales) */
+#define MODEL_VERSION 3 /* 3: q8_0 values interleaved within a block; 2: blocks with float16 scales; 1: values, then float32 scales */
 #define MODEL_HEADER_BYTES 256
 #define MODEL_ALIGN 64
 #define MODEL_MAX_STOP_IDS 8

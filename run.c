@@ -125,7 +125,8 @@ typedef struct {
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
-    float *xs;      // (B, max_cols / Q8_GROUP) ... and its scales
+    float *xs;      // (B, max_cols / Q8_GROUP) ... its scales ...
+    int32_t *sum128; // (B, max_cols / Q8_GROUP) ... and 128 x its groups' sums (quantize_q8)
     float *xT;      // (max_cols, B) a block's matmul input, transposed
     float *outT;    // (max_rows, B) a block's matmul output, transposed (all matrices of a matmuls() call)
     float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
@@ -461,9 +462,9 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
     if (!w->q8) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
     for (int g = k0 / Q8_GROUP; g < k1 / Q8_GROUP; g++) {
         Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
-        const int8_t *q = k.q + g % Q8_BLOCK * Q8_GROUP;
         float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
-        for (int i = 0; i < Q8_GROUP; i++) *out++ = q[i] * scale;
+        for (int i = 0; i < Q8_GROUP; i += 4) // values 4 at a time, as q8_offset lays them out
+            for (int j = 0; j < 4; j++) *out++ = k.q[q8_offset(k.groups, g % Q8_BLOCK, i) + j] * scale;
     }
 }
 
@@ -514,7 +515,7 @@ typedef struct { float *out; const Matrix *w; } Product; // out (T, w->rows) = x
 typedef struct {
     Product p[MAX_PRODUCTS]; int n_products; int T; // all w have the same cols
     const float *x;                    // (T, cols)
-    const int8_t *xq; const float *xs; // x quantized (q8_0 weights, T < VEC_LEN)
+    const int8_t *xq; const float *xs; const int32_t *sum128; // x quantized (q8_0 weights, T < VEC_LEN)
     const float *xT; float *outT;      // (cols, Tpad) and (rows of all products, Tpad) (T >= VEC_LEN)
     int Tpad;
     float *scratch;                    // (n_threads, scratch_stride) dequantized weights
@@ -532,7 +533,8 @@ static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < a->T; t++)
             p->out[(size_t)t * w->rows + r] = w->q8
-                ? dot_q8(matrix_row(w, r), a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP, n)
+                ? dot_q8(matrix_row(w, r), a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP,
+                         a->sum128 + (size_t)t * n / Q8_GROUP, n)
                 : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
 }
 
@@ -607,7 +609,7 @@ static void matmul_task(void *arg, int ith, int nth) {
 static void matmuls(Transformer *m, const float *x, int T, const Product *p, int n_products) {
     RunState *s = &m->s;
     const int n = p[0].w->cols, Tpad = (T + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
-    MatmulTask task = {.n_products = n_products, .T = T, .x = x, .xq = s->xq, .xs = s->xs, .xT = s->xT,
+    MatmulTask task = {.n_products = n_products, .T = T, .x = x, .xq = s->xq, .xs = s->xs, .sum128 = s->sum128, .xT = s->xT,
                        .outT = s->outT, .Tpad = Tpad, .scratch = s->scratch, .scratch_stride = s->scratch_stride};
     size_t work = 0;
     for (int i = 0; i < n_products; i++) {
@@ -627,7 +629,8 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
     }
     if (T < VEC_LEN && p[0].w->q8)
         for (int t = 0; t < T; t++)
-            quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, x + (size_t)t * n, n);
+            quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, s->sum128 + (size_t)t * n / Q8_GROUP,
+                        x + (size_t)t * n, n);
     if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
         for (int k = 0; k < n; k++)
             for (int t = 0; t < Tpad; t++) s->xT[(size_t)k * Tpad + t] = t < T ? x[(size_t)t * n + k] : 0;
@@ -773,6 +776,7 @@ static void malloc_run_state(Transformer *m) {
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
     s->xq = xcalloc((size_t)MAX_BATCH * max_cols, 1, "activations");
     s->xs = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
+    s->sum128 = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(int32_t), "activations");
     // rows of one matmuls() call: the classifier, gate + up, q + k + v, or wo / w2
     size_t max_rows = c->vocab_size;
     size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim};
@@ -793,7 +797,7 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
+    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(s->key_cache, s->kv_cache_elems / 2);
     free_cache(s->value_cache, s->kv_cache_elems / 2);
 }

@@ -34,11 +34,12 @@ Layout written (see model.h for the authoritative description):
                       ffn_norm w1 w2 w3, final_norm, [classifier]
 Matrices are (out_features, in_features), row-major. The RoPE convention is
 adjacent pairs (2i, 2i+1), so Hugging Face's rotate_half row order of wq/wk
-is undone here, once. With --dtype q8_0 (format version 2) each matrix row is
+is undone here, once. With --dtype q8_0 (format version 3) each matrix row is
 stored as blocks of up to 32 groups of 32 values, a block being its int8
-values then its float16 scales (scale = max|x| / 127 rounded to float16; an
-export whose scale would overflow float16 is refused); rows follow each other
-with no padding, cols * 17 / 16 bytes each. Norm vectors stay f32.
+values (interleaved 4 at a time across chunks of 16 groups) then its float16
+scales (scale = max|x| / 127 rounded to float16; an export whose scale would
+overflow float16 is refused); rows follow each other with no padding,
+cols * 17 / 16 bytes each. Norm vectors stay f32.
 """
 import argparse
 import json
@@ -55,7 +56,7 @@ np = None  # numpy, imported on demand by need_numpy(): --llama2c runs without i
 # The format (mirrors model.h)
 
 MODEL_MAGIC = 0x4B43334C  # "L3CK" as a little-endian uint32
-MODEL_VERSION = 2  # 2: q8_0 rows in blocks with float16 scales (1: all values, then f32 scales)
+MODEL_VERSION = 3  # 3: q8_0 values interleaved in a block; 2: blocks with float16 scales; 1: values, then f32 scales
 MODEL_HEADER_BYTES = 256
 MODEL_ALIGN = 64
 MODEL_MAX_STOP_IDS = 8
@@ -64,6 +65,7 @@ ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3 = 0, 1
 TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3 = 1, 2
 Q8_0_GROUP_SIZE = 32    # values per scale
 Q8_0_BLOCK_GROUPS = 32  # groups per block of a q8_0 row (a row's last block may have fewer)
+Q8_0_CHUNK_GROUPS = 16  # groups whose values are interleaved together in a block
 
 # struct ModelHeader, field by field (160 bytes, then zero padding to 256)
 HEADER_FORMAT = (
@@ -529,11 +531,21 @@ def quantize_q8_0(x, name="tensor", row0=0):
     return y.astype(np.int8).reshape(rows, cols), scale16
 
 
+def interleave_q8_0(qb):
+    """The values of one block of g groups, (rows, 32 * g) in group order ->
+    the order model.h stores them: chunks of up to 16 groups, a chunk of m
+    groups as 8 rows of m x 4 bytes (values 4r .. 4r+3 of each group in turn)."""
+    rows, g = qb.shape[0], qb.shape[1] // Q8_0_GROUP_SIZE
+    groups = qb.reshape(rows, g, Q8_0_GROUP_SIZE // 4, 4)  # (rows, group, r, 4)
+    return np.concatenate([groups[:, c0:c0 + Q8_0_CHUNK_GROUPS].transpose(0, 2, 1, 3).reshape(rows, -1)
+                           for c0 in range(0, g, Q8_0_CHUNK_GROUPS)], axis=1)
+
+
 def q8_0_rows(q, scale16):
     """int8 q (rows, cols) and float16 scale16 (rows, cols/32) -> the rows as
     model.h lays them out, a uint8 array (rows, cols * 17 / 16): each row cut
     into blocks of up to 32 groups, a block of g groups = its 32 * g int8
-    values, then its g little-endian float16 scales."""
+    values, interleaved (interleave_q8_0), then its g little-endian float16 scales."""
     rows, cols = q.shape
     n_groups = cols // Q8_0_GROUP_SIZE
     out = np.empty((rows, cols + 2 * n_groups), dtype=np.uint8)
@@ -542,7 +554,7 @@ def q8_0_rows(q, scale16):
     for g0 in range(0, n_groups, Q8_0_BLOCK_GROUPS):
         g1 = min(n_groups, g0 + Q8_0_BLOCK_GROUPS)
         nq, ns = (g1 - g0) * Q8_0_GROUP_SIZE, (g1 - g0) * 2
-        out[:, pos:pos + nq] = qb[:, g0 * Q8_0_GROUP_SIZE:g1 * Q8_0_GROUP_SIZE]
+        out[:, pos:pos + nq] = interleave_q8_0(qb[:, g0 * Q8_0_GROUP_SIZE:g1 * Q8_0_GROUP_SIZE])
         out[:, pos + nq:pos + nq + ns] = sb[:, 2 * g0:2 * g1]
         pos += nq + ns
     return out

@@ -244,15 +244,22 @@ static float abs_dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+// Value j of a vector of n values quantized by quantize_q8 (blocks of Q8_BLOCK groups, interleaved).
+static int q8_value(const int8_t *q, int n, int j) {
+    int g = j / Q8_GROUP, b = g / Q8_BLOCK, groups = n / Q8_GROUP - b * Q8_BLOCK;
+    return q[(size_t)b * Q8_BLOCK * Q8_GROUP + q8_offset(groups < Q8_BLOCK ? groups : Q8_BLOCK, g % Q8_BLOCK, j % Q8_GROUP)];
+}
+
 static void test_q8_kernels(void) {
     uint64_t rng = 11;
     enum { N = 512, ROWS = 37, T = 20, LONG = 2144 }; // LONG: two full blocks and 3 groups
     static float x[T * LONG], w[ROWS * LONG], xs[T * LONG / Q8_GROUP];
     static int8_t xq[T * LONG];
+    static int32_t xsum[T * LONG / Q8_GROUP];
     static uint8_t wq[ROWS * LONG * 17 / 16];
     for (int i = 0; i < T * LONG; i++) x[i] = frand(&rng);
     for (int i = 0; i < ROWS * LONG; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
-    for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, x + t * N, N);
+    for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, xsum + t * N / Q8_GROUP, x + t * N, N);
     Matrix m8 = {.q8 = wq, .rows = ROWS, .cols = N};
     for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&m8), w + r * N, N);
     // weights: the error is at most half a step of the group's float16 scale, the largest |w| maps to 127
@@ -265,7 +272,7 @@ static void test_q8_kernels(void) {
             float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
             int qmax = 0;
             for (int i = 0; i < Q8_GROUP; i++) {
-                int j = g * Q8_GROUP + i, q = k.q[g % Q8_BLOCK * Q8_GROUP + i];
+                int j = g * Q8_GROUP + i, q = k.q[q8_offset(k.groups, g % Q8_BLOCK, i)];
                 worst_q = fmaxf(worst_q, fabsf(deq[j] - w[r * N + j]) / scale);
                 qmax = abs(q) > qmax ? abs(q) : qmax;
             }
@@ -276,45 +283,61 @@ static void test_q8_kernels(void) {
           worst_q, full_range);
     // activations: the same, with float32 scales
     float worst_x = 0;
-    for (int i = 0; i < T * N; i++) worst_x = fmaxf(worst_x, fabsf(xq[i] * xs[i / Q8_GROUP] - x[i]) / xs[i / Q8_GROUP]);
-    check(worst_x <= 0.5001f, "q8_activation_error_within_half_a_step", "error %g steps", worst_x);
+    int sums_ok = 1;
+    for (int i = 0; i < T * N; i++) {
+        int q = q8_value(xq + i / N * N, N, i % N);
+        worst_x = fmaxf(worst_x, fabsf(q * xs[i / Q8_GROUP] - x[i]) / xs[i / Q8_GROUP]);
+        if (i % Q8_GROUP == 0) { // 128 x the group's sum, for the kernel's offset w + 128
+            int32_t sum = 0;
+            for (int j = 0; j < Q8_GROUP; j++) sum += q8_value(xq + i / N * N, N, i % N + j);
+            sums_ok &= xsum[i / Q8_GROUP] == 128 * sum;
+        }
+    }
+    check(worst_x <= 0.5001f && sums_ok, "q8_activation_error_within_half_a_step", "error %g steps, sums %d", worst_x, sums_ok);
     float worst = 0;
     for (int r = 0; r < ROWS; r++) {
-        float ref = dot_q8_scalar(matrix_row(&m8, r), xq, xs, N), got = dot_q8(matrix_row(&m8, r), xq, xs, N);
+        float ref = dot_q8_scalar(matrix_row(&m8, r), xq, xs, N), got = dot_q8(matrix_row(&m8, r), xq, xs, xsum, N);
         worst = fmaxf(worst, fabsf(got - ref) / abs_dot(w + r * N, x, N));
     }
     check(worst < 1e-6f, "simd_q8_dot_matches_scalar_q8_dot", "worst error %g of sum |w x|", worst);
-    // lengths that end in every part of the kernel: 16- and 8-group steps, single groups, a second block, a short last block
-    int lengths[] = {32, 96, 256, 288, 512, 736, 1024, 1056, 1312, 2048, LONG}, all_close = 1;
-    quantize_q8(xq, xs, x, LONG);
-    for (int i = 0; i < 11; i++) {
+    // lengths that end in every part of the kernel: whole 16-group chunks, short chunks, single groups,
+    // a second block, a short last block (x quantized for each length: its blocks must match the row's)
+    int lengths[] = {32, 96, 256, 288, 512, 736, 1024, 1056, 1312, 1536, 1568, 2048, LONG}, all_close = 1;
+    for (int i = 0; i < 13; i++) {
+        quantize_q8(xq, xs, xsum, x, lengths[i]);
         quantize_q8_row(wq, w, lengths[i]);
-        float ref = dot_q8_scalar(wq, xq, xs, lengths[i]), got = dot_q8(wq, xq, xs, lengths[i]);
+        float ref = dot_q8_scalar(wq, xq, xs, lengths[i]), got = dot_q8(wq, xq, xs, xsum, lengths[i]);
         all_close &= fabsf(got - ref) <= 1e-6f * abs_dot(w, x, lengths[i]);
     }
     check(all_close, "simd_q8_dot_matches_scalar_for_any_group_count", "a length differs");
-    // a row's last block holds its remaining groups: values, then scales
+    // the bytes where model.h puts them: a row's last block holds its remaining groups, values then
+    // scales; value i of group j of a chunk of m groups at (i / 4) * 4 * m + j * 4 + i % 4
     quantize_q8_row(wq, w, LONG);
     Matrix long_row = {.q8 = wq, .rows = 1, .cols = LONG};
+    Q8Block first = q8_block(wq, LONG, 0), last = q8_block(wq, LONG, 2);
+    float deq_first[1024];
+    matrix_slice(&long_row, 0, 0, 1024, deq_first);
     matrix_slice(&long_row, 0, 2048, LONG, deq);
-    Q8Block last = q8_block(wq, LONG, 2);
     check(row_bytes(&long_row) == LONG + LONG / Q8_GROUP * 2 && last.groups == 3 &&
           (const uint8_t *)last.q == wq + 2 * 1088 && (const uint8_t *)last.scale == wq + 2 * 1088 + 96 &&
-          deq[0] == last.q[0] * f16_to_f32(last.scale[0]),
-          "q8_row_layout_is_blocks_of_values_then_float16_scales", "last block of %d groups", last.groups);
-    quantize_q8(xq, xs, x, N);
+          deq[32 + 5] == last.q[1 * 4 * 3 + 1 * 4 + 1] * f16_to_f32(last.scale[1]) &&         // group 1, value 5 (m = 3)
+          deq_first[17 * 32 + 6] == first.q[16 * 32 + 1 * 4 * 16 + 1 * 4 + 2] * f16_to_f32(first.scale[17]) && // 2nd chunk
+          deq_first[31] == first.q[7 * 4 * 16 + 3] * f16_to_f32(first.scale[0]),              // group 0, value 31
+          "q8_row_layout_is_interleaved_blocks_then_float16_scales", "last block of %d groups", last.groups);
+    quantize_q8(xq, xs, xsum, x, N);
     // NaN activations (from corrupt weights) quantize to 0 instead of an undefined float-to-int conversion
     float bad[Q8_GROUP] = {NAN, 1.0f, -INFINITY};
     int8_t bq[Q8_GROUP];
     float bs;
-    quantize_q8(bq, &bs, bad, Q8_GROUP);
+    int32_t bsum;
+    quantize_q8(bq, &bs, &bsum, bad, Q8_GROUP);
     check(bq[0] == 0 && bq[2] == 0, "q8_quantization_of_nan_and_inf_is_defined", "q %d %d", bq[0], bq[2]);
     // the matmul's two q8_0 paths: integer dots (T < VEC_LEN) and dequantized tiles
     Transformer m = {0};
     m.n_threads = 2;
     m.pool = pool_create(2);
     m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
-    m.s.xq = xq; m.s.xs = xs; // matmul re-quantizes x into these for the integer path
+    m.s.xq = xq; m.s.xs = xs; m.s.sum128 = xsum; // matmul re-quantizes x into these for the integer path
     m.s.scratch_stride = GEMM_R * K_BLOCK > N ? GEMM_R * K_BLOCK : N;
     m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
     m.s.xT = xcalloc((size_t)N * MAX_BATCH, sizeof(float), "xT");

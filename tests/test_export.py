@@ -385,7 +385,7 @@ def adjacent_pair_forward(h, E, ids, inv_freq):
 
 
 def q8_0_roundtrip():
-    """q8_0 (model.h, version 2) against the f32 export of the same weights:
+    """q8_0 (model.h, version 3) against the f32 export of the same weights:
     every scale is the float16 nearest to max|x| / 127 (in float32), every q
     is round(x / scale) (ties to even) clamped to [-127, 127], so each value
     is within half a step (0.5 x scale) of the original. hidden = 2080 = 65
@@ -445,7 +445,9 @@ def q8_0_roundtrip():
 def q8_0_row_by_hand(p, name, r, Q):
     """Row r of q8_0 matrix `name` decoded with struct, straight from model.h:
     cols * 17 / 16 bytes per row; blocks of g <= 32 groups: int8 q[32 g],
-    then float16 scale[g]; must equal what read_tensors returned."""
+    then float16 scale[g]; within a block, value i of group j of a chunk of m
+    <= 16 groups at chunk_start + (i // 4) * 4 * m + j * 4 + i % 4. Must equal
+    what read_tensors returned."""
     h = read_header(p)
     (_, (rows, cols), off, _), = [t for t in tensor_layout(h) if t[0] == name]
     with open(p, "rb") as f:
@@ -454,7 +456,11 @@ def q8_0_row_by_hand(p, name, r, Q):
     q, scales, pos, left = [], [], 0, cols // 32
     while left:
         g = min(32, left)
-        q += struct.unpack_from(f"<{32 * g}b", row, pos)
+        values = struct.unpack_from(f"<{32 * g}b", row, pos)
+        for j in range(g):
+            c0 = j // 16 * 16
+            m = min(16, g - c0)
+            q += [values[c0 * 32 + (i // 4) * 4 * m + (j - c0) * 4 + i % 4] for i in range(32)]
         scales += struct.unpack_from(f"<{g}e", row, pos + 32 * g)
         pos, left = pos + 34 * g, left - g
     return (pos == len(row) and list(Q[name + ".q"][r]) == q

@@ -145,7 +145,7 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------
 # Reading an exported file back (model.h)
 
-MODEL_MAGIC, MODEL_VERSION = 0x4B43334C, 2  # model.h: "L3CK"; version 2 (q8_0 rows in blocks, float16 scales)
+MODEL_MAGIC, MODEL_VERSION = 0x4B43334C, 3  # model.h: "L3CK"; version 3 (q8_0 rows in blocks, values interleaved, float16 scales)
 
 HEADER_FIELDS = [  # (name, struct code), in order
     ("magic", "I"), ("version", "I"), ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"),
@@ -202,14 +202,29 @@ def tensor_layout(h):
     return out
 
 
-Q8_GROUP, Q8_BLOCK_GROUPS = 32, 32  # values per scale; groups per block of a q8_0 row
+Q8_GROUP, Q8_BLOCK_GROUPS, Q8_CHUNK_GROUPS = 32, 32, 16  # values per scale; groups per block; interleaved together
+
+
+def deinterleave_q8_0(vb, g):
+    """A block's stored values (rows, 32 * g) -> group order. model.h: chunks
+    of up to 16 groups, value i of group j of a chunk of m groups at
+    (i // 4) * 4 * m + j * 4 + i % 4 from the chunk's start."""
+    rows = vb.shape[0]
+    out = np.empty((rows, g, Q8_GROUP), vb.dtype)
+    for c0 in range(0, g, Q8_CHUNK_GROUPS):
+        m = min(Q8_CHUNK_GROUPS, g - c0)
+        chunk = vb[:, c0 * Q8_GROUP:(c0 + m) * Q8_GROUP]
+        for j in range(m):
+            for i in range(Q8_GROUP):
+                out[:, c0 + j, i] = chunk[:, (i // 4) * 4 * m + j * 4 + i % 4]
+    return out.reshape(rows, g * Q8_GROUP)
 
 
 def read_q8_0_rows(raw, rows, cols):
     """(int8 q (rows, cols), float16 scale (rows, cols / 32)) of a q8_0 matrix
-    from its bytes (model.h, version 2): rows back to back, cols * 17 / 16
+    from its bytes (model.h, version 3): rows back to back, cols * 17 / 16
     bytes each; a row is blocks of up to 32 groups of 32 values, a block of g
-    groups being 32 * g int8 values, then g little-endian float16 scales."""
+    groups being 32 * g int8 values (interleaved), then g little-endian float16 scales."""
     n_groups = cols // Q8_GROUP
     rb = raw[:rows * (cols + 2 * n_groups)].reshape(rows, cols + 2 * n_groups)
     q = np.empty((rows, cols), np.int8)
@@ -217,7 +232,7 @@ def read_q8_0_rows(raw, rows, cols):
     pos = 0
     for g0 in range(0, n_groups, Q8_BLOCK_GROUPS):
         g = min(Q8_BLOCK_GROUPS, n_groups - g0)
-        q[:, g0 * Q8_GROUP:(g0 + g) * Q8_GROUP] = rb[:, pos:pos + g * Q8_GROUP].view(np.int8)
+        q[:, g0 * Q8_GROUP:(g0 + g) * Q8_GROUP] = deinterleave_q8_0(rb[:, pos:pos + g * Q8_GROUP].view(np.int8), g)
         pos += g * Q8_GROUP
         scale[:, g0:g0 + g] = np.ascontiguousarray(rb[:, pos:pos + 2 * g]).view("<f2")
         pos += 2 * g
