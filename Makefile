@@ -36,6 +36,21 @@ run-omp: $(ENGINE_SRC) $(ENGINE_HDR)
 tests/%: tests/%.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
+# The kernels' narrower paths, tested by make test next to the native build on
+# an x86-64 CPU that can run them: test_engine built for AVX2 + FMA + F16C
+# (x86-64-v3) and for baseline x86-64 (SSE2 vectors, the scalar q8_0 dot).
+ifeq ($(shell uname -m),x86_64)
+WIDTH_TESTS := tests/test_engine_sse2
+ifneq ($(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw f16c /proc/cpuinfo && echo y),)
+WIDTH_TESTS += tests/test_engine_avx2
+endif
+endif
+NARROW_CFLAGS := $(filter-out -march=%,$(CFLAGS))
+tests/test_engine_avx2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(NARROW_CFLAGS) -march=x86-64-v3 -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
+tests/test_engine_sse2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(NARROW_CFLAGS) -march=x86-64 -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
+
 # The tokenizer tests share a helper header.
 $(filter tests/test_tokenizer_%,$(C_TESTS)): tests/tokenizer_testlib.h
 
@@ -60,12 +75,12 @@ models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.
 demo: run models/stories260K.l3ck
 	./run models/stories260K.l3ck -i "Once upon a time" -n 200
 
-test: run run-omp tests/logits $(C_TESTS)
+test: run run-omp tests/logits $(C_TESTS) $(WIDTH_TESTS)
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth $(C_TESTS) models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 models/*.l3ck
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind, fuzzing
