@@ -482,7 +482,9 @@ static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const i
 #elif Q8_AVX2
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
 #endif
-    (void)sum128;
+#if !Q8_AVX512
+    (void)sum128; // only the w + 128 kernel needs it
+#endif
     for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
         Q8Block k = q8_block(w, n, b);
         const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
