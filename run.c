@@ -127,7 +127,7 @@ typedef struct {
     int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
     float *xs;      // (B, max_cols / Q8_GROUP) ... its scales ...
     int32_t *sum128; // (B, max_cols / Q8_GROUP) ... and 128 x its groups' sums (quantize_q8)
-    float *xT;      // (max_cols, B) a block's matmul input, transposed
+    float *xT;      // (B / GEMM_TOKENS, max_cols, GEMM_TOKENS) a block's matmul input, transposed in panels
     float *outT;    // (max_rows, B) a block's matmul output, transposed (all matrices of a matmuls() call)
     float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
     Share *shares;  // (n_threads) decode matmul work still to do
@@ -506,9 +506,10 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 //    takes chunks from the back of the others' shares, so a core slowed by a
 //    neighbour on the machine does not leave the other waiting. (A row's
 //    result does not depend on which thread computes it.)
-//  T >= VEC_LEN (prefill): register tiles over x^T (xT, the block transposed and
-//    padded to a multiple of GEMM_TOKENS tokens) into outT, transposed back
-//    at the end. q8_0 rows are first dequantized into a small per-thread
+//  T >= VEC_LEN (prefill): register tiles over x^T into outT, transposed back
+//    at the end. xT holds the block transposed, in panels of GEMM_TOKENS
+//    tokens (the last padded with zeros): panel j is (cols, GEMM_TOKENS), so
+//    a tile reads its tokens' inputs in one contiguous stream. q8_0 rows are first dequantized into a small per-thread
 //    buffer, which is cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
 #define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
@@ -521,7 +522,7 @@ typedef struct {
     Product p[MAX_PRODUCTS]; int n_products; int T; // all w have the same cols
     const float *x;                    // (T, cols)
     const int8_t *xq; const float *xs; const int32_t *sum128; // x quantized (q8_0 weights, T < VEC_LEN)
-    const float *xT; float *outT;      // (cols, Tpad) and (rows of all products, Tpad) (T >= VEC_LEN)
+    const float *xT; float *outT;      // (Tpad / GEMM_TOKENS, cols, GEMM_TOKENS), (rows of all products, Tpad) (T >= VEC_LEN)
     int Tpad;
     float *scratch;                    // (n_threads, scratch_stride) dequantized weights
     size_t scratch_stride;
@@ -580,7 +581,8 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
                 rows = buf, ldw = kn;
             }
             for (int t = 0; t < Tp; t += GEMM_TOKENS)
-                gemm_tile(outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + (size_t)k0 * Tp + t, Tp, kn, k0 > 0);
+                gemm_tile(outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + ((size_t)t * n + k0 * GEMM_TOKENS), GEMM_TOKENS,
+                          kn, k0 > 0);
         }
     }
     for (int r = tiled_hi; r < hi; r++) {
@@ -638,7 +640,9 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
                         x + (size_t)t * n, n);
     if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
         for (int k = 0; k < n; k++)
-            for (int t = 0; t < Tpad; t++) s->xT[(size_t)k * Tpad + t] = t < T ? x[(size_t)t * n + k] : 0;
+            for (int t = 0; t < Tpad; t++) // panel t / GEMM_TOKENS, row k, lane t % GEMM_TOKENS
+                s->xT[(size_t)t / GEMM_TOKENS * n * GEMM_TOKENS + (size_t)k * GEMM_TOKENS + t % GEMM_TOKENS] =
+                    t < T ? x[(size_t)t * n + k] : 0;
     // waking the workers costs microseconds: not worth it for a tiny product
     if (work < SMALL_WORK) matmul_task(&task, 0, 1);
     else pool_run(m->pool, matmul_task, &task);
