@@ -314,7 +314,8 @@ static inline size_t q8_offset(int groups, int g, int i) {
 // Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
 // 127, given the scale that the group's amax rounded to; NaN (corrupt
 // weights upstream) gives 0 rather than an undefined float-to-int conversion.
-// Value i goes to q[q8_offset(groups, g, i)]; returns the sum of the group's q.
+// q: the values of a block of `groups` groups, where value i goes to
+// q[q8_offset(groups, g, i)]. Returns the sum of the group's q.
 static int32_t round_group_q8(int8_t *q, int groups, int g, const float *x, float scale) {
     float inv = scale > 0 ? 1.0f / scale : 0;
     int8_t r[Q8_GROUP];
