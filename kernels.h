@@ -320,6 +320,14 @@ static inline size_t q8_offset(int groups, int g, int i) {
     return (size_t)c0 * Q8_GROUP + (size_t)(i / 4 * m + g - c0) * 4 + i % 4;
 }
 
+// Group j of block k, its Q8_GROUP values in order (the interleave undone):
+// they lie 4 by 4, one chunk row (4 x the chunk's groups) apart.
+static inline void q8_group_values(int8_t *q, Q8Block k, int j) {
+    const int8_t *src = k.q + q8_offset(k.groups, j, 0);
+    const size_t stride = q8_offset(k.groups, j, 4) - q8_offset(k.groups, j, 0);
+    for (int i = 0; i < Q8_GROUP; i += 4) memcpy(q + i, src + i / 4 * stride, 4);
+}
+
 // Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
 // 127, given the scale that the group's amax rounded to; NaN (corrupt
 // weights upstream) gives 0 rather than an undefined float-to-int conversion.

@@ -462,13 +462,9 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
     if (!w->q8) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
     for (int g = k0 / Q8_GROUP; g < k1 / Q8_GROUP; g++, out += Q8_GROUP) {
         Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
-        int j = g % Q8_BLOCK;
-        float scale = f16_to_f32(k.scale[j]);
-        // the group's values lie 4 by 4, `stride` bytes apart (q8_offset): gathered, then converted in one vector loop
-        const int8_t *src = k.q + q8_offset(k.groups, j, 0);
-        const size_t stride = q8_offset(k.groups, j, 4) - q8_offset(k.groups, j, 0);
-        int8_t q[Q8_GROUP];
-        for (int i = 0; i < Q8_GROUP; i += 4) memcpy(q + i, src + i / 4 * stride, 4);
+        float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+        int8_t q[Q8_GROUP]; // gathered first, then converted in one vector loop
+        q8_group_values(q, k, g % Q8_BLOCK);
         for (int i = 0; i < Q8_GROUP; i++) out[i] = q[i] * scale;
     }
 }
@@ -509,8 +505,9 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 //  T >= VEC_LEN (prefill): register tiles over x^T into outT, transposed back
 //    at the end. xT holds the block transposed, in panels of GEMM_TOKENS
 //    tokens (the last padded with zeros): panel j is (cols, GEMM_TOKENS), so
-//    a tile reads its tokens' inputs in one contiguous stream. q8_0 rows are first dequantized into a small per-thread
-//    buffer, which is cheap next to the T multiply-adds each value feeds.
+//    a tile reads its tokens' inputs in one contiguous stream. q8_0 rows are
+//    first dequantized into a small per-thread buffer, which is cheap next to
+//    the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
 #define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
 #define CHUNK_BYTES (256 << 10)
