@@ -124,9 +124,9 @@ typedef struct {
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *logits;  // (B, vocab_size)
-    int8_t *xq;     // (B, max_cols) matmul input quantized to q8_0 ...
-    float *xs;      // (B, max_cols / Q8_GROUP) ... its scales ...
-    int32_t *sum128; // (B, max_cols / Q8_GROUP) ... and 128 x its groups' sums (quantize_q8)
+    int8_t *xq;     // (B + Q8_TILE_T - 1, max_cols) matmul input quantized to q8_0 ...
+    float *xs;      // (B + Q8_TILE_T - 1, max_cols / Q8_GROUP) ... its scales ...
+    int32_t *sum128; // (B + Q8_TILE_T - 1, max_cols / Q8_GROUP) ... and 128 x its groups' sums (quantize_q8)
     float *xT;      // (B / GEMM_TOKENS, max_cols, GEMM_TOKENS) a block's matmul input, transposed in panels
     float *outT;    // (max_rows, B) a block's matmul output, transposed (all matrices of a matmuls() call)
     float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
@@ -505,9 +505,11 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 //  T >= VEC_LEN (prefill): register tiles over x^T into outT, transposed back
 //    at the end. xT holds the block transposed, in panels of GEMM_TOKENS
 //    tokens (the last padded with zeros): panel j is (cols, GEMM_TOKENS), so
-//    a tile reads its tokens' inputs in one contiguous stream. q8_0 rows are
-//    first dequantized into a small per-thread buffer, which is cheap next to
-//    the T multiply-adds each value feeds.
+//    a tile reads its tokens' inputs in one contiguous stream. With AVX-512
+//    VNNI, q8_0 weights meet the block quantized, in integer tiles
+//    (gemm_rows_q8: as decode's arithmetic, at four times float32's
+//    multiply-adds per instruction); elsewhere q8_0 rows are dequantized into
+//    a small per-thread buffer, cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
 #define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
 #define CHUNK_BYTES (256 << 10)
@@ -588,6 +590,27 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
     }
 }
 
+// Rows [lo, hi) of p for a block of T >= VEC_LEN tokens quantized (q8_0
+// weights, AVX-512 VNNI), straight into p->out: integer register tiles over
+// whole rows, Q8_TILE_R rows meeting every token in turn.
+static void gemm_rows_q8(const MatmulTask *a, const Product *p, int lo, int hi) {
+    int r = lo;
+#if Q8_GEMM
+    const Matrix *w = p->w;
+    const int n = w->cols;
+    const size_t xg = n / Q8_GROUP;
+    float tile[Q8_TILE_T * Q8_TILE_R]; // (token, row)
+    for (; r + Q8_TILE_R <= hi; r += Q8_TILE_R)
+        for (int t = 0; t < a->T; t += Q8_TILE_T) { // the last tile may reach into the zero padding tokens
+            gemm_tile_q8(tile, Q8_TILE_R, matrix_row(w, r), row_bytes(w), a->xq + (size_t)t * n, a->xs + t * xg,
+                         a->sum128 + t * xg, n);
+            for (int i = 0; i < Q8_TILE_T && t + i < a->T; i++)
+                memcpy(p->out + (size_t)(t + i) * w->rows + r, tile + i * Q8_TILE_R, sizeof(float) * Q8_TILE_R);
+        }
+#endif
+    matvec_rows(a, p, r, hi); // the matrix's last few rows
+}
+
 static void matmul_task(void *arg, int ith, int nth) {
     MatmulTask *a = arg;
     if (a->T < VEC_LEN) {
@@ -603,6 +626,7 @@ static void matmul_task(void *arg, int ith, int nth) {
         const Product *p = &a->p[i];
         int lo, hi;
         split_range(p->w->rows, ith, nth, ROW_QUANTUM, &lo, &hi); // tiles start at the same rows for any thread count
+        if (Q8_GEMM && p->w->q8) { gemm_rows_q8(a, p, lo, hi); continue; }
         gemm_rows(a, p->w, outT, lo, hi, buf);
         for (int t = 0; t < a->T; t++)
             for (int r = lo; r < hi; r++) p->out[(size_t)t * p->w->rows + r] = outT[(size_t)r * a->Tpad + t];
@@ -631,11 +655,19 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
             atomic_store_explicit(&s->shares[t].range, end << 32 | first, memory_order_relaxed);
         }
     }
-    if (T < VEC_LEN && p[0].w->q8)
-        for (int t = 0; t < T; t++)
-            quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * n / Q8_GROUP, s->sum128 + (size_t)t * n / Q8_GROUP,
-                        x + (size_t)t * n, n);
-    if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
+    const int integer = p[0].w->q8 && (T < VEC_LEN || Q8_GEMM); // x quantized, else (prefill) x^T
+    if (integer) {
+        const int Tq = T < VEC_LEN ? T : (T + Q8_TILE_T - 1) / Q8_TILE_T * Q8_TILE_T; // zero padding tokens to the tile
+        for (int t = 0; t < Tq; t++) {
+            size_t g = (size_t)t * n / Q8_GROUP;
+            if (t < T) quantize_q8(s->xq + (size_t)t * n, s->xs + g, s->sum128 + g, x + (size_t)t * n, n);
+            else {
+                memset(s->xq + (size_t)t * n, 0, n);
+                memset(s->xs + g, 0, n / Q8_GROUP * sizeof(float));
+                memset(s->sum128 + g, 0, n / Q8_GROUP * sizeof(int32_t));
+            }
+        }
+    } else if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
         for (int k = 0; k < n; k++)
             for (int t = 0; t < Tpad; t++) // panel t / GEMM_TOKENS, row k, lane t % GEMM_TOKENS
                 s->xT[(size_t)t / GEMM_TOKENS * n * GEMM_TOKENS + (size_t)k * GEMM_TOKENS + t % GEMM_TOKENS] =
@@ -780,9 +812,10 @@ static void malloc_run_state(Transformer *m) {
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
-    s->xq = xcalloc((size_t)MAX_BATCH * max_cols, 1, "activations");
-    s->xs = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
-    s->sum128 = xcalloc((size_t)MAX_BATCH * max_cols / Q8_GROUP + 1, sizeof(int32_t), "activations");
+    const size_t q8_tokens = MAX_BATCH + Q8_TILE_T - 1; // a block and the integer tile's padding tokens
+    s->xq = xcalloc(q8_tokens * max_cols, 1, "activations");
+    s->xs = xcalloc(q8_tokens * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
+    s->sum128 = xcalloc(q8_tokens * max_cols / Q8_GROUP + 1, sizeof(int32_t), "activations");
     // rows of one matmuls() call: the classifier, gate + up, q + k + v, or wo / w2
     size_t max_rows = c->vocab_size;
     size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim};
