@@ -600,8 +600,15 @@ static void gemm_rows_q8(const MatmulTask *a, const Product *p, int lo, int hi) 
     const int n = w->cols;
     const size_t xg = n / Q8_GROUP;
     float tile[Q8_TILE_T * Q8_TILE_R]; // (token, row)
+    // the next tile's rows (contiguous bytes) are prefetched a few lines per token tile
+    const size_t tile_bytes = Q8_TILE_R * row_bytes(w), per_tile = tile_bytes / ((a->T + Q8_TILE_T - 1) / Q8_TILE_T) + 64;
     for (; r + Q8_TILE_R <= hi; r += Q8_TILE_R)
         for (int t = 0; t < a->T; t += Q8_TILE_T) { // the last tile may reach into the zero padding tokens
+            if (r + 2 * Q8_TILE_R <= hi) {
+                const uint8_t *next = matrix_row(w, r + Q8_TILE_R);
+                size_t from = t / Q8_TILE_T * per_tile, to = from + per_tile < tile_bytes ? from + per_tile : tile_bytes;
+                for (size_t b = from; b < to; b += 64) PREFETCH(next + b);
+            }
             gemm_tile_q8(tile, Q8_TILE_R, matrix_row(w, r), row_bytes(w), a->xq + (size_t)t * n, a->xs + t * xg,
                          a->sum128 + t * xg, n);
             for (int i = 0; i < Q8_TILE_T && t + i < a->T; i++)
