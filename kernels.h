@@ -70,17 +70,35 @@ static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 #define IN_REGISTER(v) (void)0
 #endif
 
+// Decode reads each weight row once, front to back, and the hardware
+// prefetchers follow such a stream only within a 4 KiB page: at every page
+// boundary they start over, and the cores wait for memory. So the decode
+// kernels also ask, for each cache line they load, for the line
+// PREFETCH_AHEAD bytes further on (Xeon, 2 threads: f32 decode 5.6 -> 6.2
+// tok/s, q8_0 19.5 -> 20.9; 4096 bytes ahead was slower than none: the line
+// then falls in the L1 set of the one being loaded).
+#define PREFETCH_AHEAD 3072
+#if defined(__SSE__)
+#define PREFETCH_L1(p) _mm_prefetch((const char *)(p), _MM_HINT_T0) // GCC drops __builtin_prefetch under some -march=native
+#define PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+#else
+#define PREFETCH_L1(p) __builtin_prefetch((p), 0, 3)
+#define PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
+#endif
+
 // Dot product with eight vector accumulators: independent multiply-add
 // chains hide the FMA latency (four would do that), and eight vectors per
 // step keep more loads in flight (f32 decode, which is all dot products,
 // measured 2 % faster than with four). The summation order differs from
-// dot_scalar, so results agree to rounding.
+// dot_scalar, so results agree to rounding. a: a weight row, read ahead.
 static float dot(const float *a, const float *b, int n) {
     vfloat acc[8] = {0};
     int i = 0;
     for (; i + 8 * VEC_LEN <= n; i += 8 * VEC_LEN)
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < 8; j++) {
+            if (j % (64 / VEC_BYTES) == 0) PREFETCH_L1((const char *)(a + i + j * VEC_LEN) + PREFETCH_AHEAD);
             acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
+        }
     for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
     float sum = vsum(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
     for (; i < n; i++) sum += a[i] * b[i];
@@ -435,6 +453,7 @@ static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const f
 static inline __attribute__((always_inline)) __m512i q8_chunk_512(const int8_t *wq, const int8_t *xq) {
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}; // two chains hide the latency
     for (int r = 0; r < Q8_GROUP / 4; r++) {
+        PREFETCH_L1(wq + 64 * r + PREFETCH_AHEAD);
         __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wq + 64 * r), _mm512_set1_epi8((char)0x80));
         acc[r & 1] = _mm512_dpbusd_epi32(acc[r & 1], w, _mm512_loadu_si512(xq + 64 * r));
         LOAD_IN_ORDER();
@@ -538,6 +557,7 @@ static inline __attribute__((always_inline)) void q8_block_256(__m256 acc[2], Q8
         const int8_t *wc = k.q + c * Q8_CHUNK * Q8_GROUP, *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         d[2 * c] = d[2 * c + 1] = _mm256_setzero_si256();
         for (int r = 0; r < Q8_GROUP / 4; r++) {
+            PREFETCH_L1(wc + 64 * r + PREFETCH_AHEAD);
             d[2 * c] = _mm256_add_epi32(d[2 * c], q8_quad_256(wc, xc, r, 0));
             d[2 * c + 1] = _mm256_add_epi32(d[2 * c + 1], q8_quad_256(wc, xc, r, 1));
             LOAD_IN_ORDER();

@@ -472,12 +472,6 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
 // Asks the memory system for rows [r, r + nr), columns [k0, k0 + kn) of w,
 // to arrive while the current tile computes: a tile's row slices are too
 // scattered for the hardware prefetchers to guess.
-#if defined(__SSE__)
-#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) // GCC drops __builtin_prefetch under some -march=native
-#else
-#define PREFETCH(p) __builtin_prefetch((p), 0, 2)
-#endif
-
 // (Inlined by force: on its own, GCC judges a function that only prefetches to have no effect and drops the call.)
 static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w, int r, int nr, int k0, int kn) {
     size_t lo = (size_t)k0 * sizeof(float), hi = (size_t)(k0 + kn) * sizeof(float);
@@ -488,7 +482,7 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
         hi = hi < end ? hi : end;
     }
     for (int i = 0; i < nr; i++)
-        for (size_t b = lo; b < hi; b += 64) PREFETCH(matrix_row(w, r + i) + b);
+        for (size_t b = lo; b < hi; b += 64) PREFETCH_L2(matrix_row(w, r + i) + b);
 }
 
 // out (T, W.rows) = x (T, W.cols) @ W^T, for one or several matrices W that
@@ -607,7 +601,7 @@ static void gemm_rows_q8(const MatmulTask *a, const Product *p, int lo, int hi) 
             if (r + 2 * Q8_TILE_R <= hi) {
                 const uint8_t *next = matrix_row(w, r + Q8_TILE_R);
                 size_t from = t / Q8_TILE_T * per_tile, to = from + per_tile < tile_bytes ? from + per_tile : tile_bytes;
-                for (size_t b = from; b < to; b += 64) PREFETCH(next + b);
+                for (size_t b = from; b < to; b += 64) PREFETCH_L2(next + b);
             }
             gemm_tile_q8(tile, Q8_TILE_R, matrix_row(w, r), row_bytes(w), a->xq + (size_t)t * n, a->xs + t * xg,
                          a->sum128 + t * xg, n);
