@@ -125,7 +125,11 @@ static inline __attribute__((always_inline)) void weighted_sum(float *out, const
             for (int i = 0; i < 4; i++) acc[h][i] = *(vfloat *)(out + h * hd + d + i * VEC_LEN);
         for (int p = 0; p < n; p++) {
             vfloat row[4];
-            for (int i = 0; i < 4; i++) { row[i] = *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN); IN_REGISTER(row[i]); }
+            for (int i = 0; i < 4; i++) {
+                if (i % (64 / VEC_BYTES) == 0) PREFETCH_L1((const char *)(v + (size_t)p * hd + d + i * VEC_LEN) + PREFETCH_AHEAD);
+                row[i] = *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN);
+                IN_REGISTER(row[i]);
+            }
             for (int h = 0; h < nh; h++)
                 for (int i = 0; i < 4; i++) acc[h][i] += a[h * a_stride + p] * row[i];
         }
@@ -157,6 +161,7 @@ static inline __attribute__((always_inline)) void tile_scores(float *att, size_t
     int d = 0;
     for (; d + 4 <= hd; d += 4)
         for (int i = 0; i < 4; i++) {
+            if ((d + i) % (64 / VEC_BYTES) == 0) PREFETCH_L1((const char *)(tile + (size_t)(d + i) * VEC_LEN) + PREFETCH_AHEAD);
             vfloat k = *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
             IN_REGISTER(k);
             for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
