@@ -19,10 +19,14 @@
    AVX-512, AVX2 or NEON as -march allows) into 8 independent accumulators, so
    the loop waits on memory, not on the adder. Prints the best and the median
    pass; `bandwidth_gbs` is the best one (GB = 1e9 bytes), the least disturbed
-   measure of what the hardware can deliver.
+   measure of what the hardware can deliver. With -P BYTES each load also
+   prefetches the line BYTES ahead, as run.c's decode kernels do: on the Xeon
+   where those prefetches made decode 9-11 % faster, the plain sum measured
+   32.7 GB/s and -P 2048 or 3072 32.1-32.4, so the roofline is not lowered
+   by the sum lacking them.
 
    Build: cc -O3 -march=native -std=c11 -D_GNU_SOURCE -Wall -Wextra -o bench/bandwidth bench/bandwidth.c -lpthread
-   Usage: bench/bandwidth [-t THREADS] [-g GIB] [-p PASSES] [-H 0|1]                 */
+   Usage: bench/bandwidth [-t THREADS] [-g GIB] [-p PASSES] [-H 0|1] [-P BYTES]      */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,7 +43,7 @@ typedef struct {
 } Slice;
 
 static pthread_barrier_t start_line, finish_line;
-static int n_passes;
+static int n_passes, ahead;
 
 static double now(void) {
     struct timespec ts;
@@ -47,12 +51,19 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static float sum_slice(const vec *p, size_t n) {
+static float sum_slice(const vec *p, size_t n, int bytes_ahead) {
     vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-    for (size_t i = 0; i < n; i += 8) { // 512 bytes per iteration
-        a0 += p[i];     a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3];
-        a4 += p[i + 4]; a5 += p[i + 5]; a6 += p[i + 6]; a7 += p[i + 7];
-    }
+    if (bytes_ahead) // (the loop twice rather than a branch in it)
+        for (size_t i = 0; i < n; i += 8) {
+            for (int k = 0; k < 8; k++) __builtin_prefetch((const char *)(p + i + k) + bytes_ahead, 0, 3);
+            a0 += p[i];     a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3];
+            a4 += p[i + 4]; a5 += p[i + 5]; a6 += p[i + 6]; a7 += p[i + 7];
+        }
+    else
+        for (size_t i = 0; i < n; i += 8) { // 512 bytes per iteration
+            a0 += p[i];     a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3];
+            a4 += p[i + 4]; a5 += p[i + 5]; a6 += p[i + 6]; a7 += p[i + 7];
+        }
     vec a = (a0 + a1) + (a2 + a3) + (a4 + a5) + (a6 + a7);
     float s = 0;
     for (int k = 0; k < 16; k++) s += a[k];
@@ -64,7 +75,7 @@ static void *worker(void *arg) {
     Slice *s = arg;
     for (int p = 0; p < n_passes; p++) {
         pthread_barrier_wait(&start_line);
-        s->sum += sum_slice(s->data, s->n);
+        s->sum += sum_slice(s->data, s->n, ahead);
         pthread_barrier_wait(&finish_line);
     }
     return NULL;
@@ -92,10 +103,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-g")) gib = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "-p")) n_passes = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "-H")) huge = atoi(argv[i + 1]);
-        else { fprintf(stderr, "usage: %s [-t THREADS] [-g GIB] [-p PASSES] [-H 0|1]\n", argv[0]); return 1; }
+        else if (!strcmp(argv[i], "-P")) ahead = atoi(argv[i + 1]);
+        else { fprintf(stderr, "usage: %s [-t THREADS] [-g GIB] [-p PASSES] [-H 0|1] [-P BYTES]\n", argv[0]); return 1; }
     }
-    if (n_threads < 1 || n_threads > 1024 || gib <= 0 || n_passes < 1) {
-        fprintf(stderr, "error: need -t in [1, 1024], -g > 0, -p >= 1\n");
+    if (n_threads < 1 || n_threads > 1024 || gib <= 0 || n_passes < 1 || ahead < 0) {
+        fprintf(stderr, "error: need -t in [1, 1024], -g > 0, -p >= 1, -P >= 0\n");
         return 1;
     }
     // Whole 8-vector blocks per thread, so the inner loop needs no tail.
@@ -119,7 +131,7 @@ int main(int argc, char **argv) {
     for (int p = 0; p < n_passes; p++) { // the main thread is worker 0 and keeps the time
         pthread_barrier_wait(&start_line);
         double t0 = now();
-        slices[0].sum += sum_slice(slices[0].data, slices[0].n);
+        slices[0].sum += sum_slice(slices[0].data, slices[0].n, ahead);
         pthread_barrier_wait(&finish_line);
         gbs[p] = bytes / (now() - t0) / 1e9;
     }
