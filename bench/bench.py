@@ -226,6 +226,7 @@ def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
 HARNESS = os.path.join(BENCH, "decode_at_depth")
 HARNESS_RE = re.compile(r"^model (\d+) depth (\d+): (\d+) tokens, ([0-9.]+) tok/s, cpu share ([0-9.]+), "
                         r"bandwidth ([0-9.]+) GB/s$", re.M)
+HUGE_RE = re.compile(r"^model (\d+): (.*), (\d+) of (\d+) MiB mapped in huge pages$", re.M)
 
 
 def harness(models, depths, tokens, repeats, threads):
@@ -242,6 +243,13 @@ def harness(models, depths, tokens, repeats, threads):
              "bw_gbs": float(b)} for j, d, n, t, c, b in HARNESS_RE.findall(r["stdout"])]
     run = {k: r[k] for k in ("wall_s", "cpu_s", "rss_bytes", "others")}
     run["cmd"] = " ".join(cmd)
+    # A model in 4 KiB pages decodes up to 2x slower (TLB misses): say so next to its figures.
+    run["huge_page_fraction"] = {}
+    for j, path, huge, total in HUGE_RE.findall(r["stdout"]):
+        run["huge_page_fraction"][path] = int(huge) / max(int(total), 1)
+        if int(huge) < 0.9 * int(total):
+            warn("%s: only %s of %s MiB mapped in 2 MiB pages during the harness run: its decode figures "
+                 "are likely low (README: Memory)" % (path, huge, total))
     return rows, run
 
 
