@@ -635,6 +635,27 @@ static void matmul_task(void *arg, int ith, int nth) {
     }
 }
 
+// The T tokens of x (T, n) quantized into xq, xs, sum128, and tokens T ..
+// Tq - 1 zero (the integer tile's padding).
+typedef struct { RunState *s; const float *x; int n, T, Tq; } QuantizeTask;
+
+static void quantize_task(void *arg, int ith, int nth) {
+    QuantizeTask *a = arg;
+    RunState *s = a->s;
+    const int n = a->n;
+    int lo, hi;
+    split_range(a->Tq, ith, nth, 1, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        size_t g = (size_t)t * n / Q8_GROUP;
+        if (t < a->T) quantize_q8(s->xq + (size_t)t * n, s->xs + g, s->sum128 + g, a->x + (size_t)t * n, n);
+        else {
+            memset(s->xq + (size_t)t * n, 0, n);
+            memset(s->xs + g, 0, n / Q8_GROUP * sizeof(float));
+            memset(s->sum128 + g, 0, n / Q8_GROUP * sizeof(int32_t));
+        }
+    }
+}
+
 static void matmuls(Transformer *m, const float *x, int T, const Product *p, int n_products) {
     RunState *s = &m->s;
     const int n = p[0].w->cols, Tpad = (T + GEMM_TOKENS - 1) / GEMM_TOKENS * GEMM_TOKENS;
@@ -657,17 +678,10 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
         }
     }
     const int integer = p[0].w->q8 && (T < VEC_LEN || Q8_GEMM); // x quantized, else (prefill) x^T
-    if (integer) {
-        const int Tq = T < VEC_LEN ? T : (T + Q8_TILE_T - 1) / Q8_TILE_T * Q8_TILE_T; // zero padding tokens to the tile
-        for (int t = 0; t < Tq; t++) {
-            size_t g = (size_t)t * n / Q8_GROUP;
-            if (t < T) quantize_q8(s->xq + (size_t)t * n, s->xs + g, s->sum128 + g, x + (size_t)t * n, n);
-            else {
-                memset(s->xq + (size_t)t * n, 0, n);
-                memset(s->xs + g, 0, n / Q8_GROUP * sizeof(float));
-                memset(s->sum128 + g, 0, n / Q8_GROUP * sizeof(int32_t));
-            }
-        }
+    if (integer) { // a block's tokens are quantized by all threads
+        QuantizeTask q = {s, x, n, T, T < VEC_LEN ? T : (T + Q8_TILE_T - 1) / Q8_TILE_T * Q8_TILE_T};
+        if (T < VEC_LEN) quantize_task(&q, 0, 1);
+        else pool_run(m->pool, quantize_task, &q);
     } else if (T >= VEC_LEN) // x^T, zero-padded to Tpad tokens
         for (int k = 0; k < n; k++)
             for (int t = 0; t < Tpad; t++) // panel t / GEMM_TOKENS, row k, lane t % GEMM_TOKENS
