@@ -1,11 +1,11 @@
 /* run.c - inference for Llama-3-style models in one file of plain C.
 
    Read top to bottom: the model (config, weights, KV cache), loading a
-   checkpoint by mmap, a small thread pool, the matrix products, the forward
+   checkpoint by mmap, the matrix products across the threads, the forward
    pass with grouped-query attention, the sampler, then generation,
    perplexity, chat and the command line. The arithmetic kernels under them
    (dot products in f32 and int8, softmax, the attention and GEMM inner
-   loops, the q8_0 format) are in kernels.h.
+   loops, the q8_0 format) are in kernels.h; the thread pool is in pool.h.
 
    Build: make        Run: ./run model.bin -i "Once upon a time"
    The file format is documented in model.h; export/export.py writes it. */
@@ -27,12 +27,10 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef USE_OPENMP
-#include <omp.h>
-#endif
 
 #include "kernels.h"
 #include "model.h"
+#include "pool.h"
 #include "tokenizer.h"
 
 // ----------------------------------------------------------------------------
@@ -140,7 +138,6 @@ typedef struct {
     float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
 } RunState;
 
-typedef struct ThreadPool ThreadPool;
 
 typedef struct {
     Config c;
@@ -324,118 +321,6 @@ static void rope_frequencies(const ModelHeader *h, float *freq) {
         }
         freq[i] = (float)f;
     }
-}
-
-// ----------------------------------------------------------------------------
-// Thread pool: persistent workers; pool_run(fn) runs fn(arg, i, n) on n threads
-// (the caller is thread 0) and returns when all are done. Workers spin briefly
-// between tasks (a decode step issues ~7 matmuls per layer), then sleep.
-
-typedef void (*TaskFn)(void *arg, int ith, int nth);
-
-struct ThreadPool {
-    int n_threads;
-    pthread_t *threads;
-    TaskFn fn;
-    void *arg;
-    atomic_int generation; // bumped to start a task
-    atomic_int pending;    // workers still running it
-    atomic_int stop;
-    pthread_mutex_t mu;
-    pthread_cond_t wake;
-};
-
-typedef struct { ThreadPool *pool; int ith; } WorkerArg;
-
-// One step of a busy wait: pause first; after a while also yield the core,
-// so a thread we wait for gets it when there are more threads than cores.
-static inline void spin_wait(int spins) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-    if (spins > 2000) sched_yield();
-}
-
-#ifndef USE_OPENMP
-static void *worker_main(void *p) {
-    WorkerArg *wa = p;
-    ThreadPool *pool = wa->pool;
-    int seen = 0;
-    for (;;) {
-        int spins = 0;
-        while (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen) {
-            if (++spins < 100000) { spin_wait(spins); continue; }
-            pthread_mutex_lock(&pool->mu);
-            while (atomic_load(&pool->generation) == seen) pthread_cond_wait(&pool->wake, &pool->mu);
-            pthread_mutex_unlock(&pool->mu);
-        }
-        seen = atomic_load(&pool->generation);
-        if (atomic_load(&pool->stop)) break;
-        pool->fn(pool->arg, wa->ith, pool->n_threads);
-        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
-    }
-    free(wa);
-    return NULL;
-}
-#endif
-
-static ThreadPool *pool_create(int n_threads) {
-    ThreadPool *pool = xcalloc(1, sizeof *pool, "thread pool");
-    pool->n_threads = n_threads;
-#ifndef USE_OPENMP
-    pthread_mutex_init(&pool->mu, NULL);
-    pthread_cond_init(&pool->wake, NULL);
-    pool->threads = xcalloc(n_threads, sizeof(pthread_t), "threads");
-    for (int i = 1; i < n_threads; i++) {
-        WorkerArg *wa = xcalloc(1, sizeof *wa, "worker");
-        wa->pool = pool; wa->ith = i;
-        if (pthread_create(&pool->threads[i], NULL, worker_main, wa) != 0) die("cannot create thread %d", i);
-    }
-#endif
-    return pool;
-}
-
-static void pool_run(ThreadPool *pool, TaskFn fn, void *arg) {
-#ifdef USE_OPENMP
-    #pragma omp parallel num_threads(pool->n_threads)
-    fn(arg, omp_get_thread_num(), omp_get_num_threads());
-#else
-    if (pool->n_threads == 1) { fn(arg, 0, 1); return; }
-    pool->fn = fn; pool->arg = arg;
-    atomic_store(&pool->pending, pool->n_threads - 1);
-    pthread_mutex_lock(&pool->mu);
-    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&pool->wake);
-    pthread_mutex_unlock(&pool->mu);
-    fn(arg, 0, pool->n_threads);
-    for (int spins = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) spin_wait(spins);
-#endif
-}
-
-static void pool_free(ThreadPool *pool) {
-#ifndef USE_OPENMP
-    pthread_mutex_lock(&pool->mu);
-    atomic_store(&pool->stop, 1);
-    atomic_fetch_add(&pool->generation, 1);
-    pthread_cond_broadcast(&pool->wake);
-    pthread_mutex_unlock(&pool->mu);
-    for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
-    free(pool->threads);
-    pthread_mutex_destroy(&pool->mu);
-    pthread_cond_destroy(&pool->wake);
-#endif
-    free(pool);
-}
-
-// The share [*lo, *hi) of n items that thread ith of nth works on, in
-// multiples of `quantum` so threads never share a cache line of output.
-static void split_range(int n, int ith, int nth, int quantum, int *lo, int *hi) {
-    int chunks = (n + quantum - 1) / quantum;
-    int per = chunks / nth, extra = chunks % nth;
-    int c0 = ith * per + (ith < extra ? ith : extra);
-    int c1 = c0 + per + (ith < extra);
-    *lo = c0 * quantum < n ? c0 * quantum : n;
-    *hi = c1 * quantum < n ? c1 * quantum : n;
 }
 
 // ----------------------------------------------------------------------------
@@ -1445,6 +1330,7 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
                  : (m->c.max_seq_len < DEFAULT_MAX_CONTEXT ? m->c.max_seq_len : DEFAULT_MAX_CONTEXT);
     m->n_threads = n_threads;
     m->pool = pool_create(n_threads);
+    if (!m->pool) die("cannot start %d threads", n_threads);
     malloc_run_state(m);
 }
 
