@@ -390,7 +390,7 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 //    multiply-adds per instruction); elsewhere q8_0 rows are dequantized into
 //    a small per-thread buffer, cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
-#define ROW_QUANTUM 16       // thread shares start at multiples of this (and of GEMM_R)
+#define ROW_QUANTUM 16       // thread shares start at multiples of this
 #define CHUNK_BYTES (256 << 10)
 #define MAX_PRODUCTS 3
 
@@ -444,12 +444,14 @@ static void matvec_chunk(const MatmulTask *a, int c) {
 
 // Rows [lo, hi) of w for a block of T >= VEC_LEN tokens, into outT (w->rows, Tpad).
 static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo, int hi, float *buf) {
-    const int n = w->cols, T = a->T, Tp = a->Tpad;
+    const int n = w->cols, Tp = a->Tpad;
     // k blocks outermost: a block of x^T (K_BLOCK, Tpad) stays in L2 cache
     // while every row tile of this thread passes over it
-    int tiled_hi = lo + (hi - lo) / GEMM_R * GEMM_R; // rows past it: the matrix's last few
+    const int tiled_hi = lo + (hi - lo) / GEMM_R * GEMM_R, rest = hi - tiled_hi;
+    float rest_out[GEMM_R * MAX_BATCH]; // (GEMM_R, Tp) the last rows' tile, padded with zero rows
     for (int k0 = 0; k0 < n; k0 += K_BLOCK) {
         int kn = n - k0 < K_BLOCK ? n - k0 : K_BLOCK;
+        const float *xT = a->xT + (size_t)k0 * GEMM_TOKENS; // (Tp / GEMM_TOKENS panels of (kn, GEMM_TOKENS))
         for (int r = lo; r < tiled_hi; r += GEMM_R) {
             if (r + GEMM_R < tiled_hi) prefetch_block(w, r + GEMM_R, GEMM_R, k0, kn);
             const float *rows = w->f + (size_t)r * n + k0; // the tile's (GEMM_R, kn) block
@@ -459,14 +461,18 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
                 rows = buf, ldw = kn;
             }
             for (int t = 0; t < Tp; t += GEMM_TOKENS)
-                gemm_tile(outT + (size_t)r * Tp + t, Tp, rows, ldw, a->xT + ((size_t)t * n + k0 * GEMM_TOKENS), GEMM_TOKENS,
-                          kn, k0 > 0);
+                gemm_tile(outT + (size_t)r * Tp + t, Tp, rows, ldw, xT + (size_t)t * n, GEMM_TOKENS, kn, k0 > 0);
+        }
+        if (rest) { // the share's last rows, fewer than GEMM_R: one more tile, so that every row is
+                    // summed in the same order wherever the thread shares begin (-T 1 == -T 2)
+            for (int i = 0; i < GEMM_R; i++)
+                if (i < rest) matrix_slice(w, tiled_hi + i, k0, k0 + kn, buf + (size_t)i * kn);
+                else memset(buf + (size_t)i * kn, 0, kn * sizeof(float));
+            for (int t = 0; t < Tp; t += GEMM_TOKENS)
+                gemm_tile(rest_out + t, Tp, buf, kn, xT + (size_t)t * n, GEMM_TOKENS, kn, k0 > 0);
         }
     }
-    for (int r = tiled_hi; r < hi; r++) {
-        matrix_slice(w, r, 0, n, buf);
-        for (int t = 0; t < T; t++) outT[(size_t)r * Tp + t] = dot(buf, a->x + (size_t)t * n, n);
-    }
+    if (rest) memcpy(outT + (size_t)tiled_hi * Tp, rest_out, (size_t)rest * Tp * sizeof(float));
 }
 
 // Rows [lo, hi) of p for a block of T >= VEC_LEN tokens quantized (q8_0
