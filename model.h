@@ -1,4 +1,4 @@
-/* model.h - the checkpoint format of this engine, version 2.
+/* model.h - the checkpoint format of this engine, version 4.
 
    One file holds everything needed to run a model: the config, the tokenizer
    and the weights. It is mmapped and used in place (no copies), so every
@@ -89,12 +89,14 @@
 #include <stddef.h>
 
 #define MODEL_MAGIC 0x4B43334Cu /* "L3CK" read as a little-endian uint32 */
-#define MODEL_VERSION 3 /* 3: q8_0 values interleaved within a block; 2: blocks with float16 scales; 1: values, then float32 scales */
+#define MODEL_VERSION 4 /* 4: attention kind, MLA sizes, embedding dtype in the header; 3: q8_0 values interleaved within a block; 2: blocks with float16 scales; 1: values, then float32 scales */
+#define MODEL_VERSION_OLDEST 3 /* version 3 files load as version 4 with attention GQA and embedding_dtype = dtype */
 #define MODEL_HEADER_BYTES 256
 #define MODEL_ALIGN 64
 #define MODEL_MAX_STOP_IDS 8
 
 enum { DTYPE_F32 = 0, DTYPE_Q8_0 = 1 };
+enum { ATTENTION_GQA = 0, ATTENTION_MLA = 1 };
 enum { ROPE_SCALING_NONE = 0, ROPE_SCALING_LLAMA3 = 1 };
 enum { TOKENIZER_LLAMA2C = 1, TOKENIZER_LLAMA3 = 2 };
 enum { TOKEN_SPECIAL = 1 };
@@ -129,7 +131,12 @@ typedef struct {
     uint64_t tokenizer_bytes;
     uint64_t weights_offset;   // start of token_embedding, 64-byte aligned
     uint64_t file_bytes;       // total file length
-    uint8_t pad[MODEL_HEADER_BYTES - 160];
+    // version 4 (a version 3 file reads as attention GQA, 0, 0, dtype)
+    int32_t attention;         // ATTENTION_*: GQA (MHA, GQA, MQA) or MLA
+    int32_t kv_latent_dim;     // MLA: numbers of the latent c cached per token and layer; GQA: 0
+    int32_t kv_rope_dim;       // MLA: numbers of the shared RoPE key cached per token and layer; GQA: 0
+    int32_t embedding_dtype;   // DTYPE_* of token_embedding and classifier
+    uint8_t pad[MODEL_HEADER_BYTES - 176];
 } ModelHeader;
 
 _Static_assert(sizeof(ModelHeader) == MODEL_HEADER_BYTES, "header is 256 bytes");

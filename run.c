@@ -207,8 +207,9 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
                 "python3 export/export.py out.bin --llama2c %s --tokenizer tokenizer.bin", path, path);
         die("%s: not a model file of this engine (bad magic); convert a checkpoint with export/export.py", path);
     }
-    if (h->version != MODEL_VERSION)
-        die("%s: format version %u, this engine reads version %d; re-export the model", path, h->version, MODEL_VERSION);
+    if (h->version < MODEL_VERSION_OLDEST || h->version > MODEL_VERSION)
+        die("%s: format version %u, this engine reads versions %d to %d; re-export the model", path, h->version,
+            MODEL_VERSION_OLDEST, MODEL_VERSION);
     struct { const char *name; long long v, lo, hi; } f[] = { // long long: vocab_size - 1 cannot overflow
         {"dim", h->dim, 1, 1 << 16}, {"hidden_dim", h->hidden_dim, 1, 1 << 18},
         {"n_layers", h->n_layers, 1, 1024}, {"n_heads", h->n_heads, 1, 1024},
@@ -219,6 +220,9 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         {"tied_classifier", h->tied_classifier, 0, 1},
         {"tokenizer_kind", h->tokenizer_kind, TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3},
         {"bos_id", h->bos_id, -1, h->vocab_size - 1LL},
+        {"attention", h->attention, ATTENTION_GQA, ATTENTION_GQA},
+        {"kv_latent_dim", h->kv_latent_dim, 0, 0}, {"kv_rope_dim", h->kv_rope_dim, 0, 0},
+        {"embedding_dtype", h->embedding_dtype, h->dtype, h->dtype},
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].v < f[i].lo || f[i].v > f[i].hi)
@@ -263,6 +267,10 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
 // the file handling so that tests/fuzz/fuzz_loader.c can feed it bytes.
 static void load_checkpoint(Transformer *m, const char *path) {
     memcpy(&m->h, m->map, sizeof m->h);
+    if (m->h.version == 3) { // before the version 4 fields: GQA, every matrix of one dtype
+        m->h.attention = ATTENTION_GQA; m->h.kv_latent_dim = m->h.kv_rope_dim = 0;
+        m->h.embedding_dtype = m->h.dtype;
+    }
     const ModelHeader *h = &m->h;
     check_header(h, path, m->map_bytes);
 

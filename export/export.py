@@ -56,18 +56,19 @@ np = None  # numpy, imported on demand by need_numpy(): --llama2c runs without i
 # The format (mirrors model.h)
 
 MODEL_MAGIC = 0x4B43334C  # "L3CK" as a little-endian uint32
-MODEL_VERSION = 3  # 3: q8_0 values interleaved in a block; 2: blocks with float16 scales; 1: values, then f32 scales
+MODEL_VERSION = 4  # 4: attention kind, MLA sizes, embedding dtype; 3: q8_0 values interleaved in a block; 2: blocks with float16 scales; 1: values, then f32 scales
 MODEL_HEADER_BYTES = 256
 MODEL_ALIGN = 64
 MODEL_MAX_STOP_IDS = 8
 DTYPE_F32, DTYPE_Q8_0 = 0, 1
+ATTENTION_GQA, ATTENTION_MLA = 0, 1
 ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3 = 0, 1
 TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3 = 1, 2
 Q8_0_GROUP_SIZE = 32    # values per scale
 Q8_0_BLOCK_GROUPS = 32  # groups per block of a q8_0 row (a row's last block may have fewer)
 Q8_0_CHUNK_GROUPS = 16  # groups whose values are interleaved together in a block
 
-# struct ModelHeader, field by field (160 bytes, then zero padding to 256)
+# struct ModelHeader, field by field (176 bytes, then zero padding to 256)
 HEADER_FORMAT = (
     "<II"   # magic, version
     "8i"    # dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, max_seq_len
@@ -80,8 +81,9 @@ HEADER_FORMAT = (
     "i8i"   # n_stop_ids, stop_ids[8]
     "2i"    # tokenizer_kind, reserved
     "4Q"    # tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes
+    "4i"    # attention, kv_latent_dim, kv_rope_dim, embedding_dtype (version 4)
 )
-assert struct.calcsize(HEADER_FORMAT) == 160
+assert struct.calcsize(HEADER_FORMAT) == 176
 
 
 class ExportError(Exception):
@@ -635,7 +637,8 @@ def pack_header(c, dtype, tokenizer_offset, tokenizer_bytes, weights_offset, fil
         c.rope_original_max_pos, c.norm_eps,
         int(c.tied_classifier), dtype, Q8_0_GROUP_SIZE if dtype == DTYPE_Q8_0 else 0, c.bos_id,
         len(c.stop_ids), *stops, c.tokenizer_kind, 0,
-        tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes)
+        tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes,
+        ATTENTION_GQA, 0, 0, dtype)
     return fields + bytes(MODEL_HEADER_BYTES - len(fields))
 
 

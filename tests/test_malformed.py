@@ -44,11 +44,13 @@ for _name, _code in HEADER_FIELDS:
 RANGES = [("dim", 1, 1 << 16), ("hidden_dim", 1, 1 << 18), ("n_layers", 1, 1024), ("n_heads", 1, 1024),
           ("n_kv_heads", 1, 1024), ("head_dim", 2, 1 << 12), ("vocab_size", 1, 1 << 22),
           ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 1), ("rope_scaling", 0, 1),
-          ("tied_classifier", 0, 1), ("tokenizer_kind", 1, 2), ("bos_id", -1, None)]
+          ("tied_classifier", 0, 1), ("tokenizer_kind", 1, 2), ("bos_id", -1, None),
+          ("attention", 0, 0), ("kv_latent_dim", 0, 0), ("kv_rope_dim", 0, 0), ("embedding_dtype", "dtype", "dtype")]
+OLDEST_VERSION = 3  # model.h MODEL_VERSION_OLDEST: version 3 reads as 4 with GQA, 0, 0, embedding_dtype = dtype
 
 
 def header_of(raw):
-    """The 160 header bytes as a dict (stop_ids: all 8 slots)."""
+    """The header fields as a dict (stop_ids: all 8 slots)."""
     h = {}
     for name, (off, code) in FIELD.items():
         v = struct.unpack_from(code, raw, off)
@@ -108,10 +110,14 @@ def expected_error(path, raw):
             return err("not a model file of this engine (it looks like a llama2.c checkpoint); convert it: "
                        f"python3 export/export.py out.bin --llama2c {path} --tokenizer tokenizer.bin")
         return err("not a model file of this engine (bad magic); convert a checkpoint with export/export.py")
-    if h["version"] != MODEL_VERSION:
-        return err(f"format version {h['version']}, this engine reads version {MODEL_VERSION}; re-export the model")
+    if not OLDEST_VERSION <= h["version"] <= MODEL_VERSION:
+        return err(f"format version {h['version']}, this engine reads versions {OLDEST_VERSION} to {MODEL_VERSION}; "
+                   "re-export the model")
+    if h["version"] == 3:
+        h.update(attention=0, kv_latent_dim=0, kv_rope_dim=0, embedding_dtype=h["dtype"])
     for name, lo, hi in RANGES:
-        hi = h["vocab_size"] - 1 if hi is None else hi
+        hi = h["vocab_size"] - 1 if hi is None else h[hi] if isinstance(hi, str) else hi
+        lo = h[lo] if isinstance(lo, str) else lo
         if not lo <= h[name] <= hi:
             return err(f"header field {name} = {h[name]} is out of range [{lo}, {hi}]; corrupt file?")
     if h["n_heads"] % h["n_kv_heads"]:
@@ -294,7 +300,8 @@ def header_cases():
     h = header_of(raw)
     cases = []  # (name, bytes)
     for name, lo, hi in RANGES:
-        hi = h["vocab_size"] - 1 if hi is None else hi
+        hi = h["vocab_size"] - 1 if hi is None else h[hi] if isinstance(hi, str) else hi
+        lo = h[lo] if isinstance(lo, str) else lo
         values = {"zero": 0, "minus_1": -1, "int_max": INT_MAX, "int_min": INT_MIN, "below_range": lo - 1,
                   "above_range": hi + 1}
         for label, v in values.items():
@@ -323,7 +330,7 @@ def header_cases():
         cases.append((f"header_q8_{name}_set_to_{v}", with_field(q8, name, v)))
     size, to, tb, wo = len(raw), h["tokenizer_offset"], h["tokenizer_bytes"], h["weights_offset"]
     for name, vals in [("magic", [0, 0x46554747, MAGIC + 1]),
-                       ("version", [0, MODEL_VERSION - 1, MODEL_VERSION + 1, 0xFFFFFFFF]),
+                       ("version", [0, OLDEST_VERSION - 1, MODEL_VERSION + 1, 0xFFFFFFFF]),
                        ("tokenizer_offset", [0, 255, to + 1, wo, size, U64_MAX]),
                        ("tokenizer_bytes", [0, 7, tb - 1, tb + 1, wo - to + 1, size, U64_MAX]),
                        ("weights_offset", [0, wo + 1, wo - 64, wo + 64, size + 64, U64_MAX - 63]),
@@ -331,6 +338,10 @@ def header_cases():
         for v in vals:
             cases.append((f"header_{name}_{v}", with_field(raw, name, v)))
     cases.append(("header_q8_version_1", with_field(q8, "version", 1)))  # a q8_0 file of the old layout
+    cases.append(("header_q8_version_2", with_field(q8, "version", 2)))
+    # a version 3 file loads whatever its (then padding) version 4 bytes hold
+    cases.append(("header_q8_version_3_loads", with_field(with_field(q8, "version", 3), "embedding_dtype", 7)))
+    cases.append(("header_q8_embedding_dtype_f32", with_field(q8, "embedding_dtype", 0)))
     cases.append(("header_l2c_tokenizer_kind_llama3", with_field(l2c, "tokenizer_kind", 2)))
     cases.append(("header_l2c_bos_id_512", with_field(l2c, "bos_id", 512)))
     legacy = struct.pack("<7i", 288, 768, 6, 6, 6, 32000, 256) + bytes(4000)

@@ -145,7 +145,7 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------
 # Reading an exported file back (model.h)
 
-MODEL_MAGIC, MODEL_VERSION = 0x4B43334C, 3  # model.h: "L3CK"; version 3 (q8_0 rows in blocks, values interleaved, float16 scales)
+MODEL_MAGIC, MODEL_VERSION = 0x4B43334C, 4  # model.h: "L3CK"; version 4 (3 + attention kind, MLA sizes, embedding dtype)
 
 HEADER_FIELDS = [  # (name, struct code), in order
     ("magic", "I"), ("version", "I"), ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"),
@@ -154,13 +154,15 @@ HEADER_FIELDS = [  # (name, struct code), in order
     ("rope_high_freq_factor", "f"), ("rope_original_max_pos", "i"), ("norm_eps", "f"),
     ("tied_classifier", "i"), ("dtype", "i"), ("group_size", "i"), ("bos_id", "i"), ("n_stop_ids", "i"),
     ("stop_ids", "8i"), ("tokenizer_kind", "i"), ("reserved", "i"), ("tokenizer_offset", "Q"),
-    ("tokenizer_bytes", "Q"), ("weights_offset", "Q"), ("file_bytes", "Q")]
+    ("tokenizer_bytes", "Q"), ("weights_offset", "Q"), ("file_bytes", "Q"),
+    ("attention", "i"), ("kv_latent_dim", "i"), ("kv_rope_dim", "i"), ("embedding_dtype", "i")]
+HEADER_FIELDS_BYTES = 176
 
 
 def read_header(path):
     with open(path, "rb") as f:
         raw = f.read(256)
-    values = struct.unpack("<" + "".join(code for _, code in HEADER_FIELDS), raw[:160])
+    values = struct.unpack("<" + "".join(code for _, code in HEADER_FIELDS), raw[:HEADER_FIELDS_BYTES])
     h, i = {}, 0
     for name, code in HEADER_FIELDS:
         if code == "8i":
@@ -170,7 +172,7 @@ def read_header(path):
             h[name] = values[i]
             i += 1
     h["stop_ids"] = h["stop_ids"][:h["n_stop_ids"]]
-    h["pad_is_zero"] = raw[160:] == bytes(96)
+    h["pad_is_zero"] = raw[HEADER_FIELDS_BYTES:] == bytes(256 - HEADER_FIELDS_BYTES)
     return h
 
 
