@@ -105,33 +105,178 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+// IEEE float16 (the scales of q8_0 weights, the numbers of an f16 or q8_0
+// KV cache) to float32, exactly.
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, em = h & 0x7fff, bits;
+    if (em < 0x400) { float v = em * 0x1p-24f; return sign ? -v : v; } // zero, subnormal: em x 2^-24
+    if (em < 0x7c00) bits = sign | (em + ((127 - 15) << 10)) << 13;     // normal: the exponent rebiased
+    else bits = sign | 0x7f800000 | (em & 0x3ff) << 13;                  // inf, NaN
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// float32 to the nearest float16 (ties to even), as numpy's astype(float16).
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // NaN
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // >= 65520: inf
+    if (ax < 0x38800000) return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 0x1p24f)); // < 2^-14: steps of 2^-24
+    uint32_t r = ax + 0xfff + (ax >> 13 & 1); // drop 13 mantissa bits, to nearest even (a carry bumps the exponent)
+    return (uint16_t)(sign | ((r >> 13) - ((127 - 15) << 10)));
+}
+
+// The KV cache's element type (--kv-type): how each cached number is stored.
+//   KV_F32   float32: exact, 4 bytes a number (the default)
+//   KV_F16   IEEE float16, rounded to nearest even: 2 bytes
+//   KV_Q8_0  groups of KV_GROUP consecutive numbers of a row (a position's
+//            key or value in one head) share one float16 scale, value = q x
+//            scale, q an int8 in [-127, 127], as q8_0 weights (model.h): a
+//            row of width numbers is its width int8 values, then its
+//            ceil(width / KV_GROUP) scales; a width that is not a multiple of
+//            32 (the tiny models' head_dim 8 and 16) ends in a short group.
+//            34 bytes per 32 numbers.
+// A row is stored by kv_store and read back, converted to float32, by the
+// attention kernels below (kv_load, with F16C / AVX-512 conversions where the
+// build has them); kv_number is the scalar reference they are tested against.
+// The type is a property of one cache and the kernels that read it -- any
+// width, whatever attention kind fills it.
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8_0 = 2 };
+#define KV_GROUP 32
+
+static inline size_t kv_number_bytes(int type) { return type == KV_F32 ? 4 : type == KV_F16 ? 2 : 1; }
+
+// Bytes of one row of `width` numbers (scales included).
+static inline size_t kv_row_bytes(int type, int width) {
+    return (size_t)width * kv_number_bytes(type) + (type == KV_Q8_0 ? (size_t)(width + KV_GROUP - 1) / KV_GROUP * 2 : 0);
+}
+
+// A row's numbers lie `stride` slots apart from `base` (1 for a plain row;
+// VEC_LEN in a key tile, where VEC_LEN rows are interleaved, row `lane` in
+// slot lane): number d in slot d * stride + lane, and for q8_0 the scale of
+// group j in slot j * stride + lane of the float16 array after all the values.
+static inline size_t kv_slot(size_t stride, int lane, int d) { return (size_t)d * stride + lane; }
+static inline const uint8_t *kv_scales(const uint8_t *base, size_t stride, int width) { return base + (size_t)width * stride; }
+
+// Stores x (width) as row `lane` of base. f16: x rounded to the nearest
+// float16, saturating at +-65504 (not inf). q8_0: scale = max|x| / 127 of each
+// group rounded to float16 (at most 65504), q = round(x / scale) to nearest
+// even, clamped to [-127, 127] (0 when the scale is 0, or x is NaN), as
+// export.py quantizes weights. A group whose max|x| is below ~2^-7 gets a
+// subnormal scale, below ~2^-18 a zero one: such numbers are noise next to the
+// rest of a key or value.
+static void kv_store(uint8_t *base, size_t stride, int lane, const float *x, int width, int type) {
+    for (int d0 = 0; d0 < width; d0 += KV_GROUP) {
+        const int d1 = d0 + KV_GROUP < width ? d0 + KV_GROUP : width;
+        float scale = 0;
+        if (type == KV_Q8_0) {
+            float amax = 0;
+            for (int d = d0; d < d1; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
+            uint16_t h = f32_to_f16(amax / 127.0f < 65504.0f ? amax / 127.0f : 65504.0f); // (NaN: a NaN scale)
+            memcpy((uint8_t *)kv_scales(base, stride, width) + 2 * kv_slot(stride, lane, d0 / KV_GROUP), &h, 2);
+            scale = f16_to_f32(h);
+        }
+        for (int d = d0; d < d1; d++) {
+            const size_t i = kv_slot(stride, lane, d);
+            if (type == KV_F32) memcpy(base + 4 * i, &x[d], 4);
+            else if (type == KV_F16) {
+                uint16_t h = f32_to_f16(x[d] > 65504.0f ? 65504.0f : x[d] < -65504.0f ? -65504.0f : x[d]);
+                memcpy(base + 2 * i, &h, 2);
+            }
+            else {
+                float q = scale > 0 ? rintf(x[d] / scale) : 0;
+                q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+                base[i] = (uint8_t)(int8_t)(q == q ? (int)q : 0);
+            }
+        }
+    }
+}
+
+// Number d of row `lane` of base as float32: the scalar reference of the kernels' reads.
+static REFERENCE float kv_number(const uint8_t *base, size_t stride, int lane, int d, int width, int type) {
+    const size_t i = kv_slot(stride, lane, d);
+    float f;
+    uint16_t h;
+    if (type == KV_F32) { memcpy(&f, base + 4 * i, 4); return f; }
+    if (type == KV_F16) { memcpy(&h, base + 2 * i, 2); return f16_to_f32(h); }
+    memcpy(&h, kv_scales(base, stride, width) + 2 * kv_slot(stride, lane, d / KV_GROUP), 2);
+    return (int8_t)base[i] * f16_to_f32(h);
+}
+
+// VEC_LEN float16 at p, converted: one instruction with AVX-512 or F16C.
+static inline vfloat f16_vec(const uint8_t *p) {
+#if VEC_BYTES == 64
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif VEC_BYTES == 32 && defined(__F16C__)
+    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#elif VEC_BYTES == 16 && defined(__F16C__)
+    return (vfloat)_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vfloat v;
+    for (int j = 0; j < VEC_LEN; j++) { uint16_t h; memcpy(&h, p + 2 * j, 2); v[j] = f16_to_f32(h); }
+    return v;
+#endif
+}
+
+// One float16 at p, converted (F16C: one instruction).
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return f16_to_f32(h);
+#endif
+}
+
+// VEC_LEN consecutive numbers from slot i of base as float32 (q8_0: the int8
+// values only; the kernels apply the group's scale to the sum).
+typedef int8_t vint8 __attribute__((vector_size(VEC_LEN)));
+static inline vfloat kv_load(const uint8_t *base, size_t i, int type) {
+    if (type == KV_F16) return f16_vec(base + 2 * i);
+    if (type == KV_Q8_0) { vint8 b; memcpy(&b, base + i, sizeof b); return __builtin_convertvector(b, vfloat); }
+    vfloat v;
+    memcpy(&v, base + 4 * i, sizeof v);
+    return v;
+}
+
 // Attention handles up to ATT_HEADS query heads of a group at once, so
 // that they share each load of a key or value row (the registers hold
 // their 4 x ATT_HEADS accumulators: 32 with AVX-512, 16 with AVX2/NEON).
 #define ATT_HEADS (VEC_BYTES == 64 ? 4 : 2)
 
-// out_h (hd) += sum over p < n of a_h[p] * v[p * hd .. p * hd + hd) for nh
-// <= ATT_HEADS heads h, out_h = out + h * hd, a_h = a + h * a_stride: the
-// rows of v weighted and summed, with four vector accumulators per head
-// (independent multiply-add chains) held in registers across all n rows.
-// A head's sums run in the same order whatever nh is. (Inlined by force:
-// callers pass nh as a constant, so the loops over heads unroll.)
+// out_h (hd) += sum over p < n of a_h[p] * v_p for nh <= ATT_HEADS heads h,
+// out_h = out + h * hd, a_h = a + h * a_stride, v_p the value row p (hd
+// numbers of the cache type, kv_row_bytes apart from v): the rows weighted
+// and summed, with four vector accumulators per head (independent
+// multiply-add chains) held in registers across all n rows. q8_0: the
+// weight of row p's vector in group j is a_h[p] x its scale. A head's sums
+// run in the same order whatever nh is. (Inlined by force: callers pass nh
+// and type as constants, so the loops over heads unroll and the type's
+// branches go.)
 static inline __attribute__((always_inline)) void weighted_sum(float *out, const float *a, size_t a_stride,
-                                                               const float *v, int n, int hd, int nh) {
+                                                               const uint8_t *v, int n, int hd, int nh, int type) {
+    const size_t rb = kv_row_bytes(type, hd), nb = kv_number_bytes(type);
     int d = 0;
     for (; d + 4 * VEC_LEN <= hd; d += 4 * VEC_LEN) {
         vfloat acc[ATT_HEADS][4];
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < 4; i++) acc[h][i] = *(vfloat *)(out + h * hd + d + i * VEC_LEN);
         for (int p = 0; p < n; p++) {
-            vfloat row[4];
+            const uint8_t *row = v + (size_t)p * rb;
+            vfloat x[4];
+            float s[4] = {1, 1, 1, 1};
             for (int i = 0; i < 4; i++) {
-                if (i % (64 / VEC_BYTES) == 0) PREFETCH_L1((const char *)(v + (size_t)p * hd + d + i * VEC_LEN) + PREFETCH_AHEAD);
-                row[i] = *(const vfloat *)(v + (size_t)p * hd + d + i * VEC_LEN);
-                IN_REGISTER(row[i]);
+                if (i * VEC_LEN * nb % 64 == 0) PREFETCH_L1(row + (d + i * VEC_LEN) * nb + PREFETCH_AHEAD);
+                x[i] = kv_load(row, d + i * VEC_LEN, type);
+                IN_REGISTER(x[i]);
+                if (type == KV_Q8_0) s[i] = f16_at(kv_scales(row, 1, hd) + 2 * ((d + i * VEC_LEN) / KV_GROUP));
             }
             for (int h = 0; h < nh; h++)
-                for (int i = 0; i < 4; i++) acc[h][i] += a[h * a_stride + p] * row[i];
+                for (int i = 0; i < 4; i++) acc[h][i] += (type == KV_Q8_0 ? a[h * a_stride + p] * s[i] : a[h * a_stride + p]) * x[i];
         }
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < 4; i++) *(vfloat *)(out + h * hd + d + i * VEC_LEN) = acc[h][i];
@@ -140,35 +285,71 @@ static inline __attribute__((always_inline)) void weighted_sum(float *out, const
         int e = d;
         for (; e + VEC_LEN <= hd; e += VEC_LEN) {
             vfloat acc = *(vfloat *)(out + h * hd + e);
-            for (int p = 0; p < n; p++) acc += a[h * a_stride + p] * *(const vfloat *)(v + (size_t)p * hd + e);
+            for (int p = 0; p < n; p++) {
+                const uint8_t *row = v + (size_t)p * rb;
+                float w = type == KV_Q8_0 ? a[h * a_stride + p] * f16_at(kv_scales(row, 1, hd) + 2 * (e / KV_GROUP))
+                                          : a[h * a_stride + p];
+                acc += w * kv_load(row, e, type);
+            }
             *(vfloat *)(out + h * hd + e) = acc;
         }
         for (; e < hd; e++)
-            for (int p = 0; p < n; p++) out[h * hd + e] += a[h * a_stride + p] * v[(size_t)p * hd + e];
+            for (int p = 0; p < n; p++) out[h * hd + e] += a[h * a_stride + p] * kv_number(v + (size_t)p * rb, 1, 0, e, hd, type);
     }
 }
 
+// Its scalar reference, for one head: out (hd) += sum over p < n of a[p] * v_p.
+static REFERENCE void weighted_sum_scalar(float *out, const float *a, const uint8_t *v, int n, int hd, int type) {
+    for (int p = 0; p < n; p++)
+        for (int d = 0; d < hd; d++) out[d] += a[p] * kv_number(v + (size_t)p * kv_row_bytes(type, hd), 1, 0, d, hd, type);
+}
+
 // att_h[i] = q_h . k_(p+i) * scale for the VEC_LEN positions of one key
-// tile (head_dim, VEC_LEN) and nh <= ATT_HEADS query heads h, q_h = q + h *
-// hd, att_h = att + h * att_stride: each row of the tile is loaded once for
-// all nh heads. Four multiply-add chains per head (numbers d = 0, 1, 2, 3
-// mod 4) hide their latency; a head's sums run in the same order whatever nh is.
+// tile and nh <= ATT_HEADS query heads h, q_h = q + h * hd, att_h = att + h
+// * att_stride. A tile holds VEC_LEN key rows transposed, (hd, VEC_LEN)
+// numbers (and for q8_0 then their scales, (groups, VEC_LEN)), so each
+// vector load holds number d of all VEC_LEN keys: each is loaded once for all
+// nh heads, and no score needs a horizontal sum. Four multiply-add chains
+// per head (numbers d = 0, 1, 2, 3 mod 4) hide their latency; q8_0 sums each
+// group of KV_GROUP numbers so, then multiplies it by the group's VEC_LEN
+// scales. A head's sums run in the same order whatever nh is.
 static inline __attribute__((always_inline)) void tile_scores(float *att, size_t att_stride, const float *q,
-                                                              const float *tile, int hd, float scale, int nh) {
-    vfloat acc[ATT_HEADS][4];
-    for (int h = 0; h < nh; h++)
-        for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
-    int d = 0;
-    for (; d + 4 <= hd; d += 4)
-        for (int i = 0; i < 4; i++) {
-            if ((d + i) % (64 / VEC_BYTES) == 0) PREFETCH_L1((const char *)(tile + (size_t)(d + i) * VEC_LEN) + PREFETCH_AHEAD);
-            vfloat k = *(const vfloat *)(tile + (size_t)(d + i) * VEC_LEN);
-            IN_REGISTER(k);
-            for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
+                                                              const uint8_t *tile, int hd, float scale, int nh, int type) {
+    const int group = type == KV_Q8_0 ? KV_GROUP : hd; // f32, f16: one group, no scale
+    const size_t nb = kv_number_bytes(type);
+    vfloat total[ATT_HEADS];
+    for (int h = 0; h < nh; h++) total[h] = (vfloat){0};
+    for (int d0 = 0; d0 < hd; d0 += group) {
+        const int d1 = d0 + group < hd ? d0 + group : hd;
+        vfloat acc[ATT_HEADS][4];
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
+        int d = d0;
+        for (; d + 4 <= d1; d += 4)
+            for (int i = 0; i < 4; i++) {
+                if ((d + i) * VEC_LEN * nb % 64 == 0) PREFETCH_L1(tile + (size_t)(d + i) * VEC_LEN * nb + PREFETCH_AHEAD);
+                vfloat k = kv_load(tile, (size_t)(d + i) * VEC_LEN, type);
+                IN_REGISTER(k);
+                for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
+            }
+        for (; d < d1; d++)
+            for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * kv_load(tile, (size_t)d * VEC_LEN, type);
+        vfloat s = type == KV_Q8_0 ? f16_vec(kv_scales(tile, VEC_LEN, hd) + 2 * (size_t)(d0 / KV_GROUP) * VEC_LEN) : (vfloat){0};
+        for (int h = 0; h < nh; h++) {
+            vfloat sum = (acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3]);
+            total[h] = type == KV_Q8_0 ? total[h] + sum * s : sum;
         }
-    for (; d < hd; d++)
-        for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * *(const vfloat *)(tile + (size_t)d * VEC_LEN);
-    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
+    }
+    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = total[h] * scale;
+}
+
+// Its scalar reference, for one head: att[i] = q . k_i * scale, k_i row i of the tile.
+static REFERENCE void tile_scores_scalar(float *att, const float *q, const uint8_t *tile, int hd, float scale, int type) {
+    for (int i = 0; i < VEC_LEN; i++) {
+        float sum = 0;
+        for (int d = 0; d < hd; d++) sum += q[d] * kv_number(tile, VEC_LEN, i, d, hd, type);
+        att[i] = sum * scale;
+    }
 }
 
 // RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
@@ -297,29 +478,6 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
 #define Q8_BLOCK 32                                    // groups per block
 #define Q8_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP + sizeof(uint16_t))) // 1088: 17 cache lines
 #define Q8_CHUNK 16                                    // groups interleaved together
-
-// IEEE float16 (the scales of q8_0 weights) to float32, exactly.
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, em = h & 0x7fff, bits;
-    if (em < 0x400) { float v = em * 0x1p-24f; return sign ? -v : v; } // zero, subnormal: em x 2^-24
-    if (em < 0x7c00) bits = sign | (em + ((127 - 15) << 10)) << 13;     // normal: the exponent rebiased
-    else bits = sign | 0x7f800000 | (em & 0x3ff) << 13;                  // inf, NaN
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-// float32 to the nearest float16 (ties to even), as numpy's astype(float16).
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7fffffff;
-    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // NaN
-    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // >= 65520: inf
-    if (ax < 0x38800000) return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 0x1p24f)); // < 2^-14: steps of 2^-24
-    uint32_t r = ax + 0xfff + (ax >> 13 & 1); // drop 13 mantissa bits, to nearest even (a carry bumps the exponent)
-    return (uint16_t)(sign | ((r >> 13) - ((127 - 15) << 10)));
-}
 
 // Block b of a q8_0 row of n values: its groups' values and scales.
 typedef struct { const int8_t *q; const uint16_t *scale; int groups; } Q8Block;

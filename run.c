@@ -76,6 +76,7 @@ typedef struct {
     int vocab_size;
     int max_seq_len; // trained context
     int seq_len;     // context in use (-c), <= max_seq_len
+    int kv_type;     // KV_* element type of the cache (--kv-type; 0 = KV_F32)
     float norm_eps;
 } Config;
 
@@ -111,6 +112,20 @@ typedef struct { _Alignas(64) _Atomic uint64_t range; } Share; // end << 32 | fi
 
 #define MAX_BATCH 128 // tokens per forward call during prefill (a multiple of GEMM_TOKENS)
 
+// A key or value cache: for each layer and KV head, `len` positions of
+// `width` numbers stored as `type` (kernels.h), one contiguous stream of len x
+// row_bytes bytes per head, in position order. Keys are stored in tiles of
+// VEC_LEN positions (`tiled`), each tile's rows interleaved (kv_slot), so
+// that attention scores a whole tile with vector multiply-adds along the
+// width; values row by row.
+typedef struct {
+    uint8_t *data;    // (n_layers, heads, len, row_bytes)
+    int type, width, heads, tiled;
+    size_t len;       // positions: the context rounded up to whole tiles
+    size_t row_bytes; // of one position's width numbers: kv_row_bytes(type, width)
+    size_t bytes;     // of the whole cache
+} KVCache;
+
 // Activations for a block of up to MAX_BATCH tokens, and the KV cache.
 typedef struct {
     float *x;       // (B, dim) residual stream
@@ -131,10 +146,8 @@ typedef struct {
     Share *shares;  // (n_threads) decode matmul work still to do
     size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
-    // Keys are stored in tiles of VEC_LEN positions, transposed (see key_index).
-    float *key_cache;   // (n_layers, n_kv_heads, cache_len / VEC_LEN, head_dim, VEC_LEN)
-    float *value_cache; // (n_layers, n_kv_heads, cache_len, head_dim)
-    size_t kv_cache_elems; // of both caches together
+    KVCache key_cache;   // (n_layers, n_kv_heads, cache_len / VEC_LEN, tile of VEC_LEN rows of head_dim)
+    KVCache value_cache; // (n_layers, n_kv_heads, cache_len, row of head_dim)
     float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
 } RunState;
 
@@ -681,15 +694,22 @@ static void set_kv_heads(Transformer *m, int K) {
 // ----------------------------------------------------------------------------
 // The forward pass
 
+// Positions the cache has room for: seq_len rounded up to whole key tiles.
+static size_t cache_len(const Config *c) { return ((size_t)c->seq_len + VEC_LEN - 1) / VEC_LEN * VEC_LEN; }
+
 // The KV cache is mapped with huge pages where the kernel allows: attention
 // reads one row of head_dim numbers per position and head, kv_dim apart, and
 // with 4 KiB pages nearly every row would cost a TLB miss. Pages are zero
 // and become resident only when a position is written.
-static float *alloc_cache(size_t n, const char *what) {
-    void *p = mmap(NULL, n * sizeof(float), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) die("out of memory allocating %s (%zu x %zu bytes); try a smaller -c", what, n, sizeof(float));
+static void alloc_cache(KVCache *kc, const Config *c, int width, int tiled, const char *what) {
+    *kc = (KVCache){.type = c->kv_type, .width = width, .heads = c->n_kv_heads, .tiled = tiled,
+                    .len = cache_len(c), .row_bytes = kv_row_bytes(c->kv_type, width)};
+    size_t n = kc->bytes = (size_t)c->n_layers * kc->heads * kc->len * kc->row_bytes;
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die("out of memory allocating %s (%zu bytes); try a smaller -c or --kv-type", what, n);
+    kc->data = p;
 #ifdef MADV_HUGEPAGE
-    madvise(p, n * sizeof(float), MADV_HUGEPAGE);
+    madvise(p, n, MADV_HUGEPAGE);
 #endif
 #ifdef MADV_POPULATE_WRITE
     // Fault the pages in now, at load, rather than during the first forward
@@ -697,18 +717,31 @@ static float *alloc_cache(size_t n, const char *what) {
     // touch all of them); not when the cache is over half of physical memory,
     // where committing it up front could fail where lazy allocation would not.
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0 && n * sizeof(float) <= (size_t)pages * page / 2)
-        madvise(p, n * sizeof(float), MADV_POPULATE_WRITE);
+    if (pages > 0 && page > 0 && n <= (size_t)pages * page / 2)
+        madvise(p, n, MADV_POPULATE_WRITE);
 #endif
-    return p;
 }
 
-static void free_cache(float *p, size_t n) {
-    if (p) munmap(p, n * sizeof(float));
+static void free_cache(KVCache *kc) {
+    if (kc->data) munmap(kc->data, kc->bytes);
 }
 
-// Positions the cache has room for: seq_len rounded up to whole key tiles.
-static size_t cache_len(const Config *c) { return ((size_t)c->seq_len + VEC_LEN - 1) / VEC_LEN * VEC_LEN; }
+// The cache of one layer and KV head: len positions, in position order, so
+// attention streams it front to back (one KV head's rows are not
+// interleaved with the other heads').
+static uint8_t *cache_head(const KVCache *kc, int layer, int kv_head) {
+    return kc->data + ((size_t)layer * kc->heads + kv_head) * kc->len * kc->row_bytes;
+}
+
+// Writes x (width numbers) as position pos of a head's cache: a row of
+// values, or row pos % VEC_LEN of a key tile. (Key tiles: q . k for VEC_LEN
+// positions at once is then `width` vector multiply-adds, q[d] times number d
+// of every key of the tile, with no horizontal sum per score.)
+static void cache_store(KVCache *kc, int layer, int kv_head, int pos, const float *x) {
+    uint8_t *head = cache_head(kc, layer, kv_head);
+    if (kc->tiled) kv_store(head + (size_t)pos / VEC_LEN * VEC_LEN * kc->row_bytes, VEC_LEN, pos % VEC_LEN, x, kc->width, kc->type);
+    else kv_store(head + (size_t)pos * kc->row_bytes, 1, 0, x, kc->width, kc->type);
+}
 
 static void malloc_run_state(Transformer *m) {
     const Config *c = &m->c;
@@ -740,10 +773,8 @@ static void malloc_run_state(Transformer *m) {
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
     if (!s->shares) die("out of memory for the thread shares");
-    size_t cache = (size_t)c->n_layers * cache_len(c) * c->kv_dim;
-    s->key_cache = alloc_cache(cache, "the key cache");
-    s->value_cache = alloc_cache(cache, "the value cache");
-    s->kv_cache_elems = 2 * cache;
+    alloc_cache(&s->key_cache, c, c->head_dim, 1, "the key cache");
+    alloc_cache(&s->value_cache, c, c->head_dim, 0, "the value cache");
     s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
     rope_frequencies(&m->h, s->rope_freq);
 }
@@ -751,25 +782,8 @@ static void malloc_run_state(Transformer *m) {
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
-    free_cache(s->key_cache, s->kv_cache_elems / 2);
-    free_cache(s->value_cache, s->kv_cache_elems / 2);
-}
-
-// The cache of one layer and KV head: cache_len positions of head_dim
-// numbers, in position order, so attention streams it front to back (one KV
-// head's rows are not interleaved with the other heads').
-static float *cache_head(float *cache, const Config *c, int layer, int kv_head) {
-    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * cache_len(c) * c->head_dim;
-}
-
-// Where number d of the key at position p lies in its head's cache. Keys are
-// kept in tiles of VEC_LEN positions, each tile transposed to (head_dim,
-// VEC_LEN): then q . k for VEC_LEN positions at once is head_dim vector
-// multiply-adds, q[d] times row d of the tile, with no horizontal sum per
-// score. (Values stay (position, head_dim): their weighted sum runs along
-// head_dim already.)
-static size_t key_index(const Config *c, int p, int d) {
-    return ((size_t)p / VEC_LEN * c->head_dim + d) * VEC_LEN + p % VEC_LEN;
+    free_cache(&s->key_cache);
+    free_cache(&s->value_cache);
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -781,13 +795,44 @@ static size_t key_index(const Config *c, int p, int d) {
 #define ATT_BLOCK 32 // positions whose V rows (8 KB at head_dim 64) stay in L1 cache while the group's query heads use them
 typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
 
-static void attention_task(void *arg, int ith, int nth) {
-    const AttentionTask *a = arg;
+// One (token, KV head) pair for query heads j0 <= j < j1 of the group, with
+// the cache's element type as a constant (each type its own copy of the loops).
+static inline __attribute__((always_inline)) void attend(const AttentionTask *a, float *att, int t, int g, int j0, int j1,
+                                                         int type) {
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = 1.0f / sqrtf((float)c->head_dim);
     const int hd = c->head_dim;
     const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
+    const size_t krow = s->key_cache.row_bytes, vrow = s->value_cache.row_bytes;
+    int n_pos = a->pos + t + 1;                                             // attends to positions 0 .. pos+t
+    const uint8_t *k = cache_head(&s->key_cache, a->layer, g);             // (cache_len / VEC_LEN, tile of VEC_LEN keys)
+    const uint8_t *v = cache_head(&s->value_cache, a->layer, g);           // (cache_len, value row)
+    const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
+    // scores: att[j][p] = q_j . k_p / sqrt(head_dim), tile by tile of
+    // positions (a tile's lanes past n_pos are computed and never used)
+    for (int p = 0; p < n_pos; p += VEC_LEN) {
+        const uint8_t *tile = k + (size_t)p * krow;
+        int j = j0;
+        for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS, type);
+        for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1, type);
+    }
+    for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
+    // out_j = sum over p of att[j][p] * v_p
+    float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
+    memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
+    for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
+        int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
+        const uint8_t *vb = v + (size_t)p0 * vrow;
+        for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS, type);
+        for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1, type);
+    }
+}
+
+static void attention_task(void *arg, int ith, int nth) {
+    const AttentionTask *a = arg;
+    const Config *c = &a->m->c;
+    float *att = a->m->s.att + (size_t)ith * c->kv_mul * cache_len(c); // (kv_mul, cache_len)
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -795,28 +840,10 @@ static void attention_task(void *arg, int ith, int nth) {
         int g = item / a->parts % c->n_kv_heads;         // KV head g
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
-        int n_pos = a->pos + t + 1;                      // attends to positions 0 .. pos+t
-        const float *k = cache_head(s->key_cache, c, a->layer, g);   // (cache_len / VEC_LEN, head_dim, VEC_LEN)
-        const float *v = cache_head(s->value_cache, c, a->layer, g); // (cache_len, head_dim)
-        const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
-        float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, cache_len)
-        // scores: att[j][p] = q_j . k_p / sqrt(head_dim), tile by tile of
-        // positions (a tile's lanes past n_pos are computed and never used)
-        for (int p = 0; p < n_pos; p += VEC_LEN) {
-            const float *tile = k + (size_t)p * hd;
-            int j = j0;
-            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS);
-            for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1);
-        }
-        for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
-        // out_j = sum over p of att[j][p] * v_p
-        float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
-        memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
-        for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
-            int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
-            const float *vb = v + (size_t)p0 * hd;
-            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS);
-            for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1);
+        switch (a->m->s.key_cache.type) {
+        case KV_F16: attend(a, att, t, g, j0, j1, KV_F16); break;
+        case KV_Q8_0: attend(a, att, t, g, j0, j1, KV_Q8_0); break;
+        default: attend(a, att, t, g, j0, j1, KV_F32);
         }
     }
 }
@@ -841,11 +868,10 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
         for (int t = 0; t < T; t++) {
             rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
             rope(s->k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
-            for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's row at position pos + t
-                size_t row = (size_t)(pos + t) * c->head_dim, from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
-                float *kh = cache_head(s->key_cache, c, l, g);
-                for (int d = 0; d < c->head_dim; d++) kh[key_index(c, pos + t, d)] = s->k[from + d];
-                memcpy(cache_head(s->value_cache, c, l, g) + row, s->v + from, c->head_dim * sizeof(float));
+            for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's rows at position pos + t
+                size_t from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
+                cache_store(&s->key_cache, l, g, pos + t, s->k + from);
+                cache_store(&s->value_cache, l, g, pos + t, s->v + from);
             }
         }
         int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
@@ -1237,6 +1263,21 @@ static size_t weight_bytes(const Transformer *m) {
     return bytes;
 }
 
+static const char *const kv_type_names[] = {"f32", "f16", "q8_0"}; // by KV_*
+static const char *kv_type_name(int type) { return kv_type_names[type]; }
+
+static int parse_kv_type(const char *s) {
+    for (int t = 0; t < (int)(sizeof kv_type_names / sizeof kv_type_names[0]); t++)
+        if (!strcmp(s, kv_type_names[t])) return t;
+    die("--kv-type expects f32, f16 or q8_0, got '%s'", s);
+    return KV_F32;
+}
+
+// Bytes one position adds to the cache: keys and values of every layer and KV head.
+static size_t kv_bytes_per_token(const Transformer *m) {
+    return (size_t)m->c.n_layers * m->c.n_kv_heads * (m->s.key_cache.row_bytes + m->s.value_cache.row_bytes);
+}
+
 static void print_bytes(size_t b) {
     if (b >= (1ull << 30)) printf("%10.2f GiB", b / (double)(1ull << 30));
     else if (b >= (1u << 20)) printf("%10.2f MiB", b / (double)(1u << 20));
@@ -1248,9 +1289,14 @@ static void print_bytes(size_t b) {
 // MLA (DeepSeek-V2) caches instead one compressed latent per token and layer,
 // assumed here 4 x head_dim, plus a decoupled RoPE key of head_dim / 2
 // (512 + 64 = 576 elements at head_dim 128), shared by all heads.
-static void print_kv_table(long layers, long n_heads, long head_dim, long positions, long elem_bytes, long current) {
-    printf("kv_cache_table: %ld layers, %ld query heads, head_dim %ld, %ld positions, %ld bytes per element\n",
-           layers, n_heads, head_dim, positions, elem_bytes);
+// Elements of elem_bytes bytes, or (elem_bytes 0) of the engine's KV type kv_type.
+static void print_kv_table(long layers, long n_heads, long head_dim, long positions, long elem_bytes, int kv_type,
+                           long current) {
+#define ROW_BYTES(width) (elem_bytes ? (size_t)(width) * elem_bytes : kv_row_bytes(kv_type, (int)(width)))
+    if (elem_bytes) printf("kv_cache_table: %ld layers, %ld query heads, head_dim %ld, %ld positions, %ld bytes per element\n",
+                           layers, n_heads, head_dim, positions, elem_bytes);
+    else printf("kv_cache_table: %ld layers, %ld query heads, head_dim %ld, %ld positions, %s elements (%zu bytes per row of %ld)\n",
+                layers, n_heads, head_dim, positions, kv_type_name(kv_type), ROW_BYTES(head_dim), head_dim);
     printf("  %-12s %8s %14s %14s\n", "config", "kv_heads", "bytes/token", "total");
     for (long g = n_heads; g >= 1; g--) {
         if (n_heads % g) continue;
@@ -1258,12 +1304,13 @@ static void print_kv_table(long layers, long n_heads, long head_dim, long positi
         if (g == n_heads) snprintf(name, sizeof name, "MHA");
         else if (g == 1) snprintf(name, sizeof name, "MQA");
         else snprintf(name, sizeof name, "GQA-%ld", g);
-        size_t per_token = (size_t)layers * 2 * g * head_dim * elem_bytes;
+        size_t per_token = (size_t)layers * 2 * g * ROW_BYTES(head_dim);
         printf("%c %-12s %8ld %14zu ", g == current ? '*' : ' ', name, g, per_token);
         print_bytes(per_token * positions);
         printf("\n");
     }
-    size_t mla = (size_t)layers * (4 * head_dim + head_dim / 2) * elem_bytes;
+    size_t mla = (size_t)layers * ROW_BYTES(4 * head_dim + head_dim / 2);
+#undef ROW_BYTES
     printf("  %-12s %8s %14zu ", "MLA latent", "-", mla);
     print_bytes(mla * positions);
     printf("   (%ld + %ld elements per layer)\n", 4 * head_dim, head_dim / 2);
@@ -1276,7 +1323,7 @@ static void print_info(Transformer *m, const char *path) {
                      + 2 * (size_t)c->kv_dim * c->dim + 3 * (size_t)c->hidden_dim * c->dim;
     size_t params = (size_t)c->vocab_size * c->dim * (h->tied_classifier ? 1 : 2)
                   + c->n_layers * per_layer + c->dim;
-    size_t kv_per_token = (size_t)c->n_layers * 2 * c->kv_dim * sizeof(float);
+    size_t kv_per_token = kv_bytes_per_token(m);
     printf("model: %s\n", path);
     printf("dim: %d\nhidden_dim: %d\nn_layers: %d\nn_heads: %d\nn_kv_heads: %d\nkv_mul: %d\nhead_dim: %d\n",
            c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->kv_mul, c->head_dim);
@@ -1292,9 +1339,9 @@ static void print_info(Transformer *m, const char *path) {
            tokenizer_n_tokens(m->tok), h->bos_id);
     for (int i = 0; i < h->n_stop_ids; i++) printf(" %d", h->stop_ids[i]);
     printf("\nparams: %zu\nweight_bytes: %zu\n", params, weight_bytes(m));
-    printf("context: %d\nkv_cache_dtype: f32\nkv_bytes_per_token: %zu\nkv_bytes_context: %zu\n",
-           c->seq_len, kv_per_token, kv_per_token * c->seq_len);
-    print_kv_table(c->n_layers, c->n_heads, c->head_dim, c->seq_len, sizeof(float), c->n_kv_heads);
+    printf("context: %d\nkv_cache_dtype: %s\nkv_bytes_per_token: %zu\nkv_bytes_context: %zu\n",
+           c->seq_len, kv_type_name(c->kv_type), kv_per_token, kv_per_token * c->seq_len);
+    print_kv_table(c->n_layers, c->n_heads, c->head_dim, c->seq_len, 0, c->kv_type, c->n_kv_heads);
 }
 
 // -m kv l=96,n=96,h=128,s=1024,bytes=2: the table for any model shape
@@ -1315,7 +1362,7 @@ static void kv_calculator(const char *spec) {
     }
     free(copy);
     if (!v[0] || !v[1] || !v[2] || !v[3]) die("-m kv needs l=, n=, h= and s= (e.g. l=96,n=96,h=128,s=1024,bytes=2)");
-    print_kv_table(v[0], v[1], v[2], v[3], v[4], v[5]);
+    print_kv_table(v[0], v[1], v[2], v[3], v[4], KV_F32, v[5]);
 }
 
 // ----------------------------------------------------------------------------
@@ -1383,6 +1430,8 @@ static void usage(FILE *f) {
         "  -y TEXT   system prompt (chat)\n"
         "  --kv-heads K  regroup the KV heads at load time: K < n_kv_heads mean-pools groups of\n"
         "            heads, K > n_kv_heads repeats them (same outputs, bigger cache)\n"
+        "  --kv-type T   KV cache element type: f32 (default, exact), f16 (2 bytes a number) or\n"
+        "            q8_0 (groups of 32 int8 with a float16 scale: 34 bytes per 32 numbers)\n"
         "  -h        this help\n"
         "examples:\n"
         "  ./run model.bin -i \"Once upon a time\"\n"
@@ -1423,6 +1472,7 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *input = NULL, *input_file = NULL, *mode = "generate", *system = NULL;
     float temperature = 1.0f, topp = 0.9f;
     long steps = 256, seq_len = 0, kv_heads = 0, n_threads = sysconf(_SC_NPROCESSORS_ONLN);
+    int kv_type = KV_F32;
     unsigned long long seed = (unsigned long long)time(NULL);
     if (n_threads < 1) n_threads = 1;
     for (int i = 1; i < argc; i++) {
@@ -1433,11 +1483,12 @@ int main(int argc, char **argv) {
             model_path = a;
             continue;
         }
-        int kv_flag = !strcmp(a, "--kv-heads");
-        if (!kv_flag && (strlen(a) != 2 || !strchr("ifmntpsTcy", a[1]))) usage_error("unknown option '%s'", a);
+        int kv_flag = !strcmp(a, "--kv-heads"), type_flag = !strcmp(a, "--kv-type");
+        if (!kv_flag && !type_flag && (strlen(a) != 2 || !strchr("ifmntpsTcy", a[1]))) usage_error("unknown option '%s'", a);
         if (i + 1 >= argc) usage_error("option %s needs a value", a);
         const char *v = argv[++i];
         if (kv_flag) { kv_heads = parse_long("--kv-heads", v, 1, 1024); continue; }
+        if (type_flag) { kv_type = parse_kv_type(v); continue; }
         switch (a[1]) {
         case 'i': input = v; break;
         case 'f': input_file = v; break;
@@ -1466,6 +1517,7 @@ int main(int argc, char **argv) {
 
     Transformer m;
     build_transformer(&m, model_path);
+    m.c.kv_type = kv_type;
     setup_transformer(&m, (int)seq_len, (int)n_threads, (int)kv_heads);
     if (steps == 0 || steps > m.c.seq_len) steps = m.c.seq_len;
     Sampler sp = {m.c.vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, NULL};

@@ -1,7 +1,8 @@
 // bench/decode_at_depth.c - the engine's decode speed at a given depth
 // (tokens already in the KV cache), without paying for the prefill.
 //
-//   decode_at_depth MODEL.bin [MODEL2.bin ...] -d 1,1024,4000 [-n 16] [-r 3] [-T 2] [-K kv_heads] [-b GIB]
+//   decode_at_depth MODEL.bin [MODEL2.bin ...] -d 1,1024,4000 [-n 16] [-r 3] [-T 2] [-K kv_heads]
+//                   [-k f32|f16|q8_0[,...]] [-b GIB]
 //
 // Decoding at depth D = one forward() call per token at positions D, D+1, ...:
 // the same call ./run's generate loop makes after its prefill, so the same
@@ -12,12 +13,17 @@
 // is the kernel's shared zero page, which would read unrealistically fast.)
 // experiments/kv_heads.py checks the result against a real ./run prefill + decode.
 //
+// -k gives the KV cache's element type (--kv-type), or a list of them: each
+// model is then loaded once per type and the pairs are measured in turn, as
+// several models are.
+//
 // With several models, all are loaded first and measured in turn (repeat,
 // depth, model), one short measurement each: a burst of load from other
 // programs then hits the models alike, so comparing them stays fair on a
 // shared machine.
 //
 // Prints one line per measurement: "model J depth D: N tokens, X tok/s, cpu share S",
+// (J counts the (model, KV type) pairs in the order "model J: ..." lists them)
 // S = process CPU time / (wall time x threads) while timing: near 1 when the
 // threads had the cores to themselves (and spun little), lower when other
 // programs took them.
@@ -71,14 +77,15 @@ static long long huge_mapped_kb(const char *path) {
 static void fill_cache(Transformer *m, int positions) {
     const Config *c = &m->c;
     uint64_t state = 0x2545F4914F6CDD1Dull;
+    float *row = xcalloc(c->head_dim, sizeof(float), "row");
     for (int l = 0; l < c->n_layers; l++)
-        for (int g = 0; g < c->n_kv_heads; g++) {
-            float *k = cache_head(m->s.key_cache, c, l, g), *v = cache_head(m->s.value_cache, c, l, g);
-            for (size_t i = 0; i < (size_t)positions * c->head_dim; i++) { // (keys lie in tiles: about the same positions)
-                k[i] = 2 * random_f32(&state) - 1; // [-1, 1)
-                v[i] = 2 * random_f32(&state) - 1;
-            }
-        }
+        for (int g = 0; g < c->n_kv_heads; g++)
+            for (int p = 0; p < positions; p++)
+                for (int kv = 0; kv < 2; kv++) { // stored as the cache's type, as forward() stores them
+                    for (int d = 0; d < c->head_dim; d++) row[d] = 2 * random_f32(&state) - 1; // [-1, 1)
+                    cache_store(kv ? &m->s.value_cache : &m->s.key_cache, l, g, p, row);
+                }
+    free(row);
 }
 
 #define MAX_MODELS 8
@@ -114,8 +121,9 @@ static double median_of(double *x, int n) {
 
 int main(int argc, char **argv) {
     const char *usage = "usage: decode_at_depth MODEL.bin [MODEL2.bin ...] -d D1,D2,... [-n TOKENS] [-r REPEATS] "
-                        "[-T THREADS] [-K KV_HEADS] [-b GIB]";
+                        "[-T THREADS] [-K KV_HEADS] [-k f32|f16|q8_0[,...]] [-b GIB]";
     const char *paths[MAX_MODELS];
+    int kv_types[3] = {KV_F32}, n_types = 1, model_type[MAX_MODELS];
     int n_models = 0, depths[16], n_depths = 0, tokens = 16, repeats = 3, threads = 2, kv_heads = 0, max_depth = 0;
     double bw_gib = 0;
     for (int i = 1; i < argc; i++) {
@@ -137,22 +145,40 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-r")) repeats = atoi(v);
         else if (!strcmp(a, "-T")) threads = atoi(v);
         else if (!strcmp(a, "-K")) kv_heads = atoi(v);
+        else if (!strcmp(a, "-k")) {
+            char *list = strdup(v), *save = NULL;
+            n_types = 0;
+            for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (n_types == 3) die("-k: at most 3 types");
+                kv_types[n_types++] = parse_kv_type(t);
+            }
+            free(list);
+            if (!n_types) die("-k: no type in '%s'", v);
+        }
         else if (!strcmp(a, "-b")) bw_gib = atof(v);
         else die("unknown option '%s'\n%s", a, usage);
     }
     if (!n_models || !n_depths || tokens < 1 || repeats < 1 || threads < 1) die("%s", usage);
+    if (n_models * n_types > MAX_MODELS) die("at most %d (model, KV type) pairs", MAX_MODELS);
+    for (int j = n_models * n_types - 1; j >= 0; j--) { // (model, type) pairs, model-major
+        paths[j] = paths[j / n_types];
+        model_type[j] = kv_types[j % n_types];
+    }
+    n_models *= n_types;
     // Several models are loaded together and measured in turn, one short
     // measurement each, so that load from other programs hits them alike.
     static Transformer m[MAX_MODELS];
     int tok[MAX_MODELS], context = max_depth + tokens;
     for (int j = 0; j < n_models; j++) {
         build_transformer(&m[j], paths[j]);
+        m[j].c.kv_type = model_type[j];
         setup_transformer(&m[j], context, threads, kv_heads);
         fill_cache(&m[j], context);
         tok[j] = m[j].h.bos_id >= 0 ? m[j].h.bos_id : 0;
         forward(&m[j], &tok[j], 1, 0, 0); // warm-up: every weight page touched once
-        printf("model %d: %s, %lld of %zu MiB mapped in huge pages\n", j, paths[j], huge_mapped_kb(paths[j]) / 1024,
-               m[j].map_bytes >> 20);
+        printf("model %d: %s, %lld of %zu MiB mapped in huge pages, kv type %s, kv_bytes_per_token %zu\n", j, paths[j],
+               huge_mapped_kb(paths[j]) / 1024, m[j].map_bytes >> 20, kv_type_name(model_type[j]),
+               kv_bytes_per_token(&m[j]));
     }
     // one thread pool for all: an idle pool's worker spins a while before it sleeps,
     // and would take cycles from the model being measured next

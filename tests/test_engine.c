@@ -55,49 +55,147 @@ static void test_vexp_and_softmax(void) {
     check(worst_sm < 1e-6f, "softmax_matches_double_formula", "worst error %g", worst_sm);
 }
 
-// weighted_sum (attention's values) and tile_scores (its scores) against
-// double-precision loops, for head sizes that use each of their paths; heads
-// handled together give bit for bit what one head at a time gives (so the
-// split of heads among threads cannot change the results).
+// weighted_sum (attention's values) and tile_scores (its scores), for every
+// KV element type, against their scalar references and against double-precision
+// sums of the stored numbers, for head sizes that use each of their paths
+// (8 and 16: the tiny models'; 72 and 136: q8_0 groups of 32 and a short
+// last one); heads handled together give bit for bit what one head at a time
+// gives (so the split of heads among threads cannot change the results).
 static void test_attention_kernels(void) {
     enum { N = 300, HD = 136, H = ATT_HEADS };
+    static const char *names[] = {"f32", "f16", "q8_0"};
     uint64_t rng = 9;
-    static float a[H * N], v[N * HD];
-    float worst = 0, worst_s = 0;
-    int same = 1;
+    static float a[H * N], x[N * HD];
+    static uint8_t v[N * HD * 4], tile[VEC_LEN * HD * 4];
     for (int i = 0; i < H * N; i++) a[i] = frand(&rng);
-    for (int i = 0; i < N * HD; i++) v[i] = frand(&rng);
-    int sizes[] = {2, 6, 16, 24, 64, 72, 128, 136};
-    for (int k = 0; k < 8; k++) {
-        int hd = sizes[k];
-        float out[H * HD], one[H * HD], init[H * HD];
-        for (int d = 0; d < H * hd; d++) init[d] = frand(&rng);
-        memcpy(out, init, sizeof out);
-        memcpy(one, init, sizeof one);
-        weighted_sum(out, a, N, v, N, hd, H);
-        for (int h = 0; h < H; h++) weighted_sum(one + h * hd, a + h * N, N, v, N, hd, 1);
-        same &= memcmp(out, one, (size_t)H * hd * sizeof(float)) == 0;
-        for (int h = 0; h < H; h++)
-            for (int d = 0; d < hd; d++) {
-                double r = init[h * hd + d];
-                for (int p = 0; p < N; p++) r += (double)a[h * N + p] * v[(size_t)p * hd + d];
-                worst = fmaxf(worst, (float)fabs(out[h * hd + d] - r));
+    for (int i = 0; i < N * HD; i++) x[i] = frand(&rng) * (i % 41 == 0 ? 8 : 1); // a few outliers per group
+    int sizes[] = {2, 6, 8, 16, 24, 64, 72, 128, 136};
+    for (int type = KV_F32; type <= KV_Q8_0; type++) {
+        float worst = 0, worst_ref = 0, worst_s = 0, worst_s_ref = 0;
+        int same = 1;
+        for (int k = 0; k < 9; k++) {
+            int hd = sizes[k];
+            size_t rb = kv_row_bytes(type, hd);
+            for (int p = 0; p < N; p++) kv_store(v + p * rb, 1, 0, x + p * hd, hd, type);         // value rows
+            for (int i = 0; i < VEC_LEN; i++) kv_store(tile, VEC_LEN, i, x + i * hd, hd, type);    // a key tile
+            float out[H * HD], one[H * HD], init[H * HD] = {0}, ref[HD];
+            for (int d = 0; d < H * hd; d++) init[d] = frand(&rng);
+            memcpy(out, init, sizeof out);
+            memcpy(one, init, sizeof one);
+            weighted_sum(out, a, N, v, N, hd, H, type);
+            for (int h = 0; h < H; h++) weighted_sum(one + h * hd, a + h * N, N, v, N, hd, 1, type);
+            same &= memcmp(out, one, (size_t)H * hd * sizeof(float)) == 0;
+            for (int h = 0; h < H; h++) {
+                memcpy(ref, init + h * hd, hd * sizeof(float));
+                weighted_sum_scalar(ref, a + h * N, v, N, hd, type);
+                for (int d = 0; d < hd; d++) {
+                    double r = init[h * hd + d];
+                    for (int p = 0; p < N; p++) r += (double)a[h * N + p] * kv_number(v + p * rb, 1, 0, d, hd, type);
+                    worst = fmaxf(worst, (float)fabs(out[h * hd + d] - r));
+                    worst_ref = fmaxf(worst_ref, fabsf(out[h * hd + d] - ref[d]));
+                }
             }
-        // scores of H heads (q: a's first H * hd numbers) against one key tile (v's first hd * VEC_LEN numbers)
-        float att[H * VEC_LEN], att1[H * VEC_LEN];
-        tile_scores(att, VEC_LEN, a, v, hd, 0.5f, H);
-        for (int h = 0; h < H; h++) tile_scores(att1 + h * VEC_LEN, VEC_LEN, a + h * hd, v, hd, 0.5f, 1);
-        same &= memcmp(att, att1, sizeof att) == 0;
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < VEC_LEN; i++) {
-                double r = 0;
-                for (int d = 0; d < hd; d++) r += (double)a[h * hd + d] * v[(size_t)d * VEC_LEN + i];
-                worst_s = fmaxf(worst_s, (float)fabs(att[h * VEC_LEN + i] - 0.5 * r));
+            // scores of H heads (q: a's first H * hd numbers) against the key tile
+            float att[H * VEC_LEN], att1[H * VEC_LEN], att_ref[VEC_LEN];
+            tile_scores(att, VEC_LEN, a, tile, hd, 0.5f, H, type);
+            for (int h = 0; h < H; h++) tile_scores(att1 + h * VEC_LEN, VEC_LEN, a + h * hd, tile, hd, 0.5f, 1, type);
+            same &= memcmp(att, att1, sizeof att) == 0;
+            for (int h = 0; h < H; h++) {
+                tile_scores_scalar(att_ref, a + h * hd, tile, hd, 0.5f, type);
+                for (int i = 0; i < VEC_LEN; i++) {
+                    double r = 0;
+                    for (int d = 0; d < hd; d++) r += (double)a[h * hd + d] * kv_number(tile, VEC_LEN, i, d, hd, type);
+                    worst_s = fmaxf(worst_s, (float)fabs(att[h * VEC_LEN + i] - 0.5 * r));
+                    worst_s_ref = fmaxf(worst_s_ref, fabsf(att[h * VEC_LEN + i] - att_ref[i]));
+                }
             }
+        }
+        char name[96];
+        snprintf(name, sizeof name, "weighted_sum_%s_matches_double_sums", names[type]);
+        check(worst < 1e-4f * (type == KV_F32 ? 1 : 8), name, "worst error %g", worst); // |x| up to 8: sums up to ~8 x 300
+        snprintf(name, sizeof name, "weighted_sum_%s_matches_scalar_reference", names[type]);
+        check(worst_ref < 1e-4f * (type == KV_F32 ? 1 : 8), name, "worst error %g", worst_ref);
+        snprintf(name, sizeof name, "tile_scores_%s_match_double_dot_products", names[type]);
+        check(worst_s < 1e-4f * (type == KV_F32 ? 1 : 8), name, "worst error %g", worst_s);
+        snprintf(name, sizeof name, "tile_scores_%s_match_scalar_reference", names[type]);
+        check(worst_s_ref < 1e-4f * (type == KV_F32 ? 1 : 8), name, "worst error %g", worst_s_ref);
+        snprintf(name, sizeof name, "attention_%s_heads_together_equal_heads_one_by_one", names[type]);
+        check(same, name, "a result differs");
     }
-    check(worst < 1e-4f, "weighted_sum_matches_scalar_sums", "worst error %g", worst);
-    check(worst_s < 1e-4f, "tile_scores_match_scalar_dot_products", "worst error %g", worst_s);
-    check(same, "attention_heads_together_equal_heads_one_by_one", "a result differs");
+}
+
+// What the cache keeps of a row: f32 exactly; f16 each number rounded to the
+// nearest float16; q8_0 within half a step of its group's scale, the group's
+// largest |x| at 127 (or 126: the scale rounded up to a float16), the bytes
+// where kernels.h puts them (values, then one float16 scale per group of 32,
+// the last group short).
+static void test_kv_store_rounding(void) {
+    enum { W = 72 }; // two groups of 32 and one of 8
+    uint64_t rng = 21;
+    float x[W];
+    uint8_t row[W * 4], tile[VEC_LEN * W * 4];
+    int f32_exact = 1, f16_nearest = 1, q8_ok = 1;
+    float worst_q = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        float mag = ldexpf(1.0f, trial % 20 - 3); // 2^-3 .. 2^16: q8_0 scales are normal float16s
+        for (int d = 0; d < W; d++) x[d] = frand(&rng) * mag;
+        for (int type = KV_F32; type <= KV_Q8_0; type++) {
+            int lane = trial % VEC_LEN;
+            kv_store(row, 1, 0, x, W, type);
+            kv_store(tile, VEC_LEN, lane, x, W, type);
+            for (int d = 0; d < W; d++) {
+                float r = kv_number(row, 1, 0, d, W, type), t = kv_number(tile, VEC_LEN, lane, d, W, type);
+                if (r != t) q8_ok = f16_nearest = f32_exact = 0; // a tile row holds the same numbers as a plain row
+                if (type == KV_F32) f32_exact &= r == x[d];
+                if (type == KV_F16) f16_nearest &= r == f16_to_f32(f32_to_f16(x[d]));
+            }
+            if (type != KV_Q8_0) continue;
+            for (int g = 0; g * KV_GROUP < W; g++) {
+                uint16_t h;
+                memcpy(&h, row + W + 2 * g, 2);
+                float scale = f16_to_f32(h);
+                int qmax = 0;
+                for (int d = g * KV_GROUP; d < W && d < (g + 1) * KV_GROUP; d++) {
+                    worst_q = fmaxf(worst_q, fabsf(kv_number(row, 1, 0, d, W, type) - x[d]) / scale);
+                    qmax = abs((int8_t)row[d]) > qmax ? abs((int8_t)row[d]) : qmax;
+                }
+                q8_ok &= qmax == 127 || qmax == 126;
+            }
+        }
+    }
+    check(kv_row_bytes(KV_F32, W) == 288 && kv_row_bytes(KV_F16, W) == 144 && kv_row_bytes(KV_Q8_0, W) == 78 &&
+          kv_row_bytes(KV_Q8_0, 8) == 10 && kv_row_bytes(KV_Q8_0, 64) == 68, "kv_row_bytes_match_the_formats",
+          "f32 %zu, f16 %zu, q8_0 %zu", kv_row_bytes(KV_F32, W), kv_row_bytes(KV_F16, W), kv_row_bytes(KV_Q8_0, W));
+    check(f32_exact, "kv_f32_cache_is_exact", "a number changed");
+    check(f16_nearest, "kv_f16_cache_rounds_to_nearest_float16", "a number differs");
+    check(q8_ok && worst_q <= 0.5001f, "kv_q8_0_cache_within_half_a_step_of_its_group_scale",
+          "error %g steps, full range and layout %d", worst_q, q8_ok);
+    float bad[KV_GROUP] = {NAN, 1.0f, -INFINITY};
+    kv_store(row, 1, 0, bad, KV_GROUP, KV_Q8_0);
+    check((int8_t)row[0] == 0 && (int8_t)row[2] == -127, "kv_q8_0_of_nan_is_zero_and_inf_saturates", "q %d %d", (int8_t)row[0],
+          (int8_t)row[2]);
+    // beyond float16's range, numbers saturate at +-65504 (f16) and scales at 65504 (q8_0): large, never inf or NaN
+    float huge[KV_GROUP] = {1e9f, -7e4f, 3.0f};
+    int finite = 1;
+    for (int type = KV_F16; type <= KV_Q8_0; type++) {
+        kv_store(row, 1, 0, huge, KV_GROUP, type);
+        for (int d = 0; d < 3; d++) finite &= isfinite(kv_number(row, 1, 0, d, KV_GROUP, type));
+        finite &= kv_number(row, 1, 0, 0, KV_GROUP, type) >= 65504.0f && kv_number(row, 1, 0, 1, KV_GROUP, type) <= -65504.0f;
+    }
+    check(finite, "kv_cache_saturates_beyond_float16_range", "a number is not finite or not saturated");
+    // the vector conversions of the kernels against the scalar f16_to_f32, for every float16
+    static uint8_t all[65536 * 2];
+    int exact = 1;
+    for (uint32_t h = 0; h < 65536; h++) { uint16_t b = (uint16_t)h; memcpy(all + 2 * h, &b, 2); }
+    for (uint32_t h = 0; h < 65536; h += VEC_LEN) {
+        vfloat got = f16_vec(all + 2 * h);
+        for (int j = 0; j < VEC_LEN; j++) {
+            float want = f16_to_f32((uint16_t)(h + j)), one = f16_at(all + 2 * (h + j));
+            exact &= isnan(want) ? isnan(got[j]) && isnan(one)
+                                 : !memcmp(&got[j], &want, sizeof want) && !memcmp(&one, &want, sizeof want);
+        }
+    }
+    check(exact, "f16_vector_conversion_matches_scalar_for_every_float16", "a value differs");
 }
 
 static void test_split_range_partitions_rows(void) {
@@ -384,19 +482,21 @@ static void test_kv_cache_is_grouped(const char *model) {
     build_transformer(&m, model);
     setup_transformer(&m, 100, 1, 0);
     size_t ctx = (100 + VEC_LEN - 1) / VEC_LEN * VEC_LEN; // whole key tiles
-    size_t expect = (size_t)m.c.n_layers * ctx * 2 * m.c.n_kv_heads * m.c.head_dim;
-    check(m.c.n_kv_heads < m.c.n_heads && m.s.kv_cache_elems == expect, "kv_cache_holds_only_kv_heads",
-          "%zu elements, expected n_layers*ctx*2*n_kv_heads*head_dim = %zu", m.s.kv_cache_elems, expect);
+    size_t expect = (size_t)m.c.n_layers * ctx * 2 * m.c.n_kv_heads * m.c.head_dim * sizeof(float);
+    size_t bytes = m.s.key_cache.bytes + m.s.value_cache.bytes;
+    check(m.c.n_kv_heads < m.c.n_heads && bytes == expect, "kv_cache_holds_only_kv_heads",
+          "%zu bytes, expected n_layers*ctx*2*n_kv_heads*head_dim*4 = %zu", bytes, expect);
     // one forward step writes exactly one head_dim row per layer and KV head, at position 0
     int tok = 1;
     forward(&m, &tok, 1, 0, 0);
-    int written = 0, beyond = 0;
+    int written = 0, beyond = 0, hd = m.c.head_dim;
     for (int l = 0; l < m.c.n_layers; l++)
         for (int g = 0; g < m.c.n_kv_heads; g++)
             for (int p = 0; p < (int)ctx; p++)
-                for (int d = 0; d < m.c.head_dim; d++) {
-                    float k = cache_head(m.s.key_cache, &m.c, l, g)[key_index(&m.c, p, d)];
-                    float v = cache_head(m.s.value_cache, &m.c, l, g)[(size_t)p * m.c.head_dim + d];
+                for (int d = 0; d < hd; d++) {
+                    const uint8_t *kh = cache_head(&m.s.key_cache, l, g), *vh = cache_head(&m.s.value_cache, l, g);
+                    float k = kv_number(kh + (size_t)p / VEC_LEN * VEC_LEN * m.s.key_cache.row_bytes, VEC_LEN, p % VEC_LEN, d, hd, KV_F32);
+                    float v = kv_number(vh + (size_t)p * m.s.value_cache.row_bytes, 1, 0, d, hd, KV_F32);
                     if (p == 0) written += (k != 0) + (v != 0); else beyond += (k != 0) + (v != 0);
                 }
     check(written > m.c.n_layers * m.c.n_kv_heads && beyond == 0, "forward_writes_one_kv_row_per_layer_and_head",
@@ -416,12 +516,26 @@ static void test_kv_cache_is_grouped(const char *model) {
     check(worst < 1e-4f, "block_forward_equals_token_by_token", "max abs difference %g", worst);
     free(block);
     free_transformer(&m);
+    // f16 and q8_0 caches: the same rows in fewer bytes, and each KV head's cache one stream of rows
+    int sizes_ok = 1;
+    for (int type = KV_F16; type <= KV_Q8_0; type++) {
+        build_transformer(&m, model);
+        m.c.kv_type = type;
+        setup_transformer(&m, 100, 1, 0);
+        size_t row = type == KV_F16 ? 2 * (size_t)hd : hd + 2 * (size_t)((hd + 31) / 32);
+        sizes_ok &= m.s.key_cache.bytes == (size_t)m.c.n_layers * m.c.n_kv_heads * ctx * row
+                 && m.s.value_cache.bytes == m.s.key_cache.bytes && kv_bytes_per_token(&m) == 2 * (size_t)m.c.n_layers * m.c.n_kv_heads * row
+                 && cache_head(&m.s.value_cache, 1, 1) - cache_head(&m.s.value_cache, 1, 0) == (ptrdiff_t)(ctx * row);
+        free_transformer(&m);
+    }
+    check(sizes_ok, "kv_f16_and_q8_0_caches_take_their_bytes_per_row", "a size differs");
 }
 
 int main(void) {
     test_dot_matches_scalar();
     test_vexp_and_softmax();
     test_attention_kernels();
+    test_kv_store_rounding();
     test_split_range_partitions_rows();
     test_matmul_paths();
     test_sampler();
