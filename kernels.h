@@ -161,6 +161,32 @@ static inline size_t kv_row_bytes(int type, int width) {
 static inline size_t kv_slot(size_t stride, int lane, int d) { return (size_t)d * stride + lane; }
 static inline const uint8_t *kv_scales(const uint8_t *base, size_t stride, int width) { return base + (size_t)width * stride; }
 
+// VEC_LEN float16 at p, converted: one instruction with AVX-512 or F16C.
+static inline vfloat f16_vec(const uint8_t *p) {
+#if VEC_BYTES == 64
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif VEC_BYTES == 32 && defined(__F16C__)
+    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#elif VEC_BYTES == 16 && defined(__F16C__)
+    return (vfloat)_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vfloat v;
+    for (int j = 0; j < VEC_LEN; j++) { uint16_t h; memcpy(&h, p + 2 * j, 2); v[j] = f16_to_f32(h); }
+    return v;
+#endif
+}
+
+// One float16 at p, converted (F16C: one instruction).
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return f16_to_f32(h);
+#endif
+}
+
 // Stores x (width) as row `lane` of base. f16: x rounded to the nearest
 // float16, saturating at +-65504 (not inf). q8_0: scale = max|x| / 127 of each
 // group rounded to float16 (at most 65504), q = round(x / scale) to nearest
@@ -195,41 +221,14 @@ static void kv_store(uint8_t *base, size_t stride, int lane, const float *x, int
     }
 }
 
-// Number d of row `lane` of base as float32: the scalar reference of the kernels' reads.
+// Number d of row `lane` of base as float32: the scalar reference of the
+// kernels' reads (f16_at is held to f16_to_f32 for every float16 by the tests).
 static REFERENCE float kv_number(const uint8_t *base, size_t stride, int lane, int d, int width, int type) {
     const size_t i = kv_slot(stride, lane, d);
     float f;
-    uint16_t h;
     if (type == KV_F32) { memcpy(&f, base + 4 * i, 4); return f; }
-    if (type == KV_F16) { memcpy(&h, base + 2 * i, 2); return f16_to_f32(h); }
-    memcpy(&h, kv_scales(base, stride, width) + 2 * kv_slot(stride, lane, d / KV_GROUP), 2);
-    return (int8_t)base[i] * f16_to_f32(h);
-}
-
-// VEC_LEN float16 at p, converted: one instruction with AVX-512 or F16C.
-static inline vfloat f16_vec(const uint8_t *p) {
-#if VEC_BYTES == 64
-    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif VEC_BYTES == 32 && defined(__F16C__)
-    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#elif VEC_BYTES == 16 && defined(__F16C__)
-    return (vfloat)_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
-#else
-    vfloat v;
-    for (int j = 0; j < VEC_LEN; j++) { uint16_t h; memcpy(&h, p + 2 * j, 2); v[j] = f16_to_f32(h); }
-    return v;
-#endif
-}
-
-// One float16 at p, converted (F16C: one instruction).
-static inline float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    return f16_to_f32(h);
-#endif
+    if (type == KV_F16) return f16_at(base + 2 * i);
+    return (int8_t)base[i] * f16_at(kv_scales(base, stride, width) + 2 * kv_slot(stride, lane, d / KV_GROUP));
 }
 
 // VEC_LEN consecutive numbers from slot i of base as float32 (q8_0: the int8

@@ -125,12 +125,49 @@ def round_to_q8_0(x):
     return (q * scale).reshape(x.shape)
 
 
+def round_to_f16(x):
+    """x rounded to the nearest float16, saturating at +-65504."""
+    return np.clip(x, -65504, 65504).astype(np.float16).astype(np.float64)
+
+
+def round_groups_q8_0(x):
+    """x with every group of 32 along the last axis (the last group shorter
+    when the axis is not a multiple of 32) stored as int8 q with one float16
+    scale: scale = float16(max|x| / 127), q = round(x / scale), value q * scale."""
+    out = np.empty_like(x)
+    for g0 in range(0, x.shape[-1], 32):
+        g = x[..., g0:g0 + 32]
+        scale = round_to_f16(np.abs(g).max(axis=-1, keepdims=True) / 127)
+        q = np.clip(np.round(np.divide(g, scale, out=np.zeros_like(g), where=scale > 0)), -127, 127)
+        out[..., g0:g0 + 32] = q * scale
+    return out
+
+
+def round_kv_cache(x, kind, rope_pairs=False):
+    """What a KV cache of element type kind (None/"f32", "f16", "q8_0") keeps
+    of keys or values x (..., head_dim). The engine groups q8_0 numbers in its
+    own order of a head, in which RoPE pairs are adjacent (2i, 2i+1); with
+    rope_pairs, x is in HF's order (pairs (i, i + head_dim/2)) and is put in
+    the engine's order for the grouping and back."""
+    if kind in (None, "f32"):
+        return x
+    if kind == "f16":
+        return round_to_f16(x)
+    assert kind == "q8_0", kind
+    if not rope_pairs:
+        return round_groups_q8_0(x)
+    half = x.shape[-1] // 2
+    adjacent = np.stack([x[..., :half], x[..., half:]], axis=-1).reshape(x.shape)
+    r = round_groups_q8_0(adjacent)
+    return np.concatenate([r[..., 0::2], r[..., 1::2]], axis=-1)
+
+
 def linear(x, w, quantize_x=False):
     """x (T, in) @ w.T, w (out, in) as in PyTorch."""
     return (round_to_q8_0(x) if quantize_x else x) @ w.T
 
 
-def attention(cfg, W, p, h, cos, sin, aq=False):
+def attention(cfg, W, p, h, cos, sin, aq=False, kv_cache=None):
     """One self-attention block on normed input h (T, dim) -> (T, dim)."""
     T = h.shape[0]
     n_h, n_kv, hd = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim_of(cfg)
@@ -138,6 +175,7 @@ def attention(cfg, W, p, h, cos, sin, aq=False):
     k = linear(h, W[p + "self_attn.k_proj.weight"], aq).reshape(T, n_kv, hd).transpose(1, 0, 2)  # (n_kv, T, hd)
     v = linear(h, W[p + "self_attn.v_proj.weight"], aq).reshape(T, n_kv, hd).transpose(1, 0, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = round_kv_cache(k, kv_cache, rope_pairs=True), round_kv_cache(v, kv_cache)  # as the cache stores them
     # repeat_kv: query head j uses key/value head j // (n_h / n_kv)
     k, v = np.repeat(k, n_h // n_kv, axis=0), np.repeat(v, n_h // n_kv, axis=0)
     scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)                                     # (n_h, T, T)
@@ -155,10 +193,12 @@ def mlp(W, p, h, aq=False):
     return linear(silu(gate) * up, W[p + "mlp.down_proj.weight"], aq)
 
 
-def forward(cfg, W, ids, q8_0_activations=False):
+def forward(cfg, W, ids, q8_0_activations=False, kv_cache=None):
     """Logits (len(ids), vocab_size) for tokens ids at positions 0, 1, ...
     q8_0_activations: round the input of every linear layer to q8_0 first
-    (only meaningful with weights that are q8_0 values themselves)."""
+    (only meaningful with weights that are q8_0 values themselves).
+    kv_cache: "f16" or "q8_0" rounds keys (after RoPE) and values as a KV
+    cache of that element type stores them."""
     aq = q8_0_activations
     eps = cfg.get("rms_norm_eps", 1e-6)
     ids = np.asarray(ids)
@@ -168,7 +208,7 @@ def forward(cfg, W, ids, q8_0_activations=False):
     cos, sin = np.cos(emb), np.sin(emb)
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
-        x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cos, sin, aq)
+        x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cos, sin, aq, kv_cache)
         x = x + mlp(W, p, rms_norm(x, W[p + "post_attention_layernorm.weight"], eps), aq)
     x = rms_norm(x, W["model.norm.weight"], eps)
     tied = cfg.get("tie_word_embeddings", False)

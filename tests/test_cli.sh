@@ -44,6 +44,8 @@ expect_error prompt_longer_than_context "error: the prompt is $n_long tokens, lo
 expect_error steps_shorter_than_prompt "error: -n 3 is less than the prompt's 5 tokens (BOS included)" -- "$model" -n 3 -i "Once upon a time"
 expect_error invalid_kv_heads_names_the_valid_values "error: --kv-heads 3 is not possible for this model (8 query heads, 4 KV heads); valid: 1, 2, 4, 8" -- "$model" --kv-heads 3
 expect_error kv_heads_beyond_query_heads_is_rejected "error: --kv-heads 16 is not possible for this model (8 query heads, 4 KV heads); valid: 1, 2, 4, 8" -- "$model" --kv-heads 16
+expect_error unknown_kv_type_is_rejected "error: --kv-type expects f32, f16 or q8_0, got 'q4'" -- "$model" --kv-type q4
+expect_error kv_type_without_value_is_rejected "error: option --kv-type needs a value" -- "$model" --kv-type
 expect_error kv_calculator_rejects_unknown_keys "error: -m kv: 'x' is not one of l=, n=, h=, s=, bytes=, g= (e.g. l=96,n=96,h=128,s=1024,bytes=2)" -- -m kv l=1,x=2
 expect_error kv_calculator_needs_the_shape "error: -m kv needs l=, n=, h= and s= (e.g. l=96,n=96,h=128,s=1024,bytes=2)" -- -m kv l=96
 expect_error chat_needs_llama3_tokenizer "error: chat needs a Llama 3 instruct tokenizer; this one has no <|eot_id|> token" -- "$model" -m chat -i hi
@@ -72,4 +74,13 @@ for K in "" 1 2 8; do
     want=$((5 * 2 * ${K:-4} * 8 * 4))
     [ "$kv" = "${K:-4}" ] && [ "$got" = "$want" ] && echo "ok kv_bytes_per_token_matches_formula${K:+_kv$K}" \
         || echo "FAIL kv_bytes_per_token_matches_formula${K:+_kv$K}: n_kv_heads $kv, $got bytes, expected $want"
+done
+# with --kv-type: n_layers x 2 x n_kv_heads x bytes per row of head_dim 8 (f16: 16; q8_0: 8 int8 + one float16 scale)
+for spec in "f32 32" "f16 16" "q8_0 10" "q8_0 10 2"; do
+    set -- $spec
+    info=$("$RUN" "$model" -m info --kv-type "$1" ${3:+--kv-heads $3})
+    dt=$(sed -n 's/^kv_cache_dtype: //p' <<<"$info"); got=$(sed -n 's/^kv_bytes_per_token: //p' <<<"$info")
+    want=$((5 * 2 * ${3:-4} * $2))
+    [ "$dt" = "$1" ] && [ "$got" = "$want" ] && echo "ok kv_type_${1}${3:+_kv$3}_info_prints_dtype_and_bytes_per_token" \
+        || echo "FAIL kv_type_${1}${3:+_kv$3}_info_prints_dtype_and_bytes_per_token: dtype '$dt', $got bytes, expected $want"
 done

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Same greedy tokens whatever the thread count, and with the OpenMP build.
+# Same greedy tokens whatever the thread count, and with the OpenMP build;
+# with every KV cache type.
 set -u
 RUN=${RUN:-./run}; PY=${PYTHON:-python3}; TMP=${TMPDIR_TESTS:-/tmp}
 for dtype in f32 q8_0; do
@@ -18,4 +19,10 @@ for dtype in f32 q8_0; do
         [ "$got" = "$ref" ] && echo "ok openmp_build_gives_the_same_${dtype}_tokens" \
             || echo "FAIL openmp_build_gives_the_same_${dtype}_tokens: outputs differ"
     fi
+done
+model=$TMP/threads_q8_0.bin
+for kv in f16 q8_0; do
+    ref=$("$RUN" "$model" -i "$prompt" -n 120 -t 0 -T 1 --kv-type $kv 2>/dev/null | od -c | md5sum)
+    got=$("$RUN" "$model" -i "$prompt" -n 120 -t 0 -T 2 --kv-type $kv 2>/dev/null | od -c | md5sum)
+    [ "$got" = "$ref" ] && echo "ok greedy_kv_${kv}_T1_equals_T2" || echo "FAIL greedy_kv_${kv}_T1_equals_T2: outputs differ"
 done
