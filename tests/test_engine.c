@@ -196,6 +196,14 @@ static void test_kv_store_rounding(void) {
         }
     }
     check(exact, "f16_vector_conversion_matches_scalar_for_every_float16", "a value differs");
+    uint8_t bytes[256 + VEC_LEN];
+    for (int i = 0; i < 256 + VEC_LEN; i++) bytes[i] = (uint8_t)i;
+    exact = 1;
+    for (int i = 0; i < 256; i += VEC_LEN) {
+        vfloat got = i8_vec(bytes + i);
+        for (int j = 0; j < VEC_LEN; j++) exact &= got[j] == (float)(int8_t)bytes[i + j];
+    }
+    check(exact, "int8_vector_conversion_is_exact_for_every_int8", "a value differs");
 }
 
 static void test_split_range_partitions_rows(void) {
