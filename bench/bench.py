@@ -21,6 +21,8 @@ layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
   decode at depth After a prompt of D tokens every new token also reads the KV
                   cache up to its position:
                   predicted tok/s = bandwidth then / (weight_bytes + D' x kv_bytes_per_token),
+                  for each KV cache element type (--kv-types, default f32,f16,q8_0: the
+                  bytes per token of each),
                   D' = the mean number of positions attended to, for MHA (32 KV
                   heads), GQA (8) and MQA (1) models; bench/decode_at_depth
                   fills the cache instead of prefilling D tokens, and one real
@@ -40,7 +42,7 @@ incomplete one, is exported again); results go there as JSON. ./run is copied
 before use, since others may rebuild it meanwhile. Python 3 standard library
 only; export/export.py runs under the first python3 that can import numpy.
 
-usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0]
+usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0] [--kv-types f32,f16,q8_0]
                               [--wait-idle SECONDS] [--report RESULTS.json]
 """
 import argparse
@@ -226,14 +228,17 @@ def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
 HARNESS = os.path.join(BENCH, "decode_at_depth")
 HARNESS_RE = re.compile(r"^model (\d+) depth (\d+): (\d+) tokens, ([0-9.]+) tok/s, cpu share ([0-9.]+), "
                         r"bandwidth ([0-9.]+) GB/s$", re.M)
-HUGE_RE = re.compile(r"^model (\d+): (.*), (\d+) of (\d+) MiB mapped in huge pages$", re.M)
+HUGE_RE = re.compile(r"^model (\d+): (.*), (\d+) of (\d+) MiB mapped in huge pages(?:, kv type (\w+), "
+                     r"kv_bytes_per_token (\d+))?$", re.M)
 
 
-def harness(models, depths, tokens, repeats, threads):
-    """bench/decode_at_depth on these models (loaded together, measured in turn) -> (list of
-    {model, depth, tokens, tps, cpu_share, bw_gbs}, the run's dict), or None on failure."""
+def harness(models, depths, tokens, repeats, threads, kv_types=None):
+    """bench/decode_at_depth on these models (loaded together, measured in turn; with kv_types,
+    each model once per KV cache type) -> (list of {model, depth, tokens, tps, cpu_share,
+    bw_gbs}, the run's dict), or None on failure. The run's "kv" maps each model index of the
+    samples to its (kv type, kv_bytes_per_token)."""
     cmd = [HARNESS] + models + ["-d", ",".join(map(str, depths)), "-n", str(tokens), "-r", str(repeats),
-                                "-T", str(threads), "-b", "1"]
+                                "-T", str(threads), "-b", "1"] + (["-k", ",".join(kv_types)] if kv_types else [])
     quiet_machine()
     r = run_child(cmd, stdout=True)
     if r["rc"] != 0:
@@ -244,8 +249,10 @@ def harness(models, depths, tokens, repeats, threads):
     run = {k: r[k] for k in ("wall_s", "cpu_s", "rss_bytes", "others")}
     run["cmd"] = " ".join(cmd)
     # A model in 4 KiB pages decodes up to 2x slower (TLB misses): say so next to its figures.
-    run["huge_page_fraction"] = {}
-    for j, path, huge, total in HUGE_RE.findall(r["stdout"]):
+    run["huge_page_fraction"], run["kv"] = {}, {}
+    for j, path, huge, total, kv_type, kv_bytes in HUGE_RE.findall(r["stdout"]):
+        if kv_type:
+            run["kv"][int(j)] = (kv_type, int(kv_bytes))
         run["huge_page_fraction"][path] = int(huge) / max(int(total), 1)
         if int(huge) < 0.9 * int(total):
             warn("%s: only %s of %s MiB mapped in 2 MiB pages during the harness run: its decode figures "
@@ -492,32 +499,36 @@ def bench_depth(args, machine, prompts, dtype):
     infos = [model_info(model, max(args.depths) + gen) for model in models]
     samples, hruns = [], []
     for j, (kv, model) in enumerate(zip(kvs, models)):
-        # one model per process: three f32 models would not fit in memory together
-        log("%s kv%d: levelling the page cache; bench/decode_at_depth, %d repeats x %d depths"
-            % (dtype, kv, args.depth_runs, len(args.depths)))
+        # one model per process (three f32 models would not fit in memory together),
+        # loaded once per KV cache type, the types measured in turn
+        log("%s kv%d: levelling the page cache; bench/decode_at_depth, %d repeats x %d depths x KV types %s"
+            % (dtype, kv, args.depth_runs, len(args.depths), ",".join(args.kv_types)))
         level_page_cache(model)
-        h = harness([model], args.depths, gen, args.depth_runs, args.threads)
+        h = harness([model], args.depths, gen, args.depth_runs, args.threads, args.kv_types)
         if h:
-            samples += [dict(x, model=j) for x in h[0]]
+            samples += [dict(x, kv_heads_model=j, kv_type=h[1]["kv"][x["model"]][0],
+                             kv_bytes_per_token=h[1]["kv"][x["model"]][1]) for x in h[0]]
             hruns.append(h[1])
     rows = []
     for j, (kv, info) in enumerate(zip(kvs, infos)):
-        for depth in args.depths:
-            xs = [x for x in samples if x["model"] == j and x["depth"] == depth]
-            row = {"n_kv_heads": kv, "weights": dtype, "depth": depth, "generated": gen, "samples": xs}
-            if not xs:
-                row["error"] = "bench/decode_at_depth failed"
+        for kv_type in args.kv_types:
+            for depth in args.depths:
+                xs = [x for x in samples if x["kv_heads_model"] == j and x["kv_type"] == kv_type and x["depth"] == depth]
+                row = {"n_kv_heads": kv, "weights": dtype, "kv_type": kv_type, "depth": depth, "generated": gen,
+                       "samples": xs}
+                if not xs:
+                    row["error"] = "bench/decode_at_depth failed"
+                    rows.append(row)
+                    continue
+                # Bytes read per decoded token: all weights, plus the KV cache up to the
+                # token's position (positions depth .. depth+gen-1 attend to depth+1 .. depth+gen).
+                kv_read = (depth + (gen + 1) / 2) * xs[0]["kv_bytes_per_token"]
+                row["kv_read_bytes"] = kv_read
+                row["decode_tps"] = median([x["tps"] for x in xs])
+                row["bw_then_gbs"] = median([x["bw_gbs"] for x in xs])
+                row["predicted_tps"] = median([x["bw_gbs"] * 1e9 / (info["weight_bytes"] + kv_read) for x in xs])
+                row["ratio"] = median([x["tps"] * (info["weight_bytes"] + kv_read) / (x["bw_gbs"] * 1e9) for x in xs])
                 rows.append(row)
-                continue
-            # Bytes read per decoded token: all weights, plus the KV cache up to the
-            # token's position (positions depth .. depth+gen-1 attend to depth+1 .. depth+gen).
-            kv_read = (depth + (gen + 1) / 2) * info["kv_bytes_per_token"]
-            row["kv_read_bytes"] = kv_read
-            row["decode_tps"] = median([x["tps"] for x in xs])
-            row["bw_then_gbs"] = median([x["bw_gbs"] for x in xs])
-            row["predicted_tps"] = median([x["bw_gbs"] * 1e9 / (info["weight_bytes"] + kv_read) for x in xs])
-            row["ratio"] = median([x["tps"] * (info["weight_bytes"] + kv_read) / (x["bw_gbs"] * 1e9) for x in xs])
-            rows.append(row)
     checks = []
     prompt_file, n = prompts.make(CHECK_DEPTH)
     for kv, model in zip(kvs, models):
@@ -616,19 +627,22 @@ def report(res):
             lines += ["", "### decode at depth, %s weights: %s" % (d["weights"], d.get("error", "no results"))]
             continue
         r0 = d["rows"][0]
-        lines += ["", "### decode after a prompt of D tokens (%s weights, f32 KV cache, bench/decode_at_depth: "
-                  "%d tokens per measurement, medians of %d)" % (d["weights"], r0.get("generated", 0),
-                                                                 len(r0.get("samples", []))), "",
-                  "| KV heads | depth | decode tok/s | bw then GB/s | KV read MiB/token | predicted tok/s "
+        lines += ["", "### decode after a prompt of D tokens (%s weights, bench/decode_at_depth: "
+                  "%d tokens per measurement, medians of %d; the KV types of a model loaded together "
+                  "and measured in turn)" % (d["weights"], r0.get("generated", 0), len(r0.get("samples", []))), "",
+                  "| KV heads | KV type | depth | decode tok/s | bw then GB/s | KV read MiB/token | predicted tok/s "
                   "| measured / predicted |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
+            kv_type = r.get("kv_type", "f32")  # results files from before the KV types
             if "decode_tps" not in r:
-                lines.append("| %d | %s | n/a | | | | %s |" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
+                lines.append("| %d | %s | %s | n/a | | | | %s |" % (r["n_kv_heads"], kv_type, r.get("depth", ""),
+                                                                   r.get("error", "")))
                 continue
-            lines.append("| %d | %d | %s | %.1f | %.1f | %.2f | %s |" % (
-                r["n_kv_heads"], r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"], r["kv_read_bytes"] / MIB,
-                r["predicted_tps"], "**%.2f**" % r["ratio"] if r["depth"] == CHECK_DEPTH else "%.2f" % r["ratio"]))
+            bold = r["depth"] == CHECK_DEPTH or (r["depth"] == max(x["depth"] for x in d["rows"]) and kv_type != "f32")
+            lines.append("| %d | %s | %d | %s | %.1f | %.1f | %.2f | %s |" % (
+                r["n_kv_heads"], kv_type, r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"],
+                r["kv_read_bytes"] / MIB, r["predicted_tps"], "**%.2f**" % r["ratio"] if bold else "%.2f" % r["ratio"]))
         if d.get("checks"):
             lines += ["", "Check with ./run (its own prefill of the prompt, then %d tokens):" % d["checks"][0]["generated"],
                       "", "| KV heads | depth | decode tok/s | prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
@@ -682,6 +696,8 @@ def main():
                     help="weights of the depth-test models (default: both)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
     ap.add_argument("--depth-runs", type=int, default=3, help="measurements per depth and model (default 3)")
+    ap.add_argument("--kv-types", default="f32,f16,q8_0",
+                    help="KV cache element types of the depth test, comma-separated (default %(default)s)")
     ap.add_argument("--cache", default=cache_default, help="model and results directory (default %(default)s)")
     ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -700,6 +716,9 @@ def main():
     VERBOSE = VERBOSE or args.verbose
     WAIT_IDLE, MAX_OTHERS, RETRIES = args.wait_idle, args.max_others, args.retries
     args.runs = args.runs or (1 if args.quick else 3)
+    args.kv_types = args.kv_types.split(",")
+    if not args.kv_types or any(t not in ("f32", "f16", "q8_0") for t in args.kv_types):
+        ap.error("--kv-types: a comma-separated list of f32, f16, q8_0")
     args.depths = [1, CHECK_DEPTH] if args.quick else [1, 1024, CHECK_DEPTH, 4000]
     os.makedirs(args.cache, exist_ok=True)
     t0 = time.time()

@@ -176,8 +176,10 @@ int main(int argc, char **argv) {
         fill_cache(&m[j], context);
         tok[j] = m[j].h.bos_id >= 0 ? m[j].h.bos_id : 0;
         forward(&m[j], &tok[j], 1, 0, 0); // warm-up: every weight page touched once
+        int maps = 0; // of this file so far (one per KV type): smaps counts them all
+        for (int k = 0; k <= j; k++) maps += !strcmp(paths[k], paths[j]);
         printf("model %d: %s, %lld of %zu MiB mapped in huge pages, kv type %s, kv_bytes_per_token %zu\n", j, paths[j],
-               huge_mapped_kb(paths[j]) / 1024, m[j].map_bytes >> 20, kv_type_name(model_type[j]),
+               huge_mapped_kb(paths[j]) / 1024 / maps, m[j].map_bytes >> 20, kv_type_name(model_type[j]),
                kv_bytes_per_token(&m[j]));
     }
     // one thread pool for all: an idle pool's worker spins a while before it sleeps,
