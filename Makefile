@@ -60,8 +60,9 @@ bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h u
 bench/bandwidth bench/fma_peak: bench/%: bench/%.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-# Decode at a given depth with the engine's own forward() (it #includes run.c).
-bench/decode_at_depth: bench/decode_at_depth.c $(ENGINE_SRC) $(ENGINE_HDR)
+# Decode at a given depth with the engine's own forward() (it #includes run.c);
+# the attention kernels alone, per KV cache type.
+bench/decode_at_depth bench/attention: bench/%: bench/%.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
 # Speed against this machine's measured limits (see bench/bench.py); models
@@ -80,7 +81,7 @@ test: run run-omp tests/logits $(C_TESTS) $(WIDTH_TESTS)
 	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth bench/attention $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 models/*.l3ck
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind, fuzzing
@@ -125,6 +126,8 @@ VALGRIND    := valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kin
 valgrind: run-valgrind models/stories260K.l3ck
 	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -i "Once upon a time" -n 40 -t 0.9 -s 7 -T 2 >/dev/null
 	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -m ppl -i "Once upon a time there was a girl" --kv-heads 2 -T 2 >/dev/null
+	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -m ppl -i "Once upon a time there was a girl" --kv-type q8_0 -T 2 >/dev/null
+	$(VALGRIND) ./run-valgrind models/stories260K.l3ck -t 0 -n 40 -i "Once upon a time" --kv-type f16 -T 2 >/dev/null
 	@echo "valgrind: no errors, no leaks"
 
 tests/fuzz/fuzz_loader: tests/fuzz/fuzz_loader.c $(ENGINE_SRC) $(ENGINE_HDR)
