@@ -127,7 +127,7 @@ expect_error long_prompt_file_longer_than_context "error: the prompt is $n_long 
 oom=$TMP/oom.l3ck      # head_dim 4096 x 8 KV heads: 2 TiB of key cache at -c 2^24
 export_model "$oom" --random --dim 8 --hidden-dim 8 --n-layers 1 --n-heads 8 --n-kv-heads 8 --head-dim 4096 \
     --vocab-size 261 --max-seq-len 16777216
-want="error: out of memory allocating the key cache (549755813888 x 4 bytes); try a smaller -c"
+want="error: out of memory allocating the key cache (2199023255552 bytes); try a smaller -c or --kv-type"
 if [ "$(cat /proc/sys/vm/overcommit_memory 2>/dev/null)" = 1 ]; then
     # the kernel may grant 2 TiB of address space: then it must simply work
     out=$(ASAN_OPTIONS=${ASAN_OPTIONS:-}:allocator_may_return_null=1 TSAN_OPTIONS=${TSAN_OPTIONS:-}:allocator_may_return_null=1 \
