@@ -147,6 +147,7 @@ typedef struct {
     Tokenizer *tok;
     ThreadPool *pool;
     int n_threads;
+    const char *path; // of the model file, for error messages
     void *map;        // the mmapped file
     size_t map_bytes;
     void **owned;     // weights the engine computed itself (--kv-heads), freed at the end
@@ -266,6 +267,7 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
 // and points the config, the weights and the tokenizer into it. Apart from
 // the file handling so that tests/fuzz/fuzz_loader.c can feed it bytes.
 static void load_checkpoint(Transformer *m, const char *path) {
+    m->path = path;
     memcpy(&m->h, m->map, sizeof m->h);
     if (m->h.version == 3) { // before the version 4 fields: GQA, every matrix of one dtype
         m->h.attention = ATTENTION_GQA; m->h.kv_latent_dim = m->h.kv_rope_dim = 0;
@@ -821,6 +823,15 @@ static void attention_task(void *arg, int ith, int nth) {
     }
 }
 
+// Finite weights can still overflow (weights of 1e30 are finite): a NaN or
+// Inf logit ends the run rather than print nothing or "perplexity: nan".
+static void check_logits(const Transformer *m, const float *logits, int T, int pos) {
+    size_t n = (size_t)T * m->c.vocab_size, i = find_nonfinite_f32(logits, n);
+    if (i < n)
+        die("non-finite logit %g at position %d (token %zu of the vocabulary): the arithmetic overflowed; "
+            "are the weights sane?", logits[i], pos + (int)(i / m->c.vocab_size), i % m->c.vocab_size);
+}
+
 // Runs T tokens (T <= MAX_BATCH) at positions pos .. pos+T-1 through the
 // model, appending their keys and values to the cache. Returns the logits of
 // the last token (vocab_size), or with all_logits those of every token (T, vocab_size).
@@ -868,6 +879,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
     for (int t = first; t < T; t++)
         rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, w->final_norm, dim, c->norm_eps);
     matmul(m, s->logits, s->xb, &w->classifier, T - first);
+    check_logits(m, s->logits, T - first, pos + first);
     return s->logits;
 }
 
@@ -1335,16 +1347,117 @@ static void prefault_weights(Transformer *m) {
     (void)sink;
 }
 
+// No silent wrong answers: one NaN or Inf in the weights (a damaged download,
+// a bad conversion) turns every logit into NaN, and the output into nothing.
+// Every f32 value and every float16 scale is checked once at load, by all
+// threads, right after the prefault brought the pages in.
+
+typedef struct {
+    const char *name; int layer;  // "wq", layer 3; layer -1: not in a layer
+    const float *v; size_t n;     // an f32 tensor (vector, or matrix of cols values a row) ...
+    const Matrix *w;              // ... or a quantized matrix: its scales are checked
+    size_t cols;
+} TensorRef;
+
+// The model's tensors, in file order; returns their count (out may be NULL).
+static int list_tensors(const Transformer *m, TensorRef *out) {
+    int n = 0;
+#define REF(NAME, L, W) do { const Matrix *w_ = (W); \
+        if (out) out[n] = w_->q8 ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
+                                 : (TensorRef){NAME, L, w_->f, (size_t)w_->rows * w_->cols, NULL, (size_t)w_->cols}; \
+        n++; } while (0)
+#define VEC(NAME, L, V) do { if (out) out[n] = (TensorRef){NAME, L, (V), (size_t)m->c.dim, NULL, (size_t)m->c.dim}; n++; } while (0)
+    REF("token_embedding", -1, &m->w.token_embedding);
+    for (int l = 0; l < m->c.n_layers; l++) {
+        const Layer *L = &m->w.layers[l];
+        VEC("attn_norm", l, L->attn_norm);
+        REF("wq", l, &L->wq); REF("wk", l, &L->wk); REF("wv", l, &L->wv); REF("wo", l, &L->wo);
+        VEC("ffn_norm", l, L->ffn_norm);
+        REF("w1", l, &L->w1); REF("w2", l, &L->w2); REF("w3", l, &L->w3);
+    }
+    VEC("final_norm", -1, m->w.final_norm);
+    if (!m->h.tied_classifier) REF("classifier", -1, &m->w.classifier);
+#undef REF
+#undef VEC
+    return n;
+}
+
+// Rows [r0, r1) of a q8_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
+static size_t find_nonfinite_scale(const Matrix *w, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < w->cols; b++) {
+            Q8Block k = q8_block(matrix_row(w, r), w->cols, b);
+            for (int g = 0; g < k.groups; g++)
+                if (nonfinite_f16(k.scale[g])) return (size_t)r * (w->cols / Q8_GROUP) + (size_t)b * Q8_BLOCK + g;
+        }
+    return SIZE_MAX;
+}
+
+// The check is cut into pieces of about CHECK_PIECE elements (f32) or rows (quantized).
+#define CHECK_PIECE (1u << 18)
+typedef struct { const TensorRef *t; int n_tensors; size_t n_pieces; uint8_t *bad; } FiniteTask;
+
+static size_t pieces_of(const TensorRef *t) { return ((t->v ? t->n : t->n * 16) + CHECK_PIECE - 1) / CHECK_PIECE; }
+
+static void finite_task(void *arg, int ith, int nth) {
+    FiniteTask *a = arg;
+    size_t piece = 0;
+    for (int i = 0; i < a->n_tensors; i++) {
+        const TensorRef *t = &a->t[i];
+        size_t np = pieces_of(t), per = (t->n + np - 1) / np; // elements or rows a piece
+        for (size_t p = 0; p < np; p++, piece++) {
+            if (piece % nth != (size_t)ith) continue;
+            size_t lo = p * per, hi = lo + per < t->n ? lo + per : t->n;
+            a->bad[piece] = t->v ? find_nonfinite_f32(t->v + lo, hi - lo) != hi - lo
+                                 : find_nonfinite_scale(t->w, (int)lo, (int)hi) != SIZE_MAX;
+        }
+    }
+}
+
+// Dies at the first NaN or Inf of the weights, in file order, naming where it is.
+static void check_weights_finite(Transformer *m) {
+    int n = list_tensors(m, NULL);
+    TensorRef *t = xcalloc(n, sizeof *t, "tensor list");
+    list_tensors(m, t);
+    FiniteTask a = {t, n, 0, NULL};
+    for (int i = 0; i < n; i++) a.n_pieces += pieces_of(&t[i]);
+    a.bad = xcalloc(a.n_pieces, 1, "finite check");
+    if (a.n_pieces > 1) pool_run(m->pool, finite_task, &a); else finite_task(&a, 0, 1);
+    size_t piece = 0;
+    for (int i = 0; i < n; i++) {
+        int bad = 0;
+        for (size_t p = 0, np = pieces_of(&t[i]); p < np; p++) bad |= a.bad[piece++];
+        if (!bad) continue;
+        char where[64] = "";
+        if (t[i].layer >= 0) snprintf(where, sizeof where, "layer %d ", t[i].layer);
+        const char *fix = "the file is damaged; re-export or re-download it";
+        if (t[i].v) {
+            size_t e = find_nonfinite_f32(t[i].v, t[i].n);
+            if (t[i].n == t[i].cols) // a vector
+                die("%s: non-finite weight %g in %s%s, element %zu; %s", m->path, t[i].v[e], where, t[i].name, e, fix);
+            die("%s: non-finite weight %g in %s%s, row %zu, column %zu; %s", m->path, t[i].v[e], where, t[i].name,
+                e / t[i].cols, e % t[i].cols, fix);
+        }
+        size_t e = find_nonfinite_scale(t[i].w, 0, t[i].w->rows), groups = t[i].cols / Q8_GROUP;
+        Q8Block k = q8_block(matrix_row(t[i].w, (int)(e / groups)), t[i].w->cols, (int)(e % groups / Q8_BLOCK));
+        die("%s: non-finite q8_0 scale %g in %s%s, row %zu, group %zu; %s", m->path,
+            f16_to_f32(k.scale[e % groups % Q8_BLOCK]), where, t[i].name, e / groups, e % groups, fix);
+    }
+    free(a.bad);
+    free(t);
+}
+
 static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
+    m->n_threads = n_threads;
+    m->pool = pool_create(n_threads);
+    if (!m->pool) die("cannot start %d threads", n_threads);
     prefault_weights(m);
+    check_weights_finite(m);
     if (kv_heads) set_kv_heads(m, kv_heads);
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
     m->c.seq_len = seq_len > 0 ? seq_len
                  : (m->c.max_seq_len < DEFAULT_MAX_CONTEXT ? m->c.max_seq_len : DEFAULT_MAX_CONTEXT);
-    m->n_threads = n_threads;
-    m->pool = pool_create(n_threads);
-    if (!m->pool) die("cannot start %d threads", n_threads);
     malloc_run_state(m);
 }
 
