@@ -7,10 +7,12 @@
    where integer dot products need them -- and the scalar references
    (marked REFERENCE) that tests/test_engine.c checks the kernels against.
 
-   In order: the vector type; f32 dot products; the attention kernels (scores
-   against a transposed key tile, weighted sums of value rows); rmsnorm, exp,
+   In order: the vector type; f32 dot products; float16 conversions; the KV
+   cache's element types (f32, f16, q8_0: storing a row, reading it back) and
+   the attention kernels that read them (scores against a transposed key tile,
+   weighted sums of value rows); rmsnorm, exp,
    softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 format
-   (float16 scales, quantization) and its integer dot product. */
+   (quantization) and its integer dot product. */
 
 #ifndef KERNELS_H
 #define KERNELS_H
