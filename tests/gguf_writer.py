@@ -63,21 +63,38 @@ def write_gguf(path, meta, tensors, version=3, alignment=None):
     if alignment is not None:
         meta = list(meta) + [("general.alignment", UINT32, alignment)]
     head = [struct.pack("<4sIQQ", b"GGUF", version, len(tensors), len(meta))]
-    head += [gguf_string(k) + struct.pack("<I", t) + gguf_value(t, v) for k, t, v in meta]
+    marks = {"kv": [], "tensor_info": [], "tensor": []}  # byte positions, for corrupting tests
+    pos = 24
+    for k, t, v in meta:
+        entry = gguf_string(k) + struct.pack("<I", t) + gguf_value(t, v)
+        key_end = pos + 8 + len(k.encode("utf-8"))
+        marks["kv"].append({"key": k, "start": pos, "type": key_end, "value": key_end + 4})
+        head.append(entry)
+        pos += len(entry)
     offset, data = 0, []
     for name, tname, shape, raw in tensors:
         dims = list(reversed(shape))
-        head.append(gguf_string(name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
-                    + struct.pack("<IQ", GGML[tname], offset))
+        info = (gguf_string(name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+                + struct.pack("<IQ", GGML[tname], offset))
+        n_dims_at = pos + 8 + len(name.encode("utf-8"))
+        marks["tensor_info"].append({"name": name, "start": pos, "n_dims": n_dims_at, "dims": n_dims_at + 4,
+                                     "type": n_dims_at + 4 + 8 * len(dims), "offset": n_dims_at + 8 + 8 * len(dims)})
+        head.append(info)
+        pos += len(info)
+        marks["tensor"].append({"name": name, "offset": offset, "bytes": len(raw)})
         pad = -len(raw) % align
         data.append(raw + bytes(pad))
         offset += len(raw) + pad
+    marks["infos_end"] = pos
     head = b"".join(head)
     head += bytes(-len(head) % align)
+    marks["data_start"] = len(head)
+    for t in marks["tensor"]:
+        t["start"] = len(head) + t["offset"]
     with open(path, "wb") as f:
         f.write(head)
         f.write(b"".join(data))
-    return len(head)  # where the data section starts
+    return marks
 
 
 # ----------------------------------------------------------------------------
@@ -223,12 +240,15 @@ def byte_chars():
     return out
 
 
-def llama3_tokenizer(tokenizer_json_path, bos=128000, eos=128001, eot=128009):
-    """tokenizer.ggml.* of a Llama 3 GGUF from its tokenizer.json: model gpt2,
-    pre llama-bpe, tokens by id, token_type (1 normal, 3 control for the added
-    special tokens), merges, bos/eos/eot ids."""
-    with open(tokenizer_json_path, encoding="utf-8") as f:
-        tj = json.load(f)
+def llama3_tokenizer(tokenizer_json, bos=128000, eos=128001, eot=128009):
+    """tokenizer.ggml.* of a Llama 3 GGUF from its tokenizer.json (path or
+    dict): model gpt2, pre llama-bpe, tokens by id, token_type (1 normal,
+    3 control for the added special tokens), merges, bos/eos/eot ids."""
+    if isinstance(tokenizer_json, dict):
+        tj = tokenizer_json
+    else:
+        with open(tokenizer_json, encoding="utf-8") as f:
+            tj = json.load(f)
     by_id = {i: t for t, i in tj["model"]["vocab"].items()}
     types = {i: 1 for i in by_id}
     for a in tj["added_tokens"]:
@@ -242,7 +262,8 @@ def llama3_tokenizer(tokenizer_json_path, bos=128000, eos=128001, eot=128009):
             ("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)), ("tokenizer.ggml.token_type", ARRAY, (INT32, ttypes)),
             ("tokenizer.ggml.merges", ARRAY, (STRING, merges)),
             ("tokenizer.ggml.bos_token_id", UINT32, bos), ("tokenizer.ggml.eos_token_id", UINT32, eos),
-            ("tokenizer.ggml.eot_token_id", UINT32, eot), ("tokenizer.ggml.add_bos_token", BOOL, True)]
+            ("tokenizer.ggml.add_bos_token", BOOL, True)] + ([("tokenizer.ggml.eot_token_id", UINT32, eot)]
+                                                             if eot is not None else [])
 
 
 def sentencepiece_tokenizer(tokenizer_bin_path, vocab_size):
