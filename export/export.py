@@ -2,11 +2,17 @@
 """export.py - writes a checkpoint in the format of model.h (one file: header,
 tokenizer section, weights; every tensor 64-byte aligned).
 
-Three sources:
+Four sources:
 
   python3 export/export.py OUT.bin --hf HF_DIR [--dtype f32|q8_0]
       A Hugging Face Llama 3.x directory: config.json, model.safetensors (or
       shards listed in model.safetensors.index.json) and tokenizer.json.
+  python3 export/export.py OUT.bin --gguf MODEL.gguf [--dtype f32|q8_0]
+      A llama.cpp GGUF file of a Llama (versions 2 and 3; gguf.py reads it):
+      the hyperparameters, tokenizer and RoPE scaling come from the file.
+      Q8_0 tensors are repacked into q8_0 bit for bit; the others (F32, F16,
+      BF16, Q4_0, Q4_K, Q5_K, Q6_K) dequantized as llama.cpp does, then
+      written as --dtype (default q8_0 for a quantized file, else f32).
   python3 export/export.py OUT.bin --llama2c MODEL.bin --tokenizer TOK.bin
       A legacy llama2.c checkpoint and its tokenizer.bin. Needs no numpy
       (unless --dtype q8_0).
