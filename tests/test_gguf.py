@@ -140,8 +140,21 @@ def other_types():
     T.check("gguf_q4_0_dequantizes_exactly", np.array_equal(E["layers.0.w2"], want), "")
     h = read_header(export_ok(path("small_q4_default.bin"), "--gguf", g4))
     T.check("gguf_quantized_source_defaults_to_q8_0", h["dtype"] == 1, f"dtype {h['dtype']}")
-    h = read_header(export_ok(path("small_kv1.bin"), "--gguf", g4, "--kv-heads", "1", "--dtype", "f32"))
-    T.check("gguf_kv_heads_applies", h["n_kv_heads"] == 1, f"n_kv_heads {h['n_kv_heads']}")
+    # --kv-heads 1 from Q8_0: the pooled wk / wv are the mean of the dequantized heads, then requantized
+    g8 = path("small_Q8_0_ggml.gguf")
+    h, E = read_tensors(export_ok(path("small_kv1.bin"), "--gguf", g8, "--kv-heads", "1", "--dtype", "f32"))
+    wk = gw.permute_to_meta(W["model.layers.0.self_attn.k_proj.weight"], 2)
+    deq = ref_dequantize("Q8_0", gw.encode(wk, "Q8_0", "ggml")).reshape(2, -1, wk.shape[1])
+    T.check("gguf_kv_heads_pools_the_dequantized_heads", h["n_kv_heads"] == 1
+            and np.array_equal(E["layers.0.wk"], deq[0] / np.float32(2) + deq[1] / np.float32(2)), "")
+    h = read_header(export_ok(path("small_kv1_q8.bin"), "--gguf", g8, "--kv-heads", "1"))
+    T.check("gguf_kv_heads_with_q8_0_output", h["n_kv_heads"] == 1 and h["dtype"] == 1, f"{h['n_kv_heads']}")
+    # GGUF version 2 with general.alignment 64: the same model as version 3 with the default 32
+    meta, tensors = gw.hf_to_gguf(cfg, W, "Q8_0", gtok, q8_rule="ggml")
+    gw.write_gguf(path("small_v2.gguf"), meta, tensors, version=2, alignment=64)
+    T.check("gguf_version_2_with_alignment_64_reads_as_version_3",
+            same_file(export_ok(path("small_v2.bin"), "--gguf", path("small_v2.gguf")),
+                      export_ok(path("small_v3.bin"), "--gguf", g8)), "")
 
 
 def golden_tokenization(model):
