@@ -962,16 +962,10 @@ def gguf_repacked(g, t, r0, r1, dtype):
 
 
 def gguf_rope_scaling(c, factors, original_hint):
-    """Sets c's Llama 3.1 RoPE scaling from the rope_freqs tensor: llama.cpp
-    divides the frequency of pair i by factors[i]. Llama 3.1's rule gives 1
-    for short wavelengths, `factor` for long ones and, between,
-    1 / factors[i] = (1 - s) / factor + s with s = (orig / wavelen - low) /
-    (high - low): linear in 1 / wavelen. So factor = max(factors), and the
-    in-between factors give s's line, whose slope and intercept fix
-    orig / (high - low) and low / (high - low); low_freq_factor is taken as 1
-    (as in every Llama 3.x) unless that makes orig not an integer. The
-    parameters must then reproduce every factor (relative 1e-5, the float32
-    rounding of the converter), or the export is refused."""
+    """Sets c's Llama 3.1 RoPE scaling from the rope_freqs tensor, by which
+    llama.cpp divides the frequency of each pair i. The parameters found
+    must reproduce every factor (relative 1e-5: the converter computes them
+    in float32), or the export is refused."""
     n = c.head_dim // 2
     if len(factors) != n:
         raise ExportError(f"{GGUF_ROPE_FREQS} has {len(factors)} values, head_dim / 2 is {n}")
@@ -981,45 +975,52 @@ def gguf_rope_scaling(c, factors, original_hint):
     if np.all(np.abs(f - 1) <= 1e-6):
         return  # no scaling
     base = c.rope_theta ** (-2.0 * np.arange(n) / c.head_dim)
-    u = base / (2 * np.pi)  # 1 / wavelen
-    factor = float(f.max())
-    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
-    tried = []
-    if mid.sum() >= 2:
-        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(u[mid], s, 1)  # s = slope * u + intercept
-        if slope > 0:
-            orig_per_low = -slope / intercept if intercept < 0 else None  # orig / low
-            if orig_per_low:
-                orig = int(round(orig_per_low)) if original_hint is None else original_hint
-                low = orig / orig_per_low
-                high = low + orig / slope
-                tried += [(orig, round(low, 3), round(high, 3)), (orig, low, high)]  # rounded if that fits
-    # Too few in-between factors to fit a line: Llama 3.1's own low 1 and high 4,
-    # with an original context that puts every frequency in its band (kept:
-    # wavelen < orig / 4; divided: wavelen > orig), the hint or 8192 if they do.
-    wavelen = 2 * np.pi / base
-    lo = max([4 * w for w in wavelen[f <= 1 + 1e-6]], default=0.0)
-    hi = min([w for w in wavelen[f >= factor * (1 - 1e-6)]], default=float("inf"))
-    fits = [o for o in ([original_hint] if original_hint else []) + [8192] if lo < o < hi]
-    if not fits and lo < hi:
-        fits = [int(lo) + 1 if hi == float("inf") else int(round(math.sqrt(max(lo, 1) * hi)))]
-    tried += [(orig, 1.0, 4.0) for orig in fits]
-    worst = None
-    for orig, low, high in tried:
-        if orig <= 0 or not 0 < low < high:
+    factor, best = float(f.max()), float("inf")
+    for orig, low, high in llama3_rope_candidates(f, base, factor, original_hint) if factor >= 1 else []:
+        if not (isinstance(orig, int) and orig >= 1 and 0 < low < high):
             continue
         cand = replace(c, rope_scaling=ROPE_SCALING_LLAMA3, rope_factor=factor, rope_low_freq_factor=low,
                        rope_high_freq_factor=high, rope_original_max_pos=orig, stop_ids=list(c.stop_ids))
         err = float(np.max(np.abs(llama3_rope_factors(cand, base) / f - 1)))
         if err <= 1e-5:
-            c.rope_scaling, c.rope_factor, c.rope_low_freq_factor = ROPE_SCALING_LLAMA3, factor, float(np.float32(low))
-            c.rope_high_freq_factor, c.rope_original_max_pos = float(np.float32(high)), orig
+            c.rope_scaling, c.rope_factor, c.rope_original_max_pos = ROPE_SCALING_LLAMA3, factor, orig
+            c.rope_low_freq_factor, c.rope_high_freq_factor = float(np.float32(low)), float(np.float32(high))
             return
-        worst = err if worst is None else min(worst, err)
+        best = min(best, err)
     raise ExportError(f"{GGUF_ROPE_FREQS}: the per-frequency factors (max {factor:g}) are not Llama 3.1's "
-                      f"rope scaling for any factor / low / high / original context this engine can store "
-                      f"(best fit off by {worst if worst is not None else float('nan'):.3g}); not supported")
+                      f"rope scaling for any factor >= 1, low / high frequency factors and original context "
+                      f"(best fit off by {best:.3g}); not supported")
+
+
+def llama3_rope_candidates(f, base, factor, original_hint):
+    """(original context, low_freq_factor, high_freq_factor) that may give the
+    factors f. Llama 3.1's rule divides by 1 short wavelengths, by `factor`
+    long ones and, between, by 1 / ((1 - s) / factor + s) with
+    s = (orig / wavelen - low) / (high - low), a line in 1 / wavelen. Only
+    the line matters (orig, low and high scaled together give the same
+    factors), so low is taken as 1, Llama 3.x's own, unless the original
+    context is given in the metadata."""
+    wavelen = 2 * np.pi / base
+    out = []
+    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if mid.sum() >= 2:  # the line through the in-between factors
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)  # slope = orig / (high - low), intercept = -low / (high - low)
+        if slope > 0 and intercept < 0:
+            orig_per_low = -slope / intercept
+            orig = original_hint or int(round(orig_per_low))
+            low = orig / orig_per_low
+            high = low + orig / slope
+            out += [(orig, round(low, 3), round(high, 3)), (orig, low, high)]  # rounded if that fits
+    # Fewer in-between factors: low 1 and high 4 (Llama 3.1's) with an original
+    # context that puts every frequency in its band (kept: wavelen < orig / 4;
+    # divided: wavelen > orig): the hint or 8192 if they do, else one between.
+    lo = max([4 * w for w in wavelen[f <= 1 + 1e-6]], default=0.0)
+    hi = min([w for w in wavelen[f >= factor * (1 - 1e-6)]], default=float("inf"))
+    fits = [o for o in ([original_hint] if original_hint else []) + [8192] if lo < o < hi]
+    if not fits and lo < hi:
+        fits = [int(lo) + 1 if hi == float("inf") else int(round(math.sqrt(max(lo, 1) * hi)))]
+    return out + [(orig, 1.0, 4.0) for orig in fits]
 
 
 def llama3_rope_factors(c, base):

@@ -157,6 +157,23 @@ def other_types():
                       export_ok(path("small_v3.bin"), "--gguf", g8)), "")
 
 
+def real_llama_rope_scaling():
+    """Llama 3.1 8B's and Llama 3.2 1B's scaling (head_dim 128 / 64, theta 500000, factor 8 / 32, low 1,
+    high 4, original context 8192) come back exactly from the rope_freqs convert_hf_to_gguf.py writes."""
+    sys.path.insert(0, os.path.dirname(EXPORT))
+    import export as ex
+    ex.need_numpy("the test")
+    for name, hd, factor in [("llama31_8b", 128, 8.0), ("llama32_1b", 64, 32.0)]:
+        scaling = dict(SCALING, factor=factor, original_max_position_embeddings=8192)
+        cfg = make_hf.hf_config(dim=hd * 4, hidden=64, n_layers=1, n_heads=4, n_kv_heads=1, head_dim=hd,
+                                theta=500000.0, rope_scaling=scaling)
+        c = ex.Config(dim=hd * 4, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=1, head_dim=hd, vocab_size=300,
+                      max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tied_classifier=True)
+        ex.gguf_rope_scaling(c, gw.llama3_rope_freqs(cfg), None)
+        got = (c.rope_scaling, c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_pos)
+        T.check(f"gguf_rope_scaling_of_{name}_derived_exactly", got == (1, factor, 1.0, 4.0, 8192), f"{got}")
+
+
 def golden_tokenization(model):
     """Every golden line through ./run -m tokenize (BOS first) on the model
     exported from the GGUF: the tokenizer built from tokenizer.ggml.*."""
@@ -530,6 +547,7 @@ def timed(name, fn):
 def main():
     try:
         timed("gguf_f32_exports_the_same_bytes_as_hf", llama3_model)
+        timed("gguf_rope_scaling_of_real_llamas", real_llama_rope_scaling)
         timed("gguf_other_types", other_types)
         timed("gguf_stories260K_sentencepiece", stories)
         timed("gguf_block_formats", block_formats)
