@@ -573,7 +573,7 @@ def as_f32_rows(block, cols):
     """A block (numpy array or raw f32 bytes) as a (rows, cols) float32 array."""
     if isinstance(block, np.ndarray):
         return block.reshape(-1, cols).astype(np.float32, copy=False)
-    if isinstance(block, Q8_0Rows):
+    if isinstance(block, QuantizedRows):
         return block.to_f32()
     return np.frombuffer(block, dtype="<f4").reshape(-1, cols)
 
@@ -662,11 +662,11 @@ def write_tensor(f, shape, blocks, dtype, name="tensor"):
             if isinstance(block, memoryview):
                 f.write(block)
             else:
-                f.write(np.ascontiguousarray(block, dtype="<f4").data)
+                f.write(np.ascontiguousarray(as_f32_rows(block, shape[-1]), dtype="<f4").data)
     else:
         row = 0
         for block in blocks:
-            if isinstance(block, Q8_0Rows):  # already q8_0 (a GGUF's Q8_0 blocks): laid out, not requantized
+            if isinstance(block, QuantizedRows) and block.dtype == dtype:  # the source's own numbers, as they are
                 f.write(q8_0_rows(block.q, block.scale).data)
                 row += block.q.shape[0]
                 continue
@@ -934,12 +934,15 @@ def gguf_name(name):
     return f"blk.{l}.{GGUF_LAYER_NAMES[kind]}.weight"
 
 
-class Q8_0Rows:
-    """Rows already in q8_0 (a GGUF's Q8_0 blocks): int8 q (rows, cols) and
-    float16 scale (rows, cols / 32). write_tensor lays them out as they are."""
+class QuantizedRows:
+    """Rows the source holds already quantized (a GGUF's Q8_0 blocks): integer
+    values q (rows, cols), their float16 scales (rows, cols / 32) and the
+    DTYPE_* whose numbers they are (value = q * scale). write_tensor lays them
+    out as they are into a tensor of that dtype (no requantization), and
+    dequantizes them for any other."""
 
-    def __init__(self, q, scale):
-        self.q, self.scale = q, scale
+    def __init__(self, dtype, q, scale):
+        self.dtype, self.q, self.scale = dtype, q, scale
 
     def to_f32(self):
         rows, cols = self.q.shape
@@ -947,18 +950,11 @@ class Q8_0Rows:
         return x.reshape(rows, cols)
 
 
-def gguf_repacked(g, t, r0, r1, dtype):
-    """Rows r0..r1 of GGUF tensor t in the output's own quantized form, without
-    requantizing, or None when the output type differs from the source's.
-    The one place where GGUF blocks become this format's blocks:
-      Q8_0 -> q8_0: the same int8 values and float16 scales, bit for bit.
-      Q4_0 -> q4_0: not yet; --dtype q4_0 (DTYPE_Q4_0) is being added on its
-        own branch with a layout function taking each group's values and
-        float16 scale: return its rows here from gguf.q4_0_parts(raw). Until
-        then a Q4_0 source is dequantized and written as --dtype."""
-    if t.type_name == "Q8_0" and dtype == DTYPE_Q8_0:
-        return Q8_0Rows(*gguf_module().q8_0_parts(g.rows_raw(t, r0, r1)))
-    return None
+# The GGUF types whose blocks are this format's numbers: repacked, bit for bit,
+# into a tensor of the same dtype. The one place to add Q4_0 -> DTYPE_Q4_0
+# when --dtype q4_0 lands (gguf.q4_0_parts gives its values in [-8, 7] and
+# float16 scales); until then a Q4_0 tensor is dequantized.
+GGUF_REPACKABLE = {"Q8_0": DTYPE_Q8_0}
 
 
 def gguf_rope_scaling(c, factors, original_hint):
@@ -1202,8 +1198,10 @@ def export_gguf(out, path, dtype, kv_heads=None):
         t = g.tensors[gguf_name(name)]
         rows = shape[0] if len(shape) == 2 else 1
         for r0, r1 in row_ranges(rows, shape[-1]):
-            block = gguf_repacked(g, t, r0, r1, dtype) if len(shape) == 2 else None
-            yield block if block is not None else g.rows_f32(t, r0, r1)
+            if len(shape) == 2 and t.type_name in GGUF_REPACKABLE:
+                yield QuantizedRows(GGUF_REPACKABLE[t.type_name], *gg.quantized_parts(t.type_name, g.rows_raw(t, r0, r1)))
+            else:
+                yield g.rows_f32(t, r0, r1)
 
     out_c, out_blocks_of = apply_kv_heads(c, blocks_of, kv_heads)
     return out_c, write_model(out, out_c, dtype, section, out_blocks_of), dtype

@@ -283,6 +283,11 @@ def q4_0_parts(raw):
     return q.reshape(rows, -1), d
 
 
+def quantized_parts(type_name, raw):
+    """Q8_0 / Q4_0 bytes (rows, bytes per row) -> (integer values (rows, cols), float16 scales (rows, cols / 32))."""
+    return {"Q8_0": q8_0_parts, "Q4_0": q4_0_parts}[type_name](raw)
+
+
 def _k_scales_mins(sc):
     """Q4_K / Q5_K packed scales (n, 12) -> 6-bit scales (n, 8), mins (n, 8)."""
     lo, hi = sc[:, 0:4], sc[:, 8:12]
