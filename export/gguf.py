@@ -43,9 +43,11 @@ before a subtraction: no fused multiply-add):
         ql[64n + l + 32 (g & 1)] (low nibble for g < 2, high for g >= 2),
         2 high bits from qh[32n + l] >> 2g:  x = (d * scales[e / 16]) * (q6 - 32)
 """
+import array
 import mmap
 import os
 import struct
+import sys
 
 np = None  # numpy, imported by the first tensor read
 
@@ -143,10 +145,17 @@ class _Cursor:
         if count > self.left() // least:  # before allocating anything of that size
             raise GGUFError(f"{what}: array of {count} {ename} values cannot fit in the {self.left()} bytes "
                             "left in the file (truncated or corrupt file)")
-        if ecode is not None:
+        if ecode is not None:  # numbers: as compact as in the file (an array.array, a list for bools)
             start = self.take(count * least, what)
-            values = struct.unpack_from(f"<{count}{ecode}", self.mm, start)
-            return list(values)
+            if ecode == "?":
+                return [b != 0 for b in self.mm[start:start + count]]
+            values = array.array(ecode)
+            if values.itemsize != least:  # a platform whose C types differ: plain Python numbers
+                return list(struct.unpack_from(f"<{count}{ecode}", self.mm, start))
+            values.frombytes(self.mm[start:start + count * least])
+            if sys.byteorder == "big":
+                values.byteswap()
+            return values
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
 
@@ -161,8 +170,9 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """A GGUF file, mmapped. .version, .metadata {key: value} (arrays as
-    lists), .tensors {name: TensorInfo}, .alignment, .data_start."""
+    """A GGUF file, mmapped. .version, .metadata {key: value} (arrays of
+    numbers as array.array, others as lists), .tensors {name: TensorInfo},
+    .alignment, .data_start."""
 
     def __init__(self, path):
         self.path = path
@@ -368,7 +378,7 @@ def get(meta, key, kind, default=None, required=False):
     v = meta[key]
     ok = {"int": isinstance(v, int) and not isinstance(v, bool),
           "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": isinstance(v, str), "list": isinstance(v, list),
+          "str": isinstance(v, str), "list": isinstance(v, (list, array.array)),
           "bool": isinstance(v, bool)}[kind]
     if not ok:
         raise GGUFError(f"metadata {key} is {v!r:.60}, expected a {kind}")
