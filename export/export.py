@@ -1105,7 +1105,8 @@ def check_gguf_tensors(g, c):
 
 def gguf_tokenizer(g, c, path):
     """The tokenizer section from tokenizer.ggml.*; sets c's tokenizer kind,
-    bos_id and stop ids (eos, eot, eom and bos, as for Hugging Face)."""
+    bos_id and stop ids: the eos, eot and eom ids, the Llama 3 tokens of those
+    names, and bos (as for Hugging Face: a model that starts a new document is done)."""
     gg = gguf_module()
     meta = g.metadata
     model = gg.get(meta, "tokenizer.ggml.model", "str", required=True)
@@ -1116,7 +1117,7 @@ def gguf_tokenizer(g, c, path):
         raise ExportError("tokenizer.ggml.tokens / token_type: not one string and one integer type per token")
     if len(tokens) > c.vocab_size:
         raise ExportError(f"tokenizer.ggml.tokens has {len(tokens)} tokens, the model's vocabulary {c.vocab_size}")
-    special = {}
+    special, named_stops = {}, []
     for k in ("bos", "eos", "eot", "eom"):
         i = gg.get(meta, f"tokenizer.ggml.{k}_token_id", "int")
         if i is not None and not 0 <= i < len(tokens):
@@ -1141,7 +1142,8 @@ def gguf_tokenizer(g, c, path):
             "added_tokens": added, "decoder": {"type": "ByteLevel"},
             "pre_tokenizer": {"type": "Split",
                               "pattern": {"Regex": tokenizer_section_module().LLAMA3_PATTERN}}}
-        section, _ = llama3_tokenizer_section(tj, path, c.vocab_size)
+        section, info = llama3_tokenizer_section(tj, path, c.vocab_size)
+        named_stops = info["stop_ids"]  # <|end_of_text|>, <|eot_id|>, <|eom_id|>: llama.cpp ends generation at them too
         c.tokenizer_kind = TOKENIZER_LLAMA3
     elif model == "llama":
         scores = gg.get(meta, "tokenizer.ggml.scores", "list", required=True)
@@ -1160,7 +1162,7 @@ def gguf_tokenizer(g, c, path):
     if gg.get(meta, "tokenizer.ggml.add_bos_token", "bool", True) is False:
         bos = None
     c.bos_id = -1 if bos is None else bos
-    c.stop_ids = unique([special[k] for k in ("eos", "eot", "eom") if special[k] is not None]
+    c.stop_ids = unique([special[k] for k in ("eos", "eot", "eom") if special[k] is not None] + named_stops
                         + ([bos] if bos is not None else []))
     return section
 

@@ -115,11 +115,11 @@ def llama3_model():
 
 
 def small_model(exact=False, seed=4):
-    cfg = make_hf.hf_config(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, tied=False)
+    bos = make_hf.synthetic_bos(300)  # the synthetic vocabulary's <|begin_of_text|>; + 1 <|end_of_text|>, + 4 <|eot_id|>
+    cfg = make_hf.hf_config(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, tied=False, eos=[bos + 1, bos + 4])
     W = make_hf.random_weights(cfg, seed, exact=exact)
     tok = make_hf.synthetic_tokenizer(cfg["vocab_size"])
-    bos = make_hf.synthetic_bos(cfg["vocab_size"])
-    return cfg, W, tok, gw.llama3_tokenizer(tok, bos=bos, eos=bos + 1, eot=None)  # as config.json: eos only
+    return cfg, W, tok, gw.llama3_tokenizer(tok, bos=bos, eos=bos + 1, eot=None)  # <|eot_id|> a stop by its name
 
 
 def other_types():
