@@ -1125,6 +1125,9 @@ def gguf_tokenizer(g, c, path):
         special[k] = i
     if model == "gpt2":
         pre = gg.get(meta, "tokenizer.ggml.pre", "str")
+        if pre is None:
+            raise ExportError("tokenizer.ggml.pre is missing (a GGUF converted before llama.cpp recorded the "
+                              "pre-tokenizer, spring 2024), so its tokenization is not known; use a newer conversion")
         if pre not in GGUF_LLAMA3_PRE:
             raise ExportError(f"tokenizer.ggml.pre is {pre!r}: only Llama 3's pre-tokenizer "
                               f"({' / '.join(GGUF_LLAMA3_PRE)}) is implemented")

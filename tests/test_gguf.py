@@ -373,6 +373,10 @@ def refusals():
         ("yarn_rope_scaling", set_meta("llama.rope.scaling.type", gw.STRING, "yarn"), "yarn"),
         ("tokenizer_model_bert", set_meta("tokenizer.ggml.model", gw.STRING, "bert"), "bert"),
         ("tokenizer_pre_qwen2", set_meta("tokenizer.ggml.pre", gw.STRING, "qwen2"), "qwen2"),
+        ("tokenizer_pre_missing", lambda m, t: m.__setitem__(
+            slice(None), [x for x in m if x[0] != "tokenizer.ggml.pre"]), "pre-tokenizer"),
+        ("other_architecture_even_with_llama_keys", set_meta("general.architecture", gw.STRING, "mistral3"),
+         "mistral3"),
         ("missing_feed_forward_length", lambda m, t: m.__setitem__(
             slice(None), [x for x in m if x[0] != "llama.feed_forward_length"]), "feed_forward_length"),
         ("missing_tensor", lambda m, t: t.pop(), "missing tensor"),
