@@ -1001,7 +1001,8 @@ def llama3_rope_candidates(f, base, factor, original_hint):
     mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
     if mid.sum() >= 2:  # the line through the in-between factors
         s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)  # slope = orig / (high - low), intercept = -low / (high - low)
+        # s = slope / wavelen + intercept: slope = orig / (high - low), intercept = -low / (high - low)
+        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)
         if slope > 0 and intercept < 0:
             orig_per_low = -slope / intercept
             orig = original_hint or int(round(orig_per_low))
@@ -1204,7 +1205,8 @@ def export_gguf(out, path, dtype, kv_heads=None):
         rows = shape[0] if len(shape) == 2 else 1
         for r0, r1 in row_ranges(rows, shape[-1]):
             if len(shape) == 2 and t.type_name in GGUF_REPACKABLE:
-                yield QuantizedRows(GGUF_REPACKABLE[t.type_name], *gg.quantized_parts(t.type_name, g.rows_raw(t, r0, r1)))
+                q, scale = gg.quantized_parts(t.type_name, g.rows_raw(t, r0, r1))
+                yield QuantizedRows(GGUF_REPACKABLE[t.type_name], q, scale)
             else:
                 yield g.rows_f32(t, r0, r1)
 

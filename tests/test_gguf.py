@@ -20,7 +20,6 @@ Llama; no llama.cpp needed):
     one "error:" line, exit status 1, in bounded time and address space."""
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
