@@ -42,7 +42,8 @@ TMP = scratch("gguf-")
 LLAMA3_TOK = shared_file("models/llama3-tokenizer.json")
 STORIES, TOK512 = shared_file("models/stories260K.bin"), shared_file("models/tok512.bin")
 TINYSTORIES = shared_file("corpora/tinystories-valid.txt")
-GOLDEN = [shared_file("corpora/llama3-tokenizer-golden.jsonl"), shared_file("corpora/llama3-tokenizer-golden-special.jsonl")]
+GOLDEN = [shared_file("corpora/llama3-tokenizer-golden.jsonl"),
+          shared_file("corpora/llama3-tokenizer-golden-special.jsonl")]
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 64}
 
@@ -82,10 +83,9 @@ def llama3_model():
     T.check("gguf_f32_exports_the_same_bytes_as_hf", same_file(via_gguf, via_hf),
             "header, tokenizer section or weights differ from the --hf export")
     h = read_header(via_gguf)
-    T.check("gguf_rope_scaling_derived_from_rope_freqs", (h["rope_scaling"], h["rope_factor"], h["rope_low_freq_factor"],
-            h["rope_high_freq_factor"], h["rope_original_max_pos"]) == (1, 8.0, 1.0, 4.0, 64),
-            f"{h['rope_scaling']} {h['rope_factor']} {h['rope_low_freq_factor']} {h['rope_high_freq_factor']} "
-            f"{h['rope_original_max_pos']}")
+    rope = (h["rope_scaling"], h["rope_factor"], h["rope_low_freq_factor"], h["rope_high_freq_factor"],
+            h["rope_original_max_pos"])
+    T.check("gguf_rope_scaling_derived_from_rope_freqs", rope == (1, 8.0, 1.0, 4.0, 64), f"{rope}")
     if engine_built() and os.path.exists(TINYSTORIES):
         text = path("ppl.txt")
         with open(TINYSTORIES, encoding="utf-8") as f, open(text, "w", encoding="utf-8") as o:
@@ -114,7 +114,7 @@ def llama3_model():
 
 
 def small_model(exact=False, seed=4):
-    bos = make_hf.synthetic_bos(300)  # the synthetic vocabulary's <|begin_of_text|>; + 1 <|end_of_text|>, + 4 <|eot_id|>
+    bos = make_hf.synthetic_bos(300)  # synthetic vocabulary: <|begin_of_text|>; + 1 <|end_of_text|>, + 4 <|eot_id|>
     cfg = make_hf.hf_config(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, tied=False, eos=[bos + 1, bos + 4])
     W = make_hf.random_weights(cfg, seed, exact=exact)
     tok = make_hf.synthetic_tokenizer(cfg["vocab_size"])
@@ -201,7 +201,8 @@ def golden_tokenization(model):
         got = list(pool.map(one, range(len(lines))))
     bad = [k for k in range(len(lines)) if got[k] != [128000] + lines[k]["ids"]]
     T.check("gguf_tokenizer_matches_all_448_golden_lines", len(lines) == 448 and not bad,
-            f"{len(lines)} lines, {len(bad)} differ, first {lines[bad[0]]['text'][:60]!r}" if bad else f"{len(lines)} lines")
+            f"{len(lines)} lines, {len(bad)} differ, first {lines[bad[0]]['text'][:60]!r}" if bad
+            else f"{len(lines)} lines")
 
 
 # ----------------------------------------------------------------------------
