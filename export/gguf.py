@@ -336,7 +336,15 @@ def _dequantize_q6_k(b):
 
 
 def dequantize(type_name, raw):
-    """Bytes of whole blocks (any leading shape) -> float32 values, flat."""
+    """Bytes of whole blocks (any leading shape) -> float32 values, flat. A
+    scale that is inf or NaN gives what llama.cpp's arithmetic gives (inf,
+    NaN), silently: the exporter's quantizer or the engine's loader refuses
+    those numbers with a message naming the tensor."""
+    with np.errstate(all="ignore"):
+        return _dequantize(type_name, raw)
+
+
+def _dequantize(type_name, raw):
     raw = np.ascontiguousarray(raw).reshape(-1)
     if type_name == "F32":
         return raw.view("<f4").astype(np.float32)

@@ -341,6 +341,13 @@ def k_quants_through_export():
              for name, ours in [("blk.0.attn_q.weight", "layers.0.wq"), ("blk.0.ffn_up.weight", "layers.0.w3"),
                                 ("token_embd.weight", "token_embedding")])
     T.check("gguf_k_quant_model_exports_the_reference_values", ok, "a dequantized matrix differs")
+    # a super-block scale of inf: q8_0 cannot hold what it gives, and says where (one line, no numpy warning)
+    k = [i for i, t in enumerate(tensors) if t[0] == "blk.0.attn_q.weight"][0]
+    raw = bytearray(tensors[k][3])
+    raw[0:2] = np.float16(np.inf).tobytes()
+    tensors[k] = tensors[k][:3] + (bytes(raw),)
+    gw.write_gguf(path("kquant_inf.gguf"), meta, tensors)
+    expect_refusal("gguf_k_quant_inf_scale_refused_naming_the_tensor", path("kquant_inf.gguf"), "layers.0.wq")
 
 
 # ----------------------------------------------------------------------------
