@@ -54,6 +54,7 @@ import mmap
 import os
 import struct
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -972,7 +973,10 @@ def gguf_rope_scaling(c, factors, original_hint):
         return  # no scaling
     base = c.rope_theta ** (-2.0 * np.arange(n) / c.head_dim)
     factor, best = float(f.max()), float("inf")
-    for orig, low, high in llama3_rope_candidates(f, base, factor, original_hint) if factor >= 1 else []:
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # odd factors: no fit, and no warning lines
+        warnings.simplefilter("ignore")
+        candidates = llama3_rope_candidates(f, base, factor, original_hint) if factor >= 1 else []
+    for orig, low, high in candidates:
         if not (isinstance(orig, int) and orig >= 1 and 0 < low < high):
             continue
         cand = replace(c, rope_scaling=ROPE_SCALING_LLAMA3, rope_factor=factor, rope_low_freq_factor=low,
