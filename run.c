@@ -1447,22 +1447,14 @@ static void kv_calculator(const char *spec) {
 
 #define DEFAULT_MAX_CONTEXT 4096 // default -c: the model's context, capped here
 
-// Maps every page of the file now (reading it from disk if it is not cached)
-// instead of faulting them in one by one during the first forward pass,
-// where the faults would stall the matmuls and defeat their prefetching.
-static void prefault_weights(Transformer *m) {
-#ifdef MADV_POPULATE_READ
-    if (madvise(m->map, m->map_bytes, MADV_POPULATE_READ) == 0) return;
-#endif
-    volatile unsigned char sink = 0; // older kernels: touch one byte per page
-    for (size_t i = 0; i < m->map_bytes; i += 4096) sink ^= ((const unsigned char *)m->map)[i];
-    (void)sink;
-}
-
 // No silent wrong answers: one NaN or Inf in the weights (a damaged download,
 // a bad conversion) turns every logit into NaN, and the output into nothing.
 // Every f32 value and every float16 scale is checked once at load, by all
-// threads, right after the prefault brought the pages in.
+// threads. The same pass maps every page of the file (each page holds f32
+// values or q8_0 scales; the tokenizer's were read at load) instead of letting
+// the first forward pass fault them in one by one, where the faults would
+// stall the matmuls and defeat their prefetching: the check costs no read of
+// its own.
 
 typedef struct {
     const char *name; int layer;  // "wq", layer 3; layer -1: not in a layer
@@ -1526,6 +1518,25 @@ static void finite_task(void *arg, int ith, int nth) {
     }
 }
 
+// Says where the first NaN or Inf of tensor t is, into msg.
+static void describe_nonfinite(const TensorRef *t, char *msg, size_t cap) {
+    char where[32] = "";
+    if (t->layer >= 0) snprintf(where, sizeof where, "layer %d ", t->layer);
+    if (t->v) {
+        size_t e = find_nonfinite_f32(t->v, t->n);
+        if (t->n == t->cols) // a vector
+            snprintf(msg, cap, "non-finite weight %g in %s%s, element %zu", t->v[e], where, t->name, e);
+        else
+            snprintf(msg, cap, "non-finite weight %g in %s%s, row %zu, column %zu", t->v[e], where, t->name,
+                     e / t->cols, e % t->cols);
+        return;
+    }
+    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = t->cols / Q8_GROUP;
+    Q8Block k = q8_block(matrix_row(t->w, (int)(e / groups)), t->w->cols, (int)(e % groups / Q8_BLOCK));
+    snprintf(msg, cap, "non-finite q8_0 scale %g in %s%s, row %zu, group %zu", f16_to_f32(k.scale[e % groups % Q8_BLOCK]),
+             where, t->name, e / groups, e % groups);
+}
+
 // Dies at the first NaN or Inf of the weights, in file order, naming where it is.
 static void check_weights_finite(Transformer *m) {
     int n = list_tensors(m, NULL);
@@ -1535,36 +1546,20 @@ static void check_weights_finite(Transformer *m) {
     for (int i = 0; i < n; i++) a.n_pieces += pieces_of(&t[i]);
     a.bad = xcalloc(a.n_pieces, 1, "finite check");
     if (a.n_pieces > 1) pool_run(m->pool, finite_task, &a); else finite_task(&a, 0, 1);
-    size_t piece = 0;
-    for (int i = 0; i < n; i++) {
-        int bad = 0;
-        for (size_t p = 0, np = pieces_of(&t[i]); p < np; p++) bad |= a.bad[piece++];
-        if (!bad) continue;
-        char where[64] = "";
-        if (t[i].layer >= 0) snprintf(where, sizeof where, "layer %d ", t[i].layer);
-        const char *fix = "the file is damaged; re-export or re-download it";
-        if (t[i].v) {
-            size_t e = find_nonfinite_f32(t[i].v, t[i].n);
-            if (t[i].n == t[i].cols) // a vector
-                die("%s: non-finite weight %g in %s%s, element %zu; %s", m->path, t[i].v[e], where, t[i].name, e, fix);
-            die("%s: non-finite weight %g in %s%s, row %zu, column %zu; %s", m->path, t[i].v[e], where, t[i].name,
-                e / t[i].cols, e % t[i].cols, fix);
-        }
-        size_t e = find_nonfinite_scale(t[i].w, 0, t[i].w->rows), groups = t[i].cols / Q8_GROUP;
-        Q8Block k = q8_block(matrix_row(t[i].w, (int)(e / groups)), t[i].w->cols, (int)(e % groups / Q8_BLOCK));
-        die("%s: non-finite q8_0 scale %g in %s%s, row %zu, group %zu; %s", m->path,
-            f16_to_f32(k.scale[e % groups % Q8_BLOCK]), where, t[i].name, e / groups, e % groups, fix);
-    }
+    char msg[256] = "";
+    for (size_t i = 0, piece = 0; i < (size_t)n && !msg[0]; i++)
+        for (size_t p = 0, np = pieces_of(&t[i]); p < np; p++)
+            if (a.bad[piece++] && !msg[0]) describe_nonfinite(&t[i], msg, sizeof msg);
     free(a.bad);
     free(t);
+    if (msg[0]) die("%s: %s; the file is damaged; re-export or re-download it", m->path, msg);
 }
 
 static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
     m->n_threads = n_threads;
     m->pool = pool_create(n_threads);
     if (!m->pool) die("cannot start %d threads", n_threads);
-    prefault_weights(m);
-    check_weights_finite(m);
+    check_weights_finite(m); // and maps every page
     if (kv_heads) set_kv_heads(m, kv_heads);
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
