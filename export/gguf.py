@@ -295,6 +295,7 @@ def q4_0_parts(raw):
 
 def quantized_parts(type_name, raw):
     """Q8_0 / Q4_0 bytes (rows, bytes per row) -> (integer values (rows, cols), float16 scales (rows, cols / 32))."""
+    need_numpy()
     return {"Q8_0": q8_0_parts, "Q4_0": q4_0_parts}[type_name](raw)
 
 
@@ -340,6 +341,7 @@ def dequantize(type_name, raw):
     scale that is inf or NaN gives what llama.cpp's arithmetic gives (inf,
     NaN), silently: the exporter's quantizer or the engine's loader refuses
     those numbers with a message naming the tensor."""
+    need_numpy()
     with np.errstate(all="ignore"):
         return _dequantize(type_name, raw)
 
