@@ -9,7 +9,7 @@ tinystories-valid.txt. ffn_down's rows have 172 values, not whole blocks of
 32, so that matrix stays F16 in the Q8_0 and Q4_0 files; the k-quants need
 rows of 256 and cannot hold any matrix of these models.
 
-  python3 experiments/gguf_ppl.py [--shared ../shared] [--chars N]
+  python3 experiments/gguf_ppl.py [--shared ../shared] [--chars N] [--dtypes q8_0,q4_0]
 """
 import argparse
 import os
@@ -33,6 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
     ap.add_argument("--chars", type=int, default=0, help="score only the first N characters (0: all)")
+    ap.add_argument("--dtypes", default="", help="also export stories260K's GGUFs as these --dtype (e.g. q8_0,q4_0)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gguf_ppl_")
     text = os.path.join(args.shared, "corpora", "tinystories-valid.txt")
@@ -40,8 +41,8 @@ def main():
         with open(text, encoding="utf-8") as f, open(os.path.join(tmp, "text.txt"), "w", encoding="utf-8") as o:
             o.write(f.read(args.chars))
         text = os.path.join(tmp, "text.txt")
-    print("| model | GGUF type | bits / weight of the matrices | perplexity | vs F32 |")
-    print("|---|---|---|---|---|")
+    print("| model | GGUF type | bits / weight of the matrices | exported as | perplexity | vs F32 |")
+    print("|---|---|---|---|---|---|")
     for model, tok in [("stories260K", "tok512.bin"), ("aidreams260K", "aidreams260K-tok512.bin")]:
         h, W2 = read_llama2c(os.path.join(args.shared, "models", model + ".bin"))
         cfg, hf = llama2c_to_hf(h, W2)
@@ -57,8 +58,16 @@ def main():
                             "--dtype", "f32"], check=True, capture_output=True)
             p = ppl(out, text)
             base = base or p
-            print(f"| {model} | {t} | {bits}{' (ffn_down F16)' if t.startswith('Q') else ''} | {p:.4f} | "
+            print(f"| {model} | {t} | {bits}{' (ffn_down F16)' if t.startswith('Q') else ''} | f32 | {p:.4f} | "
                   f"{100 * (p / base - 1):+.2f} % |", flush=True)
+            for dtype in args.dtypes.split(",") if model == "stories260K" and t != "BF16" else []:
+                r = subprocess.run([sys.executable, os.path.join(ROOT, "export", "export.py"), out, "--gguf", g,
+                                    "--dtype", dtype], capture_output=True, text=True)
+                if r.returncode:
+                    print(f"| {model} | {t} | | {dtype} | {r.stderr.strip()[:80]} | |", flush=True)
+                    continue
+                p = ppl(out, text)
+                print(f"| {model} | {t} | | {dtype} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
 
 if __name__ == "__main__":
