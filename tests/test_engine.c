@@ -260,7 +260,7 @@ static void test_q8_kernels(void) {
     for (int i = 0; i < T * LONG; i++) x[i] = frand(&rng);
     for (int i = 0; i < ROWS * LONG; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
     for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, xsum + t * N / Q8_GROUP, x + t * N, N);
-    Matrix m8 = {.q8 = wq, .rows = ROWS, .cols = N};
+    Matrix m8 = {.q = wq, .dtype = DTYPE_Q8_0, .rows = ROWS, .cols = N};
     for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&m8), w + r * N, N);
     // weights: the error is at most half a step of the group's float16 scale, the largest |w| maps to 127
     float worst_q = 0, deq[LONG];
@@ -313,7 +313,7 @@ static void test_q8_kernels(void) {
     // the bytes where model.h puts them: a row's last block holds its remaining groups, values then
     // scales; value i of group j of a chunk of m groups at (i / 4) * 4 * m + j * 4 + i % 4
     quantize_q8_row(wq, w, LONG);
-    Matrix long_row = {.q8 = wq, .rows = 1, .cols = LONG};
+    Matrix long_row = {.q = wq, .dtype = DTYPE_Q8_0, .rows = 1, .cols = LONG};
     Q8Block first = q8_block(wq, LONG, 0), last = q8_block(wq, LONG, 2);
     float deq_first[1024];
     matrix_slice(&long_row, 0, 0, 1024, deq_first);
@@ -350,7 +350,7 @@ static void test_q8_kernels(void) {
                                      : "q8_block_matmul_equals_dequantized_math";
     float worst_int = 0, worst_exact = 0, worst_block = 0;
     for (int len = N; len <= LONG; len += LONG - N) {
-        Matrix mw = {.q8 = wq, .rows = ROWS, .cols = len};
+        Matrix mw = {.q = wq, .dtype = DTYPE_Q8_0, .rows = ROWS, .cols = len};
         for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&mw), w + r * len, len);
         for (int t = 0; t < T; t++) quantize_q8(xq + t * len, xs + t * len / Q8_GROUP, xsum + t * len / Q8_GROUP, x + t * len, len);
         float out1[ROWS], outT[T * ROWS];
