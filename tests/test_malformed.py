@@ -43,9 +43,10 @@ for _name, _code in HEADER_FIELDS:
 # check_header's range table, in its order: (name, lo, hi); bos_id's hi is vocab_size - 1
 RANGES = [("dim", 1, 1 << 16), ("hidden_dim", 1, 1 << 18), ("n_layers", 1, 1024), ("n_heads", 1, 1024),
           ("n_kv_heads", 1, 1024), ("head_dim", 2, 1 << 12), ("vocab_size", 1, 1 << 22),
-          ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 1), ("rope_scaling", 0, 1),
+          ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 2), ("rope_scaling", 0, 1),
           ("tied_classifier", 0, 1), ("tokenizer_kind", 1, 2), ("bos_id", -1, None),
-          ("attention", 0, 0), ("kv_latent_dim", 0, 0), ("kv_rope_dim", 0, 0), ("embedding_dtype", "dtype", "dtype")]
+          ("attention", 0, 0), ("kv_latent_dim", 0, 0), ("kv_rope_dim", 0, 0), ("embedding_dtype", 0, 2)]
+DTYPE_NAMES = {0: "f32", 1: "q8_0", 2: "q4_0"}  # model.h DTYPE_*
 OLDEST_VERSION = 3  # model.h MODEL_VERSION_OLDEST: version 3 reads as 4 with GQA, 0, 0, embedding_dtype = dtype
 
 
@@ -124,14 +125,13 @@ def expected_error(path, raw):
         return err(f"n_heads ({h['n_heads']}) is not a multiple of n_kv_heads ({h['n_kv_heads']})")
     if h["head_dim"] % 2:
         return err(f"head_dim ({h['head_dim']}) must be even for RoPE")
-    if h["dtype"] == 1 and h["group_size"] != 32:
-        return err(f"q8_0 group_size is {h['group_size']}; this engine reads groups of 32")
-    if h["dtype"] == 0 and h["group_size"] != 0:
+    grouped = h["dtype"] if h["dtype"] else h["embedding_dtype"]  # a quantized dtype, if any
+    if grouped and h["group_size"] != 32:
+        return err(f"{DTYPE_NAMES[grouped]} group_size is {h['group_size']}; this engine reads groups of 32")
+    if not grouped and h["group_size"] != 0:
         return err(f"f32 weights with group_size {h['group_size']} (must be 0); corrupt file?")
     if h["reserved"] != 0:
         return err(f"header field reserved = {h['reserved']} (must be 0); corrupt file?")
-    if h["dtype"] == 1 and (h["dim"] % 32 or h["hidden_dim"] % 32 or h["n_heads"] * h["head_dim"] % 32):
-        return err("q8_0 needs dim, hidden_dim and n_heads * head_dim divisible by 32")
     for sid in h["stop_ids"][:h["n_stop_ids"]]:
         if not 0 <= sid < h["vocab_size"]:
             return err(f"stop id {sid} is outside the vocabulary ({h['vocab_size']})")
@@ -258,6 +258,9 @@ def build_bases():
                           "--n-kv-heads", "2", *SMALL)
     BASES["q8"] = export("q8", "--dim", "32", "--hidden-dim", "64", "--n-layers", "1", "--n-heads", "2",
                          "--n-kv-heads", "1", "--untied", "--rope-scaling", "llama3", "--dtype", "q8_0", *SMALL)
+    # q4_0 matrices (the default q8_0 embedding and classifier), every row ending in a short group
+    BASES["q4"] = export("q4", "--dim", "40", "--hidden-dim", "44", "--n-layers", "1", "--n-heads", "2",
+                         "--n-kv-heads", "1", "--untied", "--dtype", "q4_0", *SMALL)
     BASES["l2c"] = export("l2c", "--tokenizer", os.path.join(ROOT, "models", "tok512.bin"), "--vocab-size", "512",
                           "--dim", "16", "--hidden-dim", "16", "--n-layers", "1", "--n-heads", "2",
                           "--n-kv-heads", "2", "--max-seq-len", "8", "--seed", "2")
@@ -296,7 +299,7 @@ def truncation_cases():
 
 
 def header_cases():
-    raw, q8, l2c = BASES["f32"], BASES["q8"], BASES["l2c"]
+    raw, q8, q4, l2c = BASES["f32"], BASES["q8"], BASES["q4"], BASES["l2c"]
     h = header_of(raw)
     cases = []  # (name, bytes)
     for name, lo, hi in RANGES:
@@ -328,6 +331,11 @@ def header_cases():
     for name, v in [("group_size", 0), ("group_size", 64), ("group_size", 16), ("dtype", 0), ("dim", 48),
                     ("tied_classifier", 1), ("hidden_dim", 48), ("head_dim", 8)]:
         cases.append((f"header_q8_{name}_set_to_{v}", with_field(q8, name, v)))
+    for name, v in [("group_size", 0), ("group_size", 16), ("dtype", 1), ("dtype", 0), ("embedding_dtype", 2),
+                    ("embedding_dtype", 0), ("embedding_dtype", 3), ("dim", 48), ("hidden_dim", 45), ("hidden_dim", 32),
+                    ("head_dim", 16)]:
+        cases.append((f"header_q4_{name}_set_to_{v}", with_field(q4, name, v)))
+    cases.append(("header_q4_f32_everywhere_group_size_32", with_field(with_field(q4, "dtype", 0), "embedding_dtype", 0)))
     size, to, tb, wo = len(raw), h["tokenizer_offset"], h["tokenizer_bytes"], h["weights_offset"]
     for name, vals in [("magic", [0, 0x46554747, MAGIC + 1]),
                        ("version", [0, OLDEST_VERSION - 1, MODEL_VERSION + 1, 0xFFFFFFFF]),
@@ -418,7 +426,7 @@ if not os.access(testlib.RUN, os.X_OK):
     T.fail("malformed_setup", f"{testlib.RUN} is not built")
 else:
     T.run("malformed_setup", build_bases)  # a failure prints its FAIL line
-    if len(BASES) == 3:
+    if len(BASES) == 4:
         self_check()
         for fn in (truncation_cases, header_cases, tokenizer_cases, fuzz_inputs):
             T.run(fn.__name__, fn)
