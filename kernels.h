@@ -613,6 +613,16 @@ static inline __attribute__((always_inline)) void weight_rows_512(const uint8_t 
     }
 }
 
+// Row i (of 8) of q8_0's interleave of a chunk of weights, as u: the tile
+// loads q4_0's bytes once per row it takes from them (the second load hits
+// L1), which leaves more registers for its accumulators than holding both.
+static inline __attribute__((always_inline)) __m512i weight_row_512(const uint8_t *chunk, int i, int bits) {
+    if (bits == 8) return _mm512_xor_si512(_mm512_loadu_si512(chunk + 64 * i), _mm512_set1_epi8((char)0x80));
+    __m512i v = _mm512_loadu_si512(chunk + 64 * (i / 2));
+    if (i & 1) v = _mm512_srli_epi16(v, 4);
+    return _mm512_and_si512(v, _mm512_set1_epi8(15));
+}
+
 // The 16 groups' integer dot products u . x of one chunk (decode: the
 // weights read once, prefetched ahead, in address order).
 static inline __attribute__((always_inline)) __m512i chunk_512(const uint8_t *wq, const int8_t *xq, int bits) {
@@ -694,16 +704,13 @@ static inline __attribute__((always_inline)) void gemm_tile_int(float *out, size
                 __m512i minus = _mm512_sub_epi32(_mm512_setzero_si512(), offset_sums_512(sum128 + t * xg + g, bits));
                 for (int r = 0; r < R; r++) d[r][t] = minus;
             }
-#pragma GCC unroll 4
-            for (int i = 0; i < Q8_GROUP / 8; i++) {
-                __m512i x[2][T];
-                for (int t = 0; t < T; t++)
-                    for (int h = 0; h < 2; h++) x[h][t] = _mm512_loadu_si512(xq + t * xn + g0 * Q8_GROUP + o + 128 * i + 64 * h);
+#pragma GCC unroll 8
+            for (int i = 0; i < Q8_GROUP / 4; i++) { // row i of q8_0's interleave (q4_0: half a row)
+                __m512i x[T];
+                for (int t = 0; t < T; t++) x[t] = _mm512_loadu_si512(xq + t * xn + g0 * Q8_GROUP + o + 64 * i);
                 for (int r = 0; r < R; r++) {
-                    __m512i wv[2];
-                    weight_rows_512(q[r] + c * CHUNK_BYTES_OF(bits), i, bits, &wv[0], &wv[1]);
-                    for (int h = 0; h < 2; h++)
-                        for (int t = 0; t < T; t++) d[r][t] = _mm512_dpbusd_epi32(d[r][t], wv[h], x[h][t]);
+                    __m512i wv = weight_row_512(q[r] + c * CHUNK_BYTES_OF(bits), i, bits);
+                    for (int t = 0; t < T; t++) d[r][t] = _mm512_dpbusd_epi32(d[r][t], wv, x[t]);
                 }
             }
             for (int r = 0; r < R; r++) {
