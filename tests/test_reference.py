@@ -164,6 +164,14 @@ def real_llama3_vocab():
     check_hf_model("llama3_vocab_128256", cfg, dtype="BF16", tokenizer=tok, n_ids=12, text=text)
 
 
+# An activation that lies on a rounding tie of its q8_0 step (x / scale = k + 0.5 up to float32 rounding)
+# may round either way depending on the summation order of the float32 values before it, which the
+# compiler's optimization level changes (the -O1 sanitizer build flipped one such tie at one position of
+# the q4_0 model: 9.3e-4 there, under 1.3e-7 at every other). Neither reference can predict it, so one
+# position of a run may be off by up to FLIP_TOL; every other must be within TOL.
+FLIP_TOL = 5e-3
+
+
 def quantized_model(name, dtype, cfg, extra=()):
     """A q8_0 or q4_0 export of a GQA model vs the reference run on the
     dequantized weights (put back into HF layout), which isolates the
@@ -201,8 +209,11 @@ def quantized_model(name, dtype, cfg, extra=()):
         best = np.minimum(*per_pos.values())
         used = sorted({min(per_pos, key=lambda k: per_pos[k][i]) for i in range(len(ids))})
         note(name, f"logits B={block}", float(best.max()))
-        T.check(f"{name}_logits_B{block}_T{threads}_match_reference_on_dequantized_weights", best.max() <= TOL,
-                f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference")
+        flipped = best > TOL  # see FLIP_TOL
+        T.check(f"{name}_logits_B{block}_T{threads}_match_reference_on_dequantized_weights",
+                flipped.sum() <= 1 and best.max() <= FLIP_TOL,
+                f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference, "
+                f"{int(flipped.sum())} positions over {TOL:g}")
         if VERBOSE:
             print(f"# {name} B={block}: positions match the reference with {' / '.join(used)}")
     T.check(f"{name}_block_logits_T1_equal_T2", np.array_equal(outs[len(ids), 1], outs[len(ids), 2]),
