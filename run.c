@@ -1479,7 +1479,7 @@ static void kv_calculator(const char *spec) {
 // a bad conversion) turns every logit into NaN, and the output into nothing.
 // Every f32 value and every float16 scale is checked once at load, by all
 // threads. The same pass maps every page of the file (each page holds f32
-// values or q8_0 scales; the tokenizer's were read at load) instead of letting
+// values or q8_0 / q4_0 scales; the tokenizer's were read at load) instead of letting
 // the first forward pass fault them in one by one, where the faults would
 // stall the matmuls and defeat their prefetching: the check costs no read of
 // its own.
@@ -1495,7 +1495,7 @@ typedef struct {
 static int list_tensors(const Transformer *m, TensorRef *out) {
     int n = 0;
 #define REF(NAME, L, W) do { const Matrix *w_ = (W); \
-        if (out) out[n] = w_->q8 ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
+        if (out) out[n] = w_->q ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
                                  : (TensorRef){NAME, L, w_->f, (size_t)w_->rows * w_->cols, NULL, (size_t)w_->cols}; \
         n++; } while (0)
 #define VEC(NAME, L, V) do { if (out) out[n] = (TensorRef){NAME, L, (V), (size_t)m->c.dim, NULL, (size_t)m->c.dim}; n++; } while (0)
@@ -1514,13 +1514,20 @@ static int list_tensors(const Transformer *m, TensorRef *out) {
     return n;
 }
 
-// Rows [r0, r1) of a q8_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
+// The float16 scales of block b of row r of a q8_0 or q4_0 matrix; *groups: how many.
+static const uint16_t *block_scales(const Matrix *w, int r, int b, int *groups) {
+    *groups = block_groups(w->cols, b);
+    return w->dtype == DTYPE_Q8_0 ? q8_block(matrix_row(w, r), w->cols, b).scale : q4_block(matrix_row(w, r), w->cols, b).scale;
+}
+
+// Rows [r0, r1) of a q8_0 or q4_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
 static size_t find_nonfinite_scale(const Matrix *w, int r0, int r1) {
     for (int r = r0; r < r1; r++)
-        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < w->cols; b++) {
-            Q8Block k = q8_block(matrix_row(w, r), w->cols, b);
-            for (int g = 0; g < k.groups; g++)
-                if (nonfinite_f16(k.scale[g])) return (size_t)r * (w->cols / Q8_GROUP) + (size_t)b * Q8_BLOCK + g;
+        for (int b = 0; b * Q8_BLOCK < n_groups(w->cols); b++) {
+            int groups;
+            const uint16_t *scale = block_scales(w, r, b, &groups);
+            for (int g = 0; g < groups; g++)
+                if (nonfinite_f16(scale[g])) return (size_t)r * n_groups(w->cols) + (size_t)b * Q8_BLOCK + g;
         }
     return SIZE_MAX;
 }
@@ -1559,10 +1566,11 @@ static void describe_nonfinite(const TensorRef *t, char *msg, size_t cap) {
                      e / t->cols, e % t->cols);
         return;
     }
-    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = t->cols / Q8_GROUP;
-    Q8Block k = q8_block(matrix_row(t->w, (int)(e / groups)), t->w->cols, (int)(e % groups / Q8_BLOCK));
-    snprintf(msg, cap, "non-finite q8_0 scale %g in %s%s, row %zu, group %zu", f16_to_f32(k.scale[e % groups % Q8_BLOCK]),
-             where, t->name, e / groups, e % groups);
+    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = n_groups(t->w->cols);
+    int in_block;
+    const uint16_t *scale = block_scales(t->w, (int)(e / groups), (int)(e % groups / Q8_BLOCK), &in_block);
+    snprintf(msg, cap, "non-finite %s scale %g in %s%s, row %zu, group %zu", dtype_name(t->w->dtype),
+             f16_to_f32(scale[e % groups % Q8_BLOCK]), where, t->name, e / groups, e % groups);
 }
 
 // Dies at the first NaN or Inf of the weights, in file order, naming where it is.

@@ -170,22 +170,28 @@ def expected_error(path, raw):
     return nonfinite_error(raw, h, err)
 
 
+def scale_offset(off, cols, dtype, r, gi):
+    """Where model.h puts the float16 scale of group gi of row r of a q8_0 (dtype 1) or q4_0 (2) matrix
+    at off: rows of ceil(cols / 32) groups of 34 (18) bytes, blocks of up to 32 groups, values then scales."""
+    groups, per_group = -(-cols // 32), 34 if dtype == 1 else 18
+    b, j = divmod(gi, 32)
+    return off + r * groups * per_group + b * 32 * per_group + min(32, groups - 32 * b) * (per_group - 2) + 2 * j
+
+
 def nonfinite_error(raw, h, err):
     """The loader's finite check: the first NaN/Inf f32 value or float16 scale, in file order."""
-    h = dict(h, group_size=32 if h["dtype"] == 1 else 0)
     for name, shape, off, _ in testlib.tensor_layout(h):
         n = int(np.prod(shape))
-        if h["dtype"] == 1 and len(shape) == 2:
+        dtype = testlib.tensor_dtype(h, name)
+        if dtype and len(shape) == 2:
             rows, cols = shape
-            groups = cols // 32
             for r in range(rows):
-                for gi in range(groups):
-                    b, j = divmod(gi, 32)
-                    at = off + r * (cols + 2 * groups) + b * 32 * 34 + min(32, groups - 32 * b) * 32 + 2 * j
-                    bits = struct.unpack_from("<H", raw, at)[0]
+                for gi in range(-(-cols // 32)):
+                    bits = struct.unpack_from("<H", raw, scale_offset(off, cols, dtype, r, gi))[0]
                     if bits & 0x7C00 == 0x7C00:
                         v = float(np.frombuffer(struct.pack("<H", bits), "<f2")[0])
-                        return err(f"non-finite q8_0 scale {g_signed(v, bits >> 15)} in {where(name)}, row {r}, group {gi}; {FIX}")
+                        return err(f"non-finite {DTYPE_NAMES[dtype]} scale {g_signed(v, bits >> 15)} in {where(name)}, "
+                                   f"row {r}, group {gi}; {FIX}")
             continue
         v = np.frombuffer(raw, "<f4", n, off)
         bad = np.flatnonzero(~np.isfinite(v))
@@ -450,8 +456,7 @@ F16_BITS = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
 
 def tensor_at(raw, name):
     h = header_of(raw)
-    h["group_size"] = 32 if h["dtype"] == 1 else 0
-    return next((shape, off) for n, shape, off, _ in testlib.tensor_layout(h) if n == name)
+    return next((shape, off, testlib.tensor_dtype(h, name)) for n, shape, off, _ in testlib.tensor_layout(h) if n == name)
 
 
 def where(name):
@@ -463,21 +468,17 @@ def where(name):
 
 def with_f32(raw, name, index, kind):
     """raw with element `index` (flat) of f32 tensor `name` set to NaN/Inf; and the error it must give."""
-    shape, off = tensor_at(raw, name)
+    shape, off, _ = tensor_at(raw, name)
     at = (f"element {index}" if len(shape) == 1 else f"row {index // shape[1]}, column {index % shape[1]}")
     return (put(raw, off + 4 * index, "<I", F32_BITS[kind]),
             f"error: {{path}}: non-finite weight {kind} in {where(name)}, {at}; {FIX}")
 
 
 def with_q8_scale(raw, name, row, group, kind):
-    """raw with the float16 scale of group `group` of row `row` of q8_0 matrix `name` set to NaN/Inf."""
-    (rows, cols), off = tensor_at(raw, name)
-    groups = cols // 32
-    b, j = divmod(group, 32)
-    in_block = min(32, groups - 32 * b)
-    at = off + row * (cols + 2 * groups) + b * 32 * 34 + in_block * 32 + 2 * j
-    return (put(raw, at, "<H", F16_BITS[kind]),
-            f"error: {{path}}: non-finite q8_0 scale {kind} in {where(name)}, row {row}, group {group}; {FIX}")
+    """raw with the float16 scale of group `group` of row `row` of q8_0 or q4_0 matrix `name` set to NaN/Inf."""
+    (rows, cols), off, dtype = tensor_at(raw, name)
+    return (put(raw, scale_offset(off, cols, dtype, row, group), "<H", F16_BITS[kind]),
+            f"error: {{path}}: non-finite {DTYPE_NAMES[dtype]} scale {kind} in {where(name)}, row {row}, group {group}; {FIX}")
 
 
 def nonfinite_cases():
@@ -491,7 +492,10 @@ def nonfinite_cases():
              ("q8_scale_w1_nan", with_q8_scale(q8, "layers.0.w1", 63, 0, "nan")),
              ("q8_scale_w2_inf", with_q8_scale(q8, "layers.0.w2", 5, 1, "inf")),
              ("q8_scale_classifier_minus_inf", with_q8_scale(q8, "classifier", 260, 0, "-inf")),
-             ("q8_scale_embedding_inf", with_q8_scale(q8, "token_embedding", 0, 0, "inf"))]
+             ("q8_scale_embedding_inf", with_q8_scale(q8, "token_embedding", 0, 0, "inf")),
+             ("q4_scale_w2_short_group_nan", with_q8_scale(BASES["q4"], "layers.0.w2", 39, 1, "nan")),
+             ("q4_scale_w1_inf", with_q8_scale(BASES["q4"], "layers.0.w1", 43, 0, "inf")),
+             ("q4_model_q8_scale_classifier_nan", with_q8_scale(BASES["q4"], "classifier", 100, 1, "nan"))]
     for name, (raw, want) in cases:
         run_case(f"nonfinite_{name}", raw, want.format(path=os.path.join(TMP, f"nonfinite_{name}")))
 
@@ -500,7 +504,7 @@ def overflow_cases():
     """Finite weights whose arithmetic overflows: a clear error at the first non-finite logit, not
     empty output or "perplexity: nan"."""
     raw = BASES["f32"]
-    shape, off = tensor_at(raw, "final_norm")
+    shape, off, _ = tensor_at(raw, "final_norm")
     big = put(raw, off, f"<{shape[0]}f", *[3e38] * shape[0])  # rmsnorm(x) * 3e38 . embedding overflows
     path = os.path.join(TMP, "overflow.bin")
     with open(path, "wb") as f:
