@@ -143,6 +143,16 @@ def other_types():
     g4 = write("small_Q4_0", cfg, W, "Q4_0", gtok)
     h = read_header(export_ok(path("small_q4_default.bin"), "--gguf", g4))
     T.check("gguf_quantized_source_defaults_to_q8_0", h["dtype"] == 1, f"dtype {h['dtype']}")
+    # Q4_0 -> q4_0 is a repack too: GGML's nibbles u hold q = u - 8, its d the scale
+    h, E = read_tensors(export_ok(path("small_q4_repack.bin"), "--gguf", g4, "--dtype", "q4_0",
+                                  "--embedding-dtype", "q4_0"))
+    x = gw.permute_to_meta(W["model.layers.1.self_attn.k_proj.weight"], 2)
+    raw = np.frombuffer(gw.encode(x, "Q4_0"), np.uint8).reshape(-1, 18)
+    d = raw[:, :2].copy().view("<u2").reshape(x.shape[0], -1)
+    q = (np.concatenate([raw[:, 2:] & 15, raw[:, 2:] >> 4], axis=1).astype(np.int8) - 8).reshape(x.shape)
+    T.check("gguf_q4_0_to_q4_0_keeps_its_values_and_scales_bit_for_bit",
+            h["dtype"] == 2 and np.array_equal(E["layers.1.wk.q"], q)
+            and np.array_equal(E["layers.1.wk.scale"].view("<u2"), d) and q.any(), "q or scales changed in the repack")
     # --kv-heads 1 from Q8_0: the pooled wk / wv are the mean of the dequantized heads, then requantized
     g8 = path("small_Q8_0_ggml.gguf")
     h, E = read_tensors(export_ok(path("small_kv1.bin"), "--gguf", g8, "--kv-heads", "1", "--dtype", "f32"))
