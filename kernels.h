@@ -253,14 +253,22 @@ static REFERENCE float kv_number(const uint8_t *base, size_t stride, int lane, i
     return (int8_t)base[i] * f16_at(kv_scales(base, stride, width) + 2 * kv_slot(stride, lane, d / KV_GROUP));
 }
 
-// VEC_LEN consecutive numbers from slot i of base as float32 (q8_0: the int8
-// values only; the kernels apply the group's scale to the sum).
-static inline vfloat kv_load(const uint8_t *base, size_t i, int type) {
+// VEC_LEN consecutive numbers from slot i of base as float32; q8_0: the int8
+// values times s, the VEC_LEN scales that go with them (a product of an int8
+// and a float16 is exact in float32). Every number comes out exactly as
+// kv_number gives it, so the kernels below compute on an f16 or q8_0 cache
+// bit for bit what they compute on an f32 cache holding the same numbers.
+static inline vfloat kv_load(const uint8_t *base, size_t i, int type, vfloat s) {
     if (type == KV_F16) return f16_vec(base + 2 * i);
-    if (type == KV_Q8_0) return i8_vec(base + i);
+    if (type == KV_Q8_0) return i8_vec(base + i) * s;
     vfloat v;
     memcpy(&v, base + 4 * i, sizeof v);
     return v;
+}
+
+// The scale of number d of a value row, in every lane (q8_0; 1 otherwise).
+static inline vfloat row_scale(const uint8_t *row, int d, int hd, int type) {
+    return vbroadcast(type == KV_Q8_0 ? f16_at(kv_scales(row, 1, hd) + 2 * (d / KV_GROUP)) : 1.0f);
 }
 
 // Attention handles up to ATT_HEADS query heads of a group at once, so
@@ -268,44 +276,11 @@ static inline vfloat kv_load(const uint8_t *base, size_t i, int type) {
 // their 4 x ATT_HEADS accumulators: 32 with AVX-512, 16 with AVX2/NEON).
 #define ATT_HEADS (VEC_BYTES == 64 ? 4 : 2)
 
-// The q8_0 weighted sum takes rows KV_BLOCK at a time and, for the groups
-// that a chunk of 4 vectors of a row spans (KV_CHUNK_GROUPS), folds each
-// row's scales into the heads' weights first: w[h][c][p] = a_h[p] x scale of
-// group g0 + c of row p, KV_BLOCK float16 scales gathered, converted and
-// multiplied as vectors. The inner loop then multiplies the int8 numbers
-// by one weight per (head, row, group), loaded as f32's are. (Multiplying
-// in the inner loop, a scalar product and a broadcast per head, vector and
-// row, made q8_0 attention 1.3x slower than f16's at kv_mul 32.)
-#define KV_BLOCK 32
-#define KV_CHUNK_GROUPS (4 * VEC_LEN > KV_GROUP ? 4 * VEC_LEN / KV_GROUP : 1)
-static inline __attribute__((always_inline)) void q8_scaled_weights(float w[][KV_CHUNK_GROUPS][KV_BLOCK], const float *a,
-                                                                    size_t a_stride, const uint8_t *v, size_t rb, int hd,
-                                                                    int g0, int n, int nh) {
-    uint8_t s16[KV_CHUNK_GROUPS][2 * KV_BLOCK]; // the rows' float16 scales, gathered
-    for (int p = 0; p < n; p++)
-        for (int c = 0; c < KV_CHUNK_GROUPS; c++) memcpy(s16[c] + 2 * p, kv_scales(v + (size_t)p * rb, 1, hd) + 2 * (g0 + c), 2);
-    for (int c = 0; c < KV_CHUNK_GROUPS; c++) {
-        int p = 0;
-        for (; p + VEC_LEN <= n; p += VEC_LEN) {
-            vfloat s = f16_vec(s16[c] + 2 * p);
-            for (int h = 0; h < nh; h++) {
-                vfloat ah;
-                memcpy(&ah, a + h * a_stride + p, sizeof ah);
-                ah *= s;
-                memcpy(&w[h][c][p], &ah, sizeof ah);
-            }
-        }
-        for (; p < n; p++)
-            for (int h = 0; h < nh; h++) w[h][c][p] = a[h * a_stride + p] * f16_at(s16[c] + 2 * p);
-    }
-}
-
 // out_h (hd) += sum over p < n of a_h[p] * v_p for nh <= ATT_HEADS heads h,
 // out_h = out + h * hd, a_h = a + h * a_stride, v_p the value row p (hd
 // numbers of the cache type, kv_row_bytes apart from v): the rows weighted
 // and summed, with four vector accumulators per head (independent
-// multiply-add chains) held in registers across all n rows. q8_0: the
-// weight of row p's vector in group j is a_h[p] x its scale. A head's sums
+// multiply-add chains) held in registers across all n rows. A head's sums
 // run in the same order whatever nh is. (Inlined by force: callers pass nh
 // and type as constants, so the loops over heads unroll and the type's
 // branches go.)
@@ -317,22 +292,16 @@ static inline __attribute__((always_inline)) void weighted_sum(float *out, const
         vfloat acc[ATT_HEADS][4];
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < 4; i++) acc[h][i] = *(vfloat *)(out + h * hd + d + i * VEC_LEN);
-        for (int p0 = 0; p0 < n; p0 += KV_BLOCK) {
-            const int pn = n - p0 < KV_BLOCK ? n - p0 : KV_BLOCK;
-            float w[ATT_HEADS][KV_CHUNK_GROUPS][KV_BLOCK]; // q8_0: the weights times the rows' scales
-            if (type == KV_Q8_0) q8_scaled_weights(w, a + p0, a_stride, v + (size_t)p0 * rb, rb, hd, d / KV_GROUP, pn, nh);
-            for (int p = 0; p < pn; p++) {
-                const uint8_t *row = v + (size_t)(p0 + p) * rb;
-                vfloat x[4];
-                for (int i = 0; i < 4; i++) {
-                    if (i * VEC_LEN * nb % 64 == 0) PREFETCH_L1(row + (d + i * VEC_LEN) * nb + PREFETCH_AHEAD);
-                    x[i] = kv_load(row, d + i * VEC_LEN, type);
-                    IN_REGISTER(x[i]);
-                }
-                for (int h = 0; h < nh; h++)
-                    for (int i = 0; i < 4; i++)
-                        acc[h][i] += (type == KV_Q8_0 ? w[h][i * VEC_LEN / KV_GROUP][p] : a[h * a_stride + p0 + p]) * x[i];
+        for (int p = 0; p < n; p++) {
+            const uint8_t *row = v + (size_t)p * rb;
+            vfloat x[4];
+            for (int i = 0; i < 4; i++) {
+                if (i * VEC_LEN * nb % 64 == 0) PREFETCH_L1(row + (d + i * VEC_LEN) * nb + PREFETCH_AHEAD);
+                x[i] = kv_load(row, d + i * VEC_LEN, type, row_scale(row, d + i * VEC_LEN, hd, type));
+                IN_REGISTER(x[i]);
             }
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < 4; i++) acc[h][i] += a[h * a_stride + p] * x[i];
         }
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < 4; i++) *(vfloat *)(out + h * hd + d + i * VEC_LEN) = acc[h][i];
@@ -343,14 +312,19 @@ static inline __attribute__((always_inline)) void weighted_sum(float *out, const
             vfloat acc = *(vfloat *)(out + h * hd + e);
             for (int p = 0; p < n; p++) {
                 const uint8_t *row = v + (size_t)p * rb;
-                float w = type == KV_Q8_0 ? a[h * a_stride + p] * f16_at(kv_scales(row, 1, hd) + 2 * (e / KV_GROUP))
-                                          : a[h * a_stride + p];
-                acc += w * kv_load(row, e, type);
+                acc += a[h * a_stride + p] * kv_load(row, e, type, row_scale(row, e, hd, type));
             }
             *(vfloat *)(out + h * hd + e) = acc;
         }
-        for (; e < hd; e++)
-            for (int p = 0; p < n; p++) out[h * hd + e] += a[h * a_stride + p] * kv_number(v + (size_t)p * rb, 1, 0, e, hd, type);
+        if (e == hd) continue;
+        vfloat acc = {0}; // the last hd - e < VEC_LEN numbers, in zero-padded vectors: the same
+        for (int i = e; i < hd; i++) acc[i - e] = out[h * hd + i]; // vector arithmetic for every type
+        for (int p = 0; p < n; p++) {
+            vfloat x = {0};
+            for (int i = e; i < hd; i++) x[i - e] = kv_number(v + (size_t)p * rb, 1, 0, i, hd, type);
+            acc += a[h * a_stride + p] * x;
+        }
+        for (int i = e; i < hd; i++) out[h * hd + i] = acc[i - e];
     }
 }
 
@@ -366,37 +340,58 @@ static REFERENCE void weighted_sum_scalar(float *out, const float *a, const uint
 // numbers (and for q8_0 then their scales, (groups, VEC_LEN)), so each
 // vector load holds number d of all VEC_LEN keys: each is loaded once for all
 // nh heads, and no score needs a horizontal sum. Four multiply-add chains
-// per head (numbers d = 0, 1, 2, 3 mod 4) hide their latency; q8_0 sums each
-// group of KV_GROUP numbers so, then multiplies it by the group's VEC_LEN
-// scales. A head's sums run in the same order whatever nh is.
+// per head (numbers d = 0, 1, 2, 3 mod 4) hide their latency; a head's sums
+// run in the same order whatever nh is. (q8_0 walks the tile group by group
+// for the groups' VEC_LEN scales; groups of 32 keep the chains' order.)
 static inline __attribute__((always_inline)) void tile_scores(float *att, size_t att_stride, const float *q,
                                                               const uint8_t *tile, int hd, float scale, int nh, int type) {
     const int group = type == KV_Q8_0 ? KV_GROUP : hd; // f32, f16: one group, no scale
     const size_t nb = kv_number_bytes(type);
-    vfloat total[ATT_HEADS];
-    for (int h = 0; h < nh; h++) total[h] = (vfloat){0};
+    vfloat acc[ATT_HEADS][4];
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
     for (int d0 = 0; d0 < hd; d0 += group) {
         const int d1 = d0 + group < hd ? d0 + group : hd;
-        vfloat acc[ATT_HEADS][4];
-        for (int h = 0; h < nh; h++)
-            for (int i = 0; i < 4; i++) acc[h][i] = (vfloat){0};
+        const vfloat s = type == KV_Q8_0 ? f16_vec(kv_scales(tile, VEC_LEN, hd) + 2 * (size_t)(d0 / KV_GROUP) * VEC_LEN)
+                                         : vbroadcast(1.0f);
         int d = d0;
         for (; d + 4 <= d1; d += 4)
             for (int i = 0; i < 4; i++) {
                 if ((d + i) * VEC_LEN * nb % 64 == 0) PREFETCH_L1(tile + (size_t)(d + i) * VEC_LEN * nb + PREFETCH_AHEAD);
-                vfloat k = kv_load(tile, (size_t)(d + i) * VEC_LEN, type);
+                vfloat k = kv_load(tile, (size_t)(d + i) * VEC_LEN, type, s);
                 IN_REGISTER(k);
                 for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
             }
         for (; d < d1; d++)
-            for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * kv_load(tile, (size_t)d * VEC_LEN, type);
-        vfloat s = type == KV_Q8_0 ? f16_vec(kv_scales(tile, VEC_LEN, hd) + 2 * (size_t)(d0 / KV_GROUP) * VEC_LEN) : (vfloat){0};
-        for (int h = 0; h < nh; h++) {
-            vfloat sum = (acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3]);
-            total[h] = type == KV_Q8_0 ? total[h] + sum * s : sum;
-        }
+            for (int h = 0; h < nh; h++) acc[h][0] += q[h * hd + d] * kv_load(tile, (size_t)d * VEC_LEN, type, s);
     }
-    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = total[h] * scale;
+    for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
+}
+
+// A key tile (tiled) or n value rows of any type as float32, in an f32
+// cache's layout: tile_scores and weighted_sum with type KV_F32 give the same
+// bits on it as with the cache's type on the cache. (For groups of many query
+// heads, which would convert each number once per pass of ATT_HEADS heads.)
+static void kv_to_f32(float *out, const uint8_t *base, int n, int hd, int type, int tiled) {
+    if (tiled) {
+        for (int d = 0; d < hd; d++) {
+            vfloat s = type == KV_Q8_0 ? f16_vec(kv_scales(base, VEC_LEN, hd) + 2 * (size_t)(d / KV_GROUP) * VEC_LEN)
+                                       : vbroadcast(1.0f);
+            vfloat k = kv_load(base, (size_t)d * VEC_LEN, type, s);
+            memcpy(out + (size_t)d * VEC_LEN, &k, sizeof k);
+        }
+        return;
+    }
+    const size_t rb = kv_row_bytes(type, hd);
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = base + (size_t)r * rb;
+        int d = 0;
+        for (; d + VEC_LEN <= hd; d += VEC_LEN) {
+            vfloat x = kv_load(row, d, type, row_scale(row, d, hd, type));
+            memcpy(out + (size_t)r * hd + d, &x, sizeof x);
+        }
+        for (; d < hd; d++) out[(size_t)r * hd + d] = kv_number(row, 1, 0, d, hd, type);
+    }
 }
 
 // Its scalar reference, for one head: att[i] = q . k_i * scale, k_i row i of the tile.

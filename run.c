@@ -112,6 +112,8 @@ typedef struct {
 typedef struct { _Alignas(64) _Atomic uint64_t range; } Share; // end << 32 | first; a cache line each
 
 #define MAX_BATCH 128 // tokens per forward call during prefill (a multiple of GEMM_TOKENS)
+#define ATT_BLOCK 32 // positions whose V rows (8 KB at head_dim 64) stay in L1 cache while the group's query heads use them
+_Static_assert(ATT_BLOCK >= VEC_LEN, "kv_f32 holds a key tile or a value block");
 
 // A key or value cache: for each layer and KV head, `len` positions of
 // `width` numbers stored as `type` (kernels.h), one contiguous stream of len x
@@ -137,6 +139,7 @@ typedef struct {
     float *hb;      // (B, hidden_dim)
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
+    float *kv_f32;  // (n_threads, ATT_BLOCK, head_dim) an f16 / q8_0 key tile or value block as float32
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B + Q8_TILE_T - 1, padded_len(max_cols)) matmul input quantized to q8_0 ...
     float *xs;      // (B + Q8_TILE_T - 1, n_groups(max_cols)) ... its scales ...
@@ -786,6 +789,7 @@ static void malloc_run_state(Transformer *m) {
     s->hb = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->att = xcalloc((size_t)m->n_threads * c->kv_mul * cache_len(c), sizeof(float), "attention scores");
+    s->kv_f32 = xcalloc((size_t)m->n_threads * ATT_BLOCK * c->head_dim, sizeof(float), "attention scratch");
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
@@ -811,7 +815,7 @@ static void malloc_run_state(Transformer *m) {
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
+    free(s->att); free(s->kv_f32); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(&s->key_cache);
     free_cache(&s->value_cache);
 }
@@ -822,17 +826,37 @@ static void free_run_state(RunState *s) {
 // cached K and V row is read from memory once per group, not once per query
 // head. (With fewer pairs than threads, as in MQA decoding, a group's query
 // heads are split into `parts` so every thread has work.)
-#define ATT_BLOCK 32 // positions whose V rows (8 KB at head_dim 64) stay in L1 cache while the group's query heads use them
 typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
 
+// Scores of query heads j0 <= j < j1 against one key tile, ATT_HEADS heads per
+// pass: att[j][p .. p + VEC_LEN) = q_j . k / sqrt(head_dim).
+static inline __attribute__((always_inline)) void score_tile(float *att, size_t L, const float *q, const uint8_t *tile,
+                                                             int hd, float scale, int p, int j0, int j1, int type) {
+    int j = j0;
+    for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS, type);
+    for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1, type);
+}
+
+// out_j += sum over the n value rows vb of block p0 of att[j][p] * v_p, for j0 <= j < j1.
+static inline __attribute__((always_inline)) void add_values(float *out, const float *att, size_t L, const uint8_t *vb,
+                                                             int n, int hd, int p0, int j0, int j1, int type) {
+    int j = j0;
+    for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS, type);
+    for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1, type);
+}
+
 // One (token, KV head) pair for query heads j0 <= j < j1 of the group, with
-// the cache's element type as a constant (each type its own copy of the loops).
-static inline __attribute__((always_inline)) void attend(const AttentionTask *a, float *att, int t, int g, int j0, int j1,
-                                                         int type) {
+// the cache's element type as a constant (each type its own copy of the
+// loops). An f16 or q8_0 cache is read as float32 in registers; when the
+// heads take several passes over each tile or block (kv_mul > ATT_HEADS, as
+// in MQA), the tile or block is converted once into buf (the same numbers,
+// so the same bits) and read as f32 by every pass.
+static inline __attribute__((always_inline)) void attend(const AttentionTask *a, float *att, float *buf, int t, int g,
+                                                         int j0, int j1, int type) {
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = 1.0f / sqrtf((float)c->head_dim);
-    const int hd = c->head_dim;
+    const int hd = c->head_dim, convert = type != KV_F32 && j1 - j0 > ATT_HEADS;
     const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     const size_t krow = s->key_cache.row_bytes, vrow = s->value_cache.row_bytes;
     int n_pos = a->pos + t + 1;                                             // attends to positions 0 .. pos+t
@@ -843,19 +867,20 @@ static inline __attribute__((always_inline)) void attend(const AttentionTask *a,
     // positions (a tile's lanes past n_pos are computed and never used)
     for (int p = 0; p < n_pos; p += VEC_LEN) {
         const uint8_t *tile = k + (size_t)p * krow;
-        int j = j0;
-        for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS, type);
-        for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1, type);
+        if (!convert) { score_tile(att, L, q, tile, hd, scale, p, j0, j1, type); continue; }
+        kv_to_f32(buf, tile, VEC_LEN, hd, type, 1);
+        score_tile(att, L, q, (const uint8_t *)buf, hd, scale, p, j0, j1, KV_F32);
     }
     for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
     // out_j = sum over p of att[j][p] * v_p
     float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
     memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
     for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
-        int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
+        int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK;
         const uint8_t *vb = v + (size_t)p0 * vrow;
-        for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS, type);
-        for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1, type);
+        if (!convert) { add_values(out, att, L, vb, n, hd, p0, j0, j1, type); continue; }
+        kv_to_f32(buf, vb, n, hd, type, 0);
+        add_values(out, att, L, (const uint8_t *)buf, n, hd, p0, j0, j1, KV_F32);
     }
 }
 
@@ -863,6 +888,7 @@ static void attention_task(void *arg, int ith, int nth) {
     const AttentionTask *a = arg;
     const Config *c = &a->m->c;
     float *att = a->m->s.att + (size_t)ith * c->kv_mul * cache_len(c); // (kv_mul, cache_len)
+    float *buf = a->m->s.kv_f32 + (size_t)ith * ATT_BLOCK * c->head_dim;  // (ATT_BLOCK, head_dim)
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -871,9 +897,9 @@ static void attention_task(void *arg, int ith, int nth) {
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
         switch (a->m->s.key_cache.type) {
-        case KV_F16: attend(a, att, t, g, j0, j1, KV_F16); break;
-        case KV_Q8_0: attend(a, att, t, g, j0, j1, KV_Q8_0); break;
-        default: attend(a, att, t, g, j0, j1, KV_F32);
+        case KV_F16: attend(a, att, buf, t, g, j0, j1, KV_F16); break;
+        case KV_Q8_0: attend(a, att, buf, t, g, j0, j1, KV_Q8_0); break;
+        default: attend(a, att, buf, t, g, j0, j1, KV_F32);
         }
     }
 }

@@ -29,6 +29,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     m.s.q = xcalloc(c->q_dim, sizeof(float), "q");
     m.s.xb = xcalloc(c->q_dim, sizeof(float), "xb");
     m.s.att = xcalloc((size_t)c->kv_mul * cache_len(c), sizeof(float), "att");
+    m.s.kv_f32 = xcalloc((size_t)ATT_BLOCK * c->head_dim, sizeof(float), "kv_f32");
     alloc_cache(&m.s.key_cache, c, c->head_dim, 1, "keys");
     alloc_cache(&m.s.value_cache, c, c->head_dim, 0, "values");
     uint64_t state = 1;
@@ -52,7 +53,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     printf("kv_heads %2d %-4s depth %d: %.3f ms per layer and token, %.1f GB/s of cache per CPU-second, "
            "%.1f ns per (position, KV head)\n", kv_heads, kv_type_name(type), depth, best * 1e3, bytes / best / 1e9,
            best * 1e9 / (depth + 1) / kv_heads);
-    free(m.s.q); free(m.s.xb); free(m.s.att);
+    free(m.s.q); free(m.s.xb); free(m.s.att); free(m.s.kv_f32);
     free_cache(&m.s.key_cache); free_cache(&m.s.value_cache);
 }
 

@@ -72,7 +72,7 @@ static void test_attention_kernels(void) {
     int sizes[] = {2, 6, 8, 16, 24, 64, 72, 128, 136};
     for (int type = KV_F32; type <= KV_Q8_0; type++) {
         float worst = 0, worst_ref = 0, worst_s = 0, worst_s_ref = 0;
-        int same = 1;
+        int same = 1, as_f32 = 1;
         for (int k = 0; k < 9; k++) {
             int hd = sizes[k];
             size_t rb = kv_row_bytes(type, hd);
@@ -100,6 +100,15 @@ static void test_attention_kernels(void) {
             tile_scores(att, VEC_LEN, a, tile, hd, 0.5f, H, type);
             for (int h = 0; h < H; h++) tile_scores(att1 + h * VEC_LEN, VEC_LEN, a + h * hd, tile, hd, 0.5f, 1, type);
             same &= memcmp(att, att1, sizeof att) == 0;
+            // the same bits from the f32 kernels on the numbers converted to float32 (kv_to_f32)
+            static float fk[VEC_LEN * HD], fv[N * HD];
+            float attf[H * VEC_LEN], outf[H * HD];
+            kv_to_f32(fk, tile, VEC_LEN, hd, type, 1);
+            kv_to_f32(fv, v, N, hd, type, 0);
+            tile_scores(attf, VEC_LEN, a, (const uint8_t *)fk, hd, 0.5f, H, KV_F32);
+            memcpy(outf, init, sizeof outf);
+            weighted_sum(outf, a, N, (const uint8_t *)fv, N, hd, H, KV_F32);
+            as_f32 &= !memcmp(att, attf, sizeof att) && !memcmp(out, outf, (size_t)H * hd * sizeof(float));
             for (int h = 0; h < H; h++) {
                 tile_scores_scalar(att_ref, a + h * hd, tile, hd, 0.5f, type);
                 for (int i = 0; i < VEC_LEN; i++) {
@@ -121,6 +130,8 @@ static void test_attention_kernels(void) {
         check(worst_s_ref < 1e-4f * (type == KV_F32 ? 1 : 8), name, "worst error %g", worst_s_ref);
         snprintf(name, sizeof name, "attention_%s_heads_together_equal_heads_one_by_one", names[type]);
         check(same, name, "a result differs");
+        snprintf(name, sizeof name, "attention_%s_equals_f32_kernels_on_its_numbers_bit_for_bit", names[type]);
+        check(as_f32, name, "a result differs");
     }
 }
 
