@@ -171,6 +171,42 @@ static inline __attribute__((always_inline)) void tile_scores(float *att, size_t
     for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
 }
 
+// att_h[p] += q_h . row_p * scale for n positions whose keys are stored as
+// rows (n, width), and nh <= ATT_HEADS query heads h, q_h = q + h * width,
+// att_h = att + h * att_stride: MLA's latent keys, which are its value rows
+// too (run.c, attention_task). Each row is loaded once for all nh heads, two
+// vectors per step into two chains per head; one horizontal sum per
+// (position, head), next to width / VEC_LEN multiply-adds (32 at MLA's 512).
+static inline __attribute__((always_inline)) void row_scores(float *att, size_t att_stride, const float *q,
+                                                             const float *rows, int n, int width, float scale, int nh) {
+    for (int p = 0; p < n; p++) {
+        const float *r = rows + (size_t)p * width;
+        vfloat acc[ATT_HEADS][2];
+        for (int h = 0; h < nh; h++) acc[h][0] = acc[h][1] = (vfloat){0};
+        int d = 0;
+        for (; d + 2 * VEC_LEN <= width; d += 2 * VEC_LEN) {
+            for (int b = 0; b < 2 * VEC_BYTES; b += 64) PREFETCH_L1((const char *)(r + d) + b + PREFETCH_AHEAD);
+            vfloat r0 = *(const vfloat *)(r + d), r1 = *(const vfloat *)(r + d + VEC_LEN);
+            IN_REGISTER(r0); IN_REGISTER(r1);
+            for (int h = 0; h < nh; h++) {
+                acc[h][0] += *(const vfloat *)(q + h * width + d) * r0;
+                acc[h][1] += *(const vfloat *)(q + h * width + d + VEC_LEN) * r1;
+            }
+        }
+        for (int h = 0; h < nh; h++) {
+            float sum = vsum(acc[h][0] + acc[h][1]);
+            for (int e = d; e < width; e++) sum += q[h * width + e] * r[e];
+            att[h * att_stride + p] += sum * scale;
+        }
+    }
+}
+
+static REFERENCE void row_scores_scalar(float *att, size_t att_stride, const float *q, const float *rows, int n,
+                                        int width, float scale, int nh) {
+    for (int h = 0; h < nh; h++)
+        for (int p = 0; p < n; p++) att[h * att_stride + p] += dot_scalar(q + h * width, rows + (size_t)p * width, width) * scale;
+}
+
 // RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     double ss = 0; // in double: for wide models the mean of squares loses digits in float

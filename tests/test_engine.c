@@ -395,8 +395,8 @@ static void test_kv_cache_is_grouped(const char *model) {
         for (int g = 0; g < m.c.n_kv_heads; g++)
             for (int p = 0; p < (int)ctx; p++)
                 for (int d = 0; d < m.c.head_dim; d++) {
-                    float k = cache_head(m.s.key_cache, &m.c, l, g)[key_index(&m.c, p, d)];
-                    float v = cache_head(m.s.value_cache, &m.c, l, g)[(size_t)p * m.c.head_dim + d];
+                    float k = cache_head(m.s.key_cache, &m.c, l, g, m.c.key_dim)[key_index(&m.c, p, d)];
+                    float v = cache_head(m.s.value_cache, &m.c, l, g, m.c.value_dim)[(size_t)p * m.c.head_dim + d];
                     if (p == 0) written += (k != 0) + (v != 0); else beyond += (k != 0) + (v != 0);
                 }
     check(written > m.c.n_layers * m.c.n_kv_heads && beyond == 0, "forward_writes_one_kv_row_per_layer_and_head",
