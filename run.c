@@ -941,8 +941,9 @@ static void gqa_attention(Transformer *m, int l, int T, int pos) {
 
 // Per-head products of MLA's absorbed up-projections: out (T, heads, R) =
 // W_h (R, C) @ x (T, heads, C) for every head h, W = (heads * R, C) the
-// heads' matrices stacked. q8_0 weights meet x quantized per token (C is a
-// multiple of the group size, so every head starts a group).
+// heads' matrices stacked. q8_0 weights meet x quantized head by head (a
+// q8_0 vector's values are interleaved within blocks of up to 32 groups, so
+// each head's C values are quantized as a vector of their own).
 typedef struct { Transformer *m; float *out; const float *x; const Matrix *w; int T, heads; } HeadTask;
 
 static void head_task(void *arg, int ith, int nth) {
@@ -962,9 +963,9 @@ static void head_task(void *arg, int ith, int nth) {
 }
 
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
-    const int heads = m->c.n_heads, n = heads * w->cols;
-    if (w->q8) { // the T tokens of x (T, heads * C) quantized
-        QuantizeTask q = {&m->s, x, n, T, T};
+    const int heads = m->c.n_heads;
+    if (w->q8) { // x (T * heads, C) quantized
+        QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
         if (T < VEC_LEN) quantize_task(&q, 0, 1);
         else pool_run(m->pool, quantize_task, &q);
     }
