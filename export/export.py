@@ -670,7 +670,7 @@ def apply_kv_heads(c, blocks_of, K):
 # 1 / sqrt(head_dim) by the factor sqrt((head_dim + kv_rope_dim) / head_dim)
 # on wq_rope and wk_b.
 
-MLA_CALIB_TOKENS = 32768  # calibration tokens used at most (the first ones of the text)
+MLA_CALIB_TOKENS = 16384  # calibration tokens used at most (the first ones of the text)
 
 
 def mla_full_dim(c):
@@ -825,9 +825,10 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr):
 def calibration_inputs(c, weights, ids_list):
     """{layer: (tokens, dim) float64} the normed input of each layer's
     attention over the token windows in ids_list, from a numpy forward pass of
-    the source model (file convention: RoPE on adjacent pairs)."""
+    the source model in float32 (file convention: RoPE on adjacent pairs)."""
     H, G, hd = c.n_heads, c.n_kv_heads, c.head_dim
-    freq = rope_frequencies(c).astype(np.float32).astype(np.float64)
+    freq = rope_frequencies(c).astype(np.float32)
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
     out = {l: [] for l in range(c.n_layers)}
 
     def rmsnorm(x, w):
@@ -843,18 +844,18 @@ def calibration_inputs(c, weights, ids_list):
 
     for ids in ids_list:
         T = len(ids)
-        pos = np.arange(T, dtype=np.float64)
+        pos = np.arange(T, dtype=np.float32)
         x = weights["token_embedding"][ids]
-        mask = np.triu(np.full((T, T), -np.inf), 1)
+        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
         for l in range(c.n_layers):
             p = f"layers.{l}."
             h = rmsnorm(x, weights[p + "attn_norm"])
-            out[l].append(h)
+            out[l].append(h.astype(np.float64))
             q = rope((h @ weights[p + "wq"].T).reshape(T, H, hd), pos)
             k = rope((h @ weights[p + "wk"].T).reshape(T, G, hd), pos)
             v = (h @ weights[p + "wv"].T).reshape(T, G, hd)
             k, v = np.repeat(k, H // G, axis=1), np.repeat(v, H // G, axis=1)
-            att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+            att = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)) + mask
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
             x = x + np.einsum("hts,shd->thd", att, v).reshape(T, H * hd) @ weights[p + "wo"].T
