@@ -962,6 +962,19 @@ static void head_task(void *arg, int ith, int nth) {
     }
 }
 
+// q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
+// SIMD path in dot_q8; MLA's W_UK^T rows are head_dim long (64 in
+// Llama-3.2-1B's shape: 16384 such rows per layer), so such per-head
+// matrices are dequantized to f32 once, at load (in engine-owned memory;
+// weight_bytes counts them as f32, which decode then reads).
+static void dequantize_short_rows(Transformer *m, Matrix *w) {
+    if (!w->q8 || w->cols >= Q8_CHUNK * Q8_GROUP) return;
+    float *f = owned_alloc(m, (size_t)w->rows * w->cols, sizeof(float), "MLA up-projections");
+    for (int r = 0; r < w->rows; r++) matrix_slice(w, r, 0, w->cols, f + (size_t)r * w->cols);
+    w->q8 = NULL;
+    w->f = f;
+}
+
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     const int heads = m->c.n_heads;
     if (w->q8) { // x (T * heads, C) quantized
@@ -1522,6 +1535,10 @@ static void prefault_weights(Transformer *m) {
 static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
     prefault_weights(m);
     if (kv_heads) set_kv_heads(m, kv_heads);
+    for (int l = 0; l < m->c.n_layers && m->c.attention == ATTENTION_MLA; l++) {
+        dequantize_short_rows(m, &m->w.layers[l].wk_b);
+        dequantize_short_rows(m, &m->w.layers[l].wv_b);
+    }
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
     m->c.seq_len = seq_len > 0 ? seq_len

@@ -77,6 +77,7 @@ def ppl(model, text, *extra):
 
 def logits(model, ids, tmp, *extra):
     out = os.path.join(tmp, "logits.f32")
+    extra = ["-K" if e == "--kv-heads" else e for e in extra]  # tests/logits' name for it
     run([LOGITS, model, out, *ids, "-T", 1, "-B", 64, *extra])
     return np.fromfile(out, dtype="<f4").reshape(len(ids), -1).astype(np.float64)
 
