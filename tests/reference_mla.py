@@ -34,7 +34,10 @@ forward(..., q8_0_activations=True) rounds the input of every product to
 q8_0 first, as int8 kernels meeting q8_0 weights do; the products with W_UK
 and W_UV then have to be the absorbed ones (section 2.1.2: "W_UK can be
 absorbed into W_Q, and W_UV into W_O"), whose inputs are what gets rounded:
-head i's query q_C,i and its weighted sum of latents.
+head i's query q_C,i and its weighted sum of latents -- but only for W_UK^T
+(rows of head_dim values) or W_UV (rows of kv_latent_dim) rows of at least
+512 values: the engine dequantizes shorter q8_0 rows at load (run.c,
+dequantize_short_rows), and those products take f32 inputs.
 """
 import math
 import os
@@ -102,14 +105,15 @@ def mla_attention_absorbed_q8(h, W, p, x, freq):
     rope_freq, pos = freq[W[p + "rope_pairs"]], np.arange(T)
     kv = lin(x, W[p + "wkv_a"])
     c, k_R = kv[:, :dc], rope_adjacent(kv[:, dc:], rope_freq, pos)
-    q_C = reference.round_to_q8_0(lin(x, W[p + "wq"])).reshape(T, H, hd)
+    int8 = lambda cols: (lambda v: reference.round_to_q8_0(v)) if cols >= 512 else (lambda v: v)
+    q_C = int8(hd)(lin(x, W[p + "wq"])).reshape(T, H, hd)
     q_lat = np.einsum("hcd,thd->htc", W[p + "wk_b"].reshape(H, dc, hd), q_C)            # W_UK,i^T q_C,i
     q_R = rope_adjacent(lin(x, W[p + "wq_rope"]).reshape(T, H, dr).transpose(1, 0, 2), rope_freq, pos)
     scores = (q_lat @ c.T + q_R @ k_R.T) / math.sqrt(hd + dr)
     scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     o_lat = (scores / scores.sum(axis=-1, keepdims=True)) @ c                               # (H, T, dc)
-    o_lat = reference.round_to_q8_0(o_lat.transpose(1, 0, 2).reshape(T, H * dc)).reshape(T, H, dc)
+    o_lat = int8(dc)(o_lat.transpose(1, 0, 2).reshape(T, H * dc)).reshape(T, H, dc)
     o = np.einsum("hdc,thc->thd", W[p + "wv_b"].reshape(H, hd, dc), o_lat).reshape(T, H * hd)  # W_UV,i o_i
     return lin(o, W[p + "wo"])
 

@@ -102,9 +102,10 @@ def engine_matches_reference(name, flags):
             or h["kv_rope_dim"] == 2, "the reference does not depend on rope_pairs")
 
 
-def q8_0_matches_reference():
-    model = export_ok(path("q8.bin"), "--random", "--seed", 9, "--dim", 64, "--n-heads", 2, "--head-dim", 32,
-                      "--kv-latent-dim", 64, "--kv-rope-dim", 8, "--untied", "--dtype", "q8_0")
+def q8_0_matches_reference(latent):
+    """latent 512: W_UV's rows are int8 (512 values), W_UK^T's (head_dim 32) dequantized at load; latent 64: both."""
+    model = export_ok(path(f"q8_{latent}.bin"), "--random", "--seed", 9, "--dim", 64, "--n-heads", 2,
+                      "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 8, "--untied", "--dtype", "q8_0")
     h, W = read_tensors(model)
     ids = random_ids(h, 24, 4)
     refs = {"f32 activations": reference_mla.forward(h, W, ids),
@@ -113,8 +114,8 @@ def q8_0_matches_reference():
         got = engine_logits(model, ids, "-B", block, "-T", threads)
         per_pos = {k: np.max(np.abs(got - r), axis=1) / np.max(np.abs(r)) for k, r in refs.items()}
         best = np.minimum(*per_pos.values())
-        note(f"q8_0 B={block}", float(best.max()))
-        T.check(f"mla_q8_0_logits_B{block}_match_reference_on_dequantized_weights", best.max() <= TOL,
+        note(f"q8_0 latent {latent} B={block}", float(best.max()))
+        T.check(f"mla_q8_0_latent{latent}_logits_B{block}_match_reference_on_dequantized_weights", best.max() <= TOL,
                 f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference")
 
 
@@ -269,7 +270,9 @@ def main():
     try:
         for name, flags in RANDOM_SHAPES:
             T.run(f"mla_{name}_logits_token_by_token_match_reference", engine_matches_reference, name, flags)
-        T.run("mla_q8_0_logits_B1_match_reference_on_dequantized_weights", q8_0_matches_reference)
+        for latent in (512, 64):
+            T.run(f"mla_q8_0_latent{latent}_logits_B1_match_reference_on_dequantized_weights", q8_0_matches_reference,
+                  latent)
         for name, cfg in full_shapes():
             T.run(f"mla_full_{name}_ppl_equals_source", full_is_exact, name, cfg)
         T.run("mla_full_stories260K_ppl_equals_source", full_is_exact_llama2c, "stories260K", "stories260K.bin",
