@@ -23,6 +23,15 @@ at load time (run.c, regroup_matrix), so a converted checkpoint can be shared:
                   repeated K / n_kv_heads times: the same outputs, a bigger cache.
 Pooling is done in f32 before any q8_0 quantization. Needs numpy.
 
+Any source, with --mla N: the file gets multi-head latent attention (model.h)
+caching N numbers per token and layer instead of 2 x n_kv_heads x head_dim:
+  --mla full      (N = 2 x n_kv_heads x head_dim) exact: same outputs;
+  --mla N --calib TEXT.txt [--mla-rope-dim R]   a smaller cache, fitted to
+                  the source model's activations on TEXT (TransMLA-style; see
+                  "Multi-head latent attention" below). Needs numpy, and ./run
+                  built (it tokenizes TEXT).
+--random --kv-latent-dim N --kv-rope-dim R writes random MLA weights directly.
+
 The file is written to OUT.bin.tmp and renamed at the end, so a failed export
 never leaves a half-written model. Anything this script does not understand is
 refused with a one-line "error: ..." and exit status 1; it never guesses.
