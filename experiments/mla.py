@@ -177,7 +177,7 @@ def markdown(data):
 
 
 def svg(data):
-    W, H, x0, x1, y0, y1 = 760, 420, 70, 730, 30, 360
+    W, H, x0, x1, y0, y1 = 760, 420, 70, 730, 40, 360
     s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
          f'<rect width="{W}" height="{H}" fill="white"/>',
          '<text x="380" y="18" text-anchor="middle" font-size="14">Perplexity on held-out TinyStories vs KV-cache '
@@ -214,10 +214,13 @@ def svg(data):
                 s.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{col}"/>')
             else:
                 s.append(f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="white" stroke="{col}"/>')
-            s.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10" fill="{col}">{r["config"]}</text>')
-    s.append(f'<text x="{x0 + 10}" y="{H - 6}" font-size="11">solid, dots: MLA (--mla N, calibrated on the first '
-             'half); dashed, squares: the file and --kv-heads K (mean-pooled / repeated heads). Blue stories260K, '
-             'red aidreams260K (out of domain: see the KL in mla.md).</text>')
+            below = r["kind"] == "mla_full"  # on top of the file's point: its label below it
+            s.append(f'<text x="{x + 6:.1f}" y="{y + (14 if below else -6):.1f}" font-size="10" fill="{col}">'
+                     f'{r["config"]}</text>')
+    s.append(f'<text x="{x0}" y="{H - 8}" font-size="11">dots: MLA (--mla N, calibrated on the first half); '
+             'squares: the file and --kv-heads K (mean-pooled / repeated heads).</text>')
+    s.append(f'<text x="{x1}" y="{y0 + 14}" font-size="11" text-anchor="end">blue: stories260K; red: aidreams260K '
+             '(out of domain: see the KL in mla.md)</text>')
     s.append("</svg>")
     return "\n".join(s) + "\n"
 
