@@ -52,7 +52,7 @@ tests/test_engine_sse2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(NARROW_CFLAGS) -march=x86-64 -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
 # The tokenizer tests share a helper header.
-$(filter tests/test_tokenizer_%,$(C_TESTS)): tests/tokenizer_testlib.h
+$(filter tests/test_tokenizer_% tests/test_ppl_stream,$(C_TESTS)): tests/tokenizer_testlib.h
 
 bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h unicode_tables.h
 	$(CC) $(CFLAGS) -I. -o $@ bench/bench_tokenizer.c tokenizer.c
@@ -75,9 +75,12 @@ models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.
 demo: run models/stories260K.l3ck
 	./run models/stories260K.l3ck -i "Once upon a time" -n 200
 
+# tests/deps.sh finds a python3 with numpy, or installs python3-numpy (as root), or
+# says the one command to run.
+FIND_PYTHON = PY=$$(PYTHON=$(PYTHON) bash tests/deps.sh) || exit 1
 test: run run-omp tests/logits $(C_TESTS) $(WIDTH_TESTS)
-	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
-	RUN=./run PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh
+	@$(FIND_PYTHON); echo "RUN=./run PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh"; \
+	  RUN=./run PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
 	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 models/*.l3ck
@@ -112,9 +115,9 @@ run-tsan: $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(SAN_CFLAGS) $(TSAN_FLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
 
 test-asan test-tsan: test-%: run-%
-	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (apt-get install python3-numpy)"; exit 1; }
+	@$(FIND_PYTHON)
 	$(MAKE) -B tests/logits $(C_TESTS) CFLAGS="$(SAN_CFLAGS) $(if $(filter asan,$*),$(ASAN_FLAGS),$(TSAN_FLAGS))"
-	$(SAN_ENV) RUN=./run-$* PYTHON=$(PYTHON) SHARED=$(SHARED) bash tests/run_tests.sh; \
+	@$(FIND_PYTHON); $(SAN_ENV) RUN=./run-$* PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh; \
 	  rc=$$?; rm -f tests/logits $(C_TESTS); exit $$rc
 
 # Without -march=native: valgrind does not know AVX-512.

@@ -368,6 +368,22 @@ static uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | ((r >> 13) - ((127 - 15) << 10)));
 }
 
+// NaN or Inf: the exponent bits all ones (float32, float16).
+static int nonfinite_f32(float x) { uint32_t u; memcpy(&u, &x, 4); return (u & 0x7F800000u) == 0x7F800000u; }
+static int nonfinite_f16(uint16_t h) { return (h & 0x7C00u) == 0x7C00u; }
+
+// Index of the first NaN or Inf of v[0..n), or n. (Exponent bits all ones;
+// an OR over a block, which compilers vectorize, then a search in the block.)
+static size_t find_nonfinite_f32(const float *v, size_t n) {
+    for (size_t i0 = 0; i0 < n; i0 += 4096) {
+        size_t i1 = n - i0 < 4096 ? n : i0 + 4096;
+        uint32_t bad = 0;
+        for (size_t i = i0; i < i1; i++) { uint32_t u; memcpy(&u, v + i, 4); bad |= (u & 0x7F800000u) == 0x7F800000u; }
+        if (bad) for (size_t i = i0; i < i1; i++) if (nonfinite_f32(v[i])) return i;
+    }
+    return n;
+}
+
 // Block b of a q8_0 row of n values: its groups' values and scales.
 typedef struct { const int8_t *q; const uint16_t *scale; int groups; } Q8Block;
 

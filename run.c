@@ -164,6 +164,7 @@ typedef struct {
     Tokenizer *tok;
     ThreadPool *pool;
     int n_threads;
+    const char *path; // of the model file, for error messages
     void *map;        // the mmapped file
     size_t map_bytes;
     void **owned;     // weights the engine computed itself (--kv-heads), freed at the end
@@ -301,6 +302,7 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
 // and points the config, the weights and the tokenizer into it. Apart from
 // the file handling so that tests/fuzz/fuzz_loader.c can feed it bytes.
 static void load_checkpoint(Transformer *m, const char *path) {
+    m->path = path;
     memcpy(&m->h, m->map, sizeof m->h);
     if (m->h.version == 3) { // before the version 4 fields: GQA, every matrix of one dtype
         m->h.attention = ATTENTION_GQA; m->h.kv_latent_dim = m->h.kv_rope_dim = 0;
@@ -1019,6 +1021,15 @@ static void mla_attention(Transformer *m, int l, int T, int pos) {
     head_matmul(m, s->xb, s->o_lat, &L->wv_b, T);                // W_UV_h o_h
 }
 
+// Finite weights can still overflow (weights of 1e30 are finite): a NaN or
+// Inf logit ends the run rather than print nothing or "perplexity: nan".
+static void check_logits(const Transformer *m, const float *logits, int T, int pos) {
+    size_t n = (size_t)T * m->c.vocab_size, i = find_nonfinite_f32(logits, n);
+    if (i < n)
+        die("non-finite logit %g at position %d (token %zu of the vocabulary): the arithmetic overflowed; "
+            "are the weights sane?", logits[i], pos + (int)(i / m->c.vocab_size), i % m->c.vocab_size);
+}
+
 // Runs T tokens (T <= MAX_BATCH) at positions pos .. pos+T-1 through the
 // model, appending their keys and values to the cache. Returns the logits of
 // the last token (vocab_size), or with all_logits those of every token (T, vocab_size).
@@ -1052,6 +1063,7 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
     for (int t = first; t < T; t++)
         rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, w->final_norm, dim, c->norm_eps);
     matmul(m, s->logits, s->xb, &w->classifier, T - first);
+    check_logits(m, s->logits, T - first, pos + first);
     return s->logits;
 }
 
@@ -1147,22 +1159,50 @@ static void emit_token(Transformer *m, Utf8Stream *us, int prev, int id, char *b
     emit(buf, n);
 }
 
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die("cannot open %s: %s", path, strerror(errno));
+// Reads all of f (a file, a pipe, a FIFO), NUL-terminated, if it holds at most
+// max bytes; more is refused (`what` says why), so /dev/zero cannot fill the memory.
+static char *read_all(FILE *f, const char *path, size_t max, const char *what, size_t *len) {
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && (uintmax_t)st.st_size > max)
+        die("%s is %lld bytes, more than %s", path, (long long)st.st_size, what);
     size_t cap = 1 << 16, n = 0;
-    char *buf = xcalloc(cap, 1, "the input file");
+    char *buf = xcalloc(cap, 1, "the input");
     for (;;) {
         n += fread(buf + n, 1, cap - n, f);
         if (n < cap) break;
+        if (n > max) die("%s holds more than %zu bytes, more than %s", path, max, what);
         buf = realloc(buf, cap *= 2);
         if (!buf) die("out of memory reading %s", path);
     }
     if (ferror(f)) die("cannot read %s: %s", path, strerror(errno));
-    fclose(f);
+    if (n > max) die("%s holds more than %zu bytes, more than %s", path, max, what);
+    buf[n] = 0; // n < cap: a C string too
     *len = n;
     return buf;
 }
+
+#define TOKENIZE_MAX_BYTES (64 << 20)
+
+// The most text a prompt or a chat message can use: a text of n bytes has
+// at least n / max_token_bytes tokens, so more than this cannot fit the context.
+static size_t input_limit(const Transformer *m) {
+    return (size_t)m->c.seq_len * tokenizer_max_token_bytes(m->tok);
+}
+
+static FILE *open_input(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    return f;
+}
+
+#ifdef TESTING
+static char *read_path(const char *path, size_t *len) { // the tests' files, whole
+    FILE *f = open_input(path);
+    char *data = read_all(f, path, SIZE_MAX - 1, "", len);
+    fclose(f);
+    return data;
+}
+#endif
 
 // BOS (if the model has one) followed by the tokens of text.
 static int *encode_with_bos(Transformer *m, const char *text, size_t len, int *n_tokens) {
@@ -1250,34 +1290,107 @@ static double nll_of(const float *logits, int n, int target) { // -log softmax(l
     return log(sum) - ((double)logits[target] - max);
 }
 
-static void perplexity(Transformer *m, const char *text, size_t len) {
-    int n;
-    int *tokens = encode_with_bos(m, text, len, &n);
-    int bos = m->h.bos_id >= 0;
-    if (n - bos < 1 + !bos) die("the text has too few tokens to score");
-    if (m->c.seq_len < 2) die("-m ppl needs a context of at least 2 tokens, this one is %d (-c)", m->c.seq_len);
-    int chunk = m->c.seq_len - bos; // scored tokens per window
-    int *window = xcalloc(m->c.seq_len, sizeof(int), "window");
-    double nll = 0;
-    long scored = 0;
-    int tty = isatty(STDERR_FILENO);
-    for (int start = bos; start < n; start += chunk) {
-        int len_w = 0;
-        if (bos) window[len_w++] = m->h.bos_id;
-        for (int i = start; i < n && i < start + chunk; i++) window[len_w++] = tokens[i];
-        // logits at window position i predict window[i + 1]
-        for (int i = 0; i < len_w - 1; i += MAX_BATCH) {
-            int T = len_w - 1 - i < MAX_BATCH ? len_w - 1 - i : MAX_BATCH;
-            float *logits = forward(m, window + i, T, i, 1);
-            for (int t = 0; t < T; t++) nll += nll_of(logits + (size_t)t * m->c.vocab_size, m->c.vocab_size, window[i + t + 1]);
-            scored += T;
-            if (tty) fprintf(stderr, "\rppl: %ld / %d tokens, running perplexity %.4f", scored, n - 1, exp(nll / scored));
+// Reading a text of any length in bounded memory: read_bytes at a time, cut
+// where tokenizer_cut allows (a newline, or a space between words), each
+// part tokenized as it comes; the tokens are those of the whole text.
+#define PPL_READ_BYTES (1 << 20)  // what -m ppl -f reads at a time
+#define MAX_UNCUT (64 << 20)      // text without a place to cut that is still read on
+
+typedef void (*TokenSink)(void *ctx, const int *ids, size_t n);
+
+// Feeds the tokens of all of f to sink, part by part; returns the bytes read.
+static size_t stream_tokens(const Tokenizer *tok, FILE *f, size_t read_bytes, TokenSink sink, void *ctx) {
+    size_t cap = 2 * read_bytes, have = 0, total = 0;
+    char *buf = xcalloc(cap, 1, "the text");
+    for (int first = 1, eof = 0; !eof;) {
+        if (cap - have < read_bytes) {
+            if (cap >= MAX_UNCUT)
+                die("the text has no line break or space between words in %d MiB; it is cut there "
+                    "to be read in bounded memory", MAX_UNCUT >> 20);
+            buf = realloc(buf, cap *= 2);
+            if (!buf) die("out of memory reading the text");
         }
+        size_t got = fread(buf + have, 1, read_bytes, f);
+        if (got < read_bytes) {
+            if (ferror(f)) die("cannot read the text: %s", strerror(errno));
+            eof = 1;
+        }
+        have += got;
+        total += got;
+        size_t cut = eof ? have : tokenizer_cut(tok, buf, have), n;
+        if (cut == 0) continue; // no place to cut yet: read on
+        int *ids = first ? tokenizer_encode(tok, buf, cut, 1, &n) : tokenizer_encode_continued(tok, buf, cut, 1, &n);
+        if (!ids) die("out of memory tokenizing the text");
+        sink(ctx, ids, n);
+        free(ids);
+        first = 0;
+        memmove(buf, buf + cut, have - cut);
+        have -= cut;
     }
-    if (tty) fputc('\n', stderr);
-    printf("tokens: %ld\nperplexity: %.6f\n", scored, exp(nll / scored));
-    free(window);
-    free(tokens);
+    free(buf);
+    return total;
+}
+
+typedef struct {
+    Transformer *m;
+    int *window, len_w; // BOS (if any), then the text's next tokens: seq_len at most
+    double nll;         // summed over the scored tokens
+    long scored;
+    FILE *f;            // the text, if read from a file ...
+    size_t bytes_total; // ... and its length, for the progress line (0: unknown, a pipe)
+} Perplexity;
+
+static void score_window(Perplexity *p) {
+    Transformer *m = p->m;
+    int V = m->c.vocab_size;
+    // logits at window position i predict window[i + 1]
+    for (int i = 0; i < p->len_w - 1; i += MAX_BATCH) {
+        int T = p->len_w - 1 - i < MAX_BATCH ? p->len_w - 1 - i : MAX_BATCH;
+        float *logits = forward(m, p->window + i, T, i, 1);
+        for (int t = 0; t < T; t++) p->nll += nll_of(logits + (size_t)t * V, V, p->window[i + t + 1]);
+        p->scored += T;
+    }
+    p->len_w = m->h.bos_id >= 0;
+    if (isatty(STDERR_FILENO)) {
+        fprintf(stderr, "\rppl: %ld tokens", p->scored);
+        if (p->bytes_total) fprintf(stderr, ", %.0f %% of the text", 100.0 * ftell(p->f) / p->bytes_total);
+        fprintf(stderr, ", running perplexity %.4f", exp(p->nll / p->scored));
+    }
+}
+
+// The sink of stream_tokens: each window is scored as it fills.
+static void score_tokens(void *ctx, const int *ids, size_t n) {
+    Perplexity *p = ctx;
+    for (size_t i = 0; i < n; i++) {
+        p->window[p->len_w++] = ids[i];
+        if (p->len_w == p->m->c.seq_len) score_window(p);
+    }
+}
+
+// Scores the text of f (any length, a pipe too) or, with f NULL, text[0..len):
+// exp(nll / scored) is its perplexity.
+static Perplexity perplexity(Transformer *m, FILE *f, const char *text, size_t len, size_t read_bytes) {
+    if (m->c.seq_len < 2) die("-m ppl needs a context of at least 2 tokens, this one is %d (-c)", m->c.seq_len);
+    Perplexity p = {m, xcalloc(m->c.seq_len, sizeof(int), "window"), 0, 0, 0, f, 0};
+    p.len_w = m->h.bos_id >= 0;
+    if (p.len_w) p.window[0] = m->h.bos_id;
+    if (f) {
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode)) p.bytes_total = (size_t)st.st_size;
+        stream_tokens(m->tok, f, read_bytes, score_tokens, &p);
+    } else {
+        size_t n;
+        int *ids = tokenizer_encode(m->tok, text, len, 1, &n);
+        if (!ids) die("out of memory tokenizing the text");
+        score_tokens(&p, ids, n);
+        free(ids);
+    }
+    if (p.len_w > 1) score_window(&p);
+    if (isatty(STDERR_FILENO) && p.scored) fputc('\n', stderr);
+    if (p.scored == 0) die("the text has too few tokens to score");
+    free(p.window);
+    p.window = NULL;
+    return p;
 }
 
 // ----------------------------------------------------------------------------
@@ -1340,12 +1453,23 @@ static TokenList chat_turn_tokens(Transformer *m, const char *system, const char
     return l;
 }
 
-static char *read_line(FILE *f) {
-    size_t cap = 0;
-    char *line = NULL;
-    ssize_t len = getline(&line, &cap, f);
-    if (len < 0) { free(line); return NULL; }
-    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+// One line of f without its line end, or NULL at the end of f; a line longer
+// than max bytes (more than the context can hold) is an error.
+static char *read_line(FILE *f, size_t max) {
+    size_t cap = 256, len = 0;
+    char *line = xcalloc(cap, 1, "a line");
+    int ch;
+    while ((ch = getc(f)) != EOF && ch != '\n') {
+        if (len + 1 == cap) {
+            if (len >= max) die("an input line is longer than %zu bytes, more than the context can hold", max);
+            line = realloc(line, cap *= 2);
+            if (!line) die("out of memory reading a line");
+        }
+        line[len++] = (char)ch;
+    }
+    if (ch == EOF && len == 0) { free(line); return NULL; }
+    while (len > 0 && line[len - 1] == '\r') len--;
+    line[len] = 0;
     return line;
 }
 
@@ -1359,7 +1483,7 @@ static void chat(Transformer *m, Sampler *sp, const char *system, const char *fi
         if (turn == 0 && first_message) msg = strdup(first_message);
         else {
             if (tty) { fputs("> ", stderr); fflush(stderr); }
-            msg = read_line(stdin);
+            msg = read_line(stdin, input_limit(m));
         }
         if (!msg) break;
         TokenList turn_ids = chat_turn_tokens(m, system, msg, turn == 0);
@@ -1520,20 +1644,121 @@ static void kv_calculator(const char *spec) {
 
 #define DEFAULT_MAX_CONTEXT 4096 // default -c: the model's context, capped here
 
-// Maps every page of the file now (reading it from disk if it is not cached)
-// instead of faulting them in one by one during the first forward pass,
-// where the faults would stall the matmuls and defeat their prefetching.
-static void prefault_weights(Transformer *m) {
-#ifdef MADV_POPULATE_READ
-    if (madvise(m->map, m->map_bytes, MADV_POPULATE_READ) == 0) return;
-#endif
-    volatile unsigned char sink = 0; // older kernels: touch one byte per page
-    for (size_t i = 0; i < m->map_bytes; i += 4096) sink ^= ((const unsigned char *)m->map)[i];
-    (void)sink;
+// No silent wrong answers: one NaN or Inf in the weights (a damaged download,
+// a bad conversion) turns every logit into NaN, and the output into nothing.
+// Every f32 value and every float16 scale is checked once at load, by all
+// threads. The same pass maps every page of the file (each page holds f32
+// values or q8_0 scales; the tokenizer's were read at load) instead of letting
+// the first forward pass fault them in one by one, where the faults would
+// stall the matmuls and defeat their prefetching: the check costs no read of
+// its own.
+
+typedef struct {
+    const char *name; int layer;  // "wq", layer 3; layer -1: not in a layer
+    const float *v; size_t n;     // an f32 tensor (vector, or matrix of cols values a row) ...
+    const Matrix *w;              // ... or a quantized matrix: its scales are checked
+    size_t cols;
+} TensorRef;
+
+// The model's tensors, in file order; returns their count (out may be NULL).
+static int list_tensors(const Transformer *m, TensorRef *out) {
+    int n = 0;
+#define REF(NAME, L, W) do { const Matrix *w_ = (W); if (w_->rows == 0) break; /* not of this attention kind */ \
+        if (out) out[n] = w_->q8 ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
+                                 : (TensorRef){NAME, L, w_->f, (size_t)w_->rows * w_->cols, NULL, (size_t)w_->cols}; \
+        n++; } while (0)
+#define VEC(NAME, L, V) do { if (out) out[n] = (TensorRef){NAME, L, (V), (size_t)m->c.dim, NULL, (size_t)m->c.dim}; n++; } while (0)
+    REF("token_embedding", -1, &m->w.token_embedding);
+    for (int l = 0; l < m->c.n_layers; l++) {
+        const Layer *L = &m->w.layers[l];
+        VEC("attn_norm", l, L->attn_norm);
+        REF("wq", l, &L->wq); REF("wk", l, &L->wk); REF("wv", l, &L->wv); // GQA, or MLA's:
+        REF("wq_rope", l, &L->wq_rope); REF("wkv_a", l, &L->wkv_a); REF("wk_b", l, &L->wk_b); REF("wv_b", l, &L->wv_b);
+        REF("wo", l, &L->wo);
+        VEC("ffn_norm", l, L->ffn_norm);
+        REF("w1", l, &L->w1); REF("w2", l, &L->w2); REF("w3", l, &L->w3);
+    }
+    VEC("final_norm", -1, m->w.final_norm);
+    if (!m->h.tied_classifier) REF("classifier", -1, &m->w.classifier);
+#undef REF
+#undef VEC
+    return n;
+}
+
+// Rows [r0, r1) of a q8_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
+static size_t find_nonfinite_scale(const Matrix *w, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < w->cols; b++) {
+            Q8Block k = q8_block(matrix_row(w, r), w->cols, b);
+            for (int g = 0; g < k.groups; g++)
+                if (nonfinite_f16(k.scale[g])) return (size_t)r * (w->cols / Q8_GROUP) + (size_t)b * Q8_BLOCK + g;
+        }
+    return SIZE_MAX;
+}
+
+// The check is cut into pieces of about CHECK_PIECE elements (f32) or rows (quantized).
+#define CHECK_PIECE (1u << 18)
+typedef struct { const TensorRef *t; int n_tensors; size_t n_pieces; uint8_t *bad; } FiniteTask;
+
+static size_t pieces_of(const TensorRef *t) { return ((t->v ? t->n : t->n * 16) + CHECK_PIECE - 1) / CHECK_PIECE; }
+
+static void finite_task(void *arg, int ith, int nth) {
+    FiniteTask *a = arg;
+    size_t piece = 0;
+    for (int i = 0; i < a->n_tensors; i++) {
+        const TensorRef *t = &a->t[i];
+        size_t np = pieces_of(t), per = (t->n + np - 1) / np; // elements or rows a piece
+        for (size_t p = 0; p < np; p++, piece++) {
+            if (piece % nth != (size_t)ith) continue;
+            size_t lo = p * per, hi = lo + per < t->n ? lo + per : t->n;
+            a->bad[piece] = t->v ? find_nonfinite_f32(t->v + lo, hi - lo) != hi - lo
+                                 : find_nonfinite_scale(t->w, (int)lo, (int)hi) != SIZE_MAX;
+        }
+    }
+}
+
+// Says where the first NaN or Inf of tensor t is, into msg.
+static void describe_nonfinite(const TensorRef *t, char *msg, size_t cap) {
+    char where[32] = "";
+    if (t->layer >= 0) snprintf(where, sizeof where, "layer %d ", t->layer);
+    if (t->v) {
+        size_t e = find_nonfinite_f32(t->v, t->n);
+        if (t->n == t->cols) // a vector
+            snprintf(msg, cap, "non-finite weight %g in %s%s, element %zu", t->v[e], where, t->name, e);
+        else
+            snprintf(msg, cap, "non-finite weight %g in %s%s, row %zu, column %zu", t->v[e], where, t->name,
+                     e / t->cols, e % t->cols);
+        return;
+    }
+    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = t->cols / Q8_GROUP;
+    Q8Block k = q8_block(matrix_row(t->w, (int)(e / groups)), t->w->cols, (int)(e % groups / Q8_BLOCK));
+    snprintf(msg, cap, "non-finite q8_0 scale %g in %s%s, row %zu, group %zu", f16_to_f32(k.scale[e % groups % Q8_BLOCK]),
+             where, t->name, e / groups, e % groups);
+}
+
+// Dies at the first NaN or Inf of the weights, in file order, naming where it is.
+static void check_weights_finite(Transformer *m) {
+    int n = list_tensors(m, NULL);
+    TensorRef *t = xcalloc(n, sizeof *t, "tensor list");
+    list_tensors(m, t);
+    FiniteTask a = {t, n, 0, NULL};
+    for (int i = 0; i < n; i++) a.n_pieces += pieces_of(&t[i]);
+    a.bad = xcalloc(a.n_pieces, 1, "finite check");
+    if (a.n_pieces > 1) pool_run(m->pool, finite_task, &a); else finite_task(&a, 0, 1);
+    char msg[256] = "";
+    for (size_t i = 0, piece = 0; i < (size_t)n && !msg[0]; i++)
+        for (size_t p = 0, np = pieces_of(&t[i]); p < np; p++)
+            if (a.bad[piece++] && !msg[0]) describe_nonfinite(&t[i], msg, sizeof msg);
+    free(a.bad);
+    free(t);
+    if (msg[0]) die("%s: %s; the file is damaged; re-export or re-download it", m->path, msg);
 }
 
 static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv_heads) {
-    prefault_weights(m);
+    m->n_threads = n_threads;
+    m->pool = pool_create(n_threads);
+    if (!m->pool) die("cannot start %d threads", n_threads);
+    check_weights_finite(m); // and maps every page
     if (kv_heads) set_kv_heads(m, kv_heads);
     for (int l = 0; l < m->c.n_layers && m->c.attention == ATTENTION_MLA; l++) {
         dequantize_short_rows(m, &m->w.layers[l].wk_b);
@@ -1543,9 +1768,6 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
     m->c.seq_len = seq_len > 0 ? seq_len
                  : (m->c.max_seq_len < DEFAULT_MAX_CONTEXT ? m->c.max_seq_len : DEFAULT_MAX_CONTEXT);
-    m->n_threads = n_threads;
-    m->pool = pool_create(n_threads);
-    if (!m->pool) die("cannot start %d threads", n_threads);
     malloc_run_state(m);
 }
 
@@ -1660,15 +1882,28 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "kv") && strchr(model_path, '=')) { kv_calculator(model_path); emit_flush(); return 0; }
     if (input && input_file) die("give the input with -i or -f, not both");
 
-    char *text = NULL;
-    size_t text_len = 0;
-    if (input_file) text = read_file(input_file, &text_len);
-    else if (input) { text_len = strlen(input); text = strdup(input); }
+    FILE *in = input_file ? open_input(input_file) : NULL; // a missing file is reported before the model loads
 
     Transformer m;
     build_transformer(&m, model_path);
     setup_transformer(&m, (int)seq_len, (int)n_threads, (int)kv_heads);
     if (steps == 0 || steps > m.c.seq_len) steps = m.c.seq_len;
+
+    // Input: -m ppl streams a file of any length; the other modes read what
+    // they can use: the context's worth of text (a text of n bytes has at least
+    // n / max_token_bytes tokens), or for tokenize TOKENIZE_MAX_BYTES.
+    char *text = NULL;
+    size_t text_len = 0;
+    int ppl = !strcmp(mode, "ppl"), tokenize = !strcmp(mode, "tokenize");
+    if (input) { text_len = strlen(input); text = strdup(input); }
+    else if (in && !ppl) {
+        char what[128];
+        size_t max = tokenize ? TOKENIZE_MAX_BYTES : input_limit(&m);
+        if (tokenize) snprintf(what, sizeof what, "-m tokenize reads (%d MiB; -m ppl reads any length)",
+                               TOKENIZE_MAX_BYTES >> 20);
+        else snprintf(what, sizeof what, "the context of %d tokens can hold (-c)", m.c.seq_len);
+        text = read_all(in, input_file, max, what, &text_len);
+    }
     Sampler sp = {m.c.vocab_size, temperature, topp, seed * 0x9E3779B97F4A7C15ull + 1, NULL};
     sp.cand = xcalloc(m.c.vocab_size, sizeof(ProbIndex), "sampler");
 
@@ -1676,11 +1911,15 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "chat")) chat(&m, &sp, system, text);
     else if (!strcmp(mode, "info") || !strcmp(mode, "kv")) print_info(&m, model_path);
     else {
-        if (!text) die("-m %s needs an input: -i TEXT or -f FILE", mode);
-        if (!strcmp(mode, "ppl")) perplexity(&m, text, text_len);
+        if (!text && !in) die("-m %s needs an input: -i TEXT or -f FILE", mode);
+        if (ppl) {
+            Perplexity p = perplexity(&m, text ? NULL : in, text, text_len, PPL_READ_BYTES);
+            printf("tokens: %ld\nperplexity: %.6f\n", p.scored, exp(p.nll / p.scored));
+        }
         else print_tokens(&m, text, text_len);
     }
     emit_flush();
+    if (in) fclose(in);
     free(sp.cand);
     free(text);
     free_transformer(&m);

@@ -36,6 +36,7 @@ struct Tokenizer {
     int n_specials;
     uint8_t special_start[256];  // 1 if some special token starts with this byte
     int bos_id;                  // llama2c: "\n<s>\n", after which decode drops a space; else -1
+    int cut_at_newline, cut_at_space; // tokenizer_cut may cut after '\n', before ' ' (see there)
 };
 
 static uint32_t read_u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -188,6 +189,17 @@ Tokenizer *tokenizer_build(int kind, const void *data, size_t bytes, char *err, 
                     "encode every text (wrong tokenizer kind?)", missing);
     if (!index_specials(t)) return fail(t, err, err_cap, "out of memory");
     if (kind == TOKENIZER_LLAMA2C) t->bos_id = lookup(t, (const unsigned char *)"\n<s>\n", 5, 0);
+    // Llama 3's pre-tokenizer never joins "\n" to a following letter, nor a
+    // letter to a following " x" (see tokenizer_cut); llama2c merges across
+    // anything its pieces span: a piece with '\n', or ' ' past its start, rules those cuts out.
+    // (Llama 3 special tokens are matched in the text as literals: one with '\n' or ' ' rules out the same.)
+    t->cut_at_newline = t->cut_at_space = 1;
+    for (int id = 0; id < t->n_tokens; id++) {
+        Token tk = token(t, id);
+        if (tk.special != (kind == TOKENIZER_LLAMA3)) continue;
+        if (memchr(tk.bytes, '\n', tk.len)) t->cut_at_newline = 0;
+        if (tk.len > 1 && memchr(tk.bytes + 1, ' ', tk.len - 1)) t->cut_at_space = 0;
+    }
     return t;
 }
 
@@ -575,11 +587,12 @@ static void add_character(const Tokenizer *t, Scratch *sc, uint32_t *m, uint32_t
    "character" is any byte plus up to 3 continuation bytes after it, valid
    UTF-8 or not. Special tokens are never parsed (llama2.c has no such
    option). Returns the count, or -1 if out of memory. */
-static long encode_llama2c(const Tokenizer *t, Scratch *sc, const unsigned char *s, size_t n, int *out) {
+static long encode_llama2c(const Tokenizer *t, Scratch *sc, const unsigned char *s, size_t n, int dummy_prefix,
+                           int *out) {
     if (n == 0) return 0;
     if (n > UINT32_MAX / 8 || !scratch_reserve(sc, (n + 1) * t->byte_piece_max)) return -1;
     uint32_t m = 0, prev = UINT32_MAX; // bytes in sc->buf; the last symbol
-    add_character(t, sc, &m, &prev, (const unsigned char *)" ", 1);
+    if (dummy_prefix) add_character(t, sc, &m, &prev, (const unsigned char *)" ", 1);
     for (size_t i = 0; i < n;) {
         size_t len = 1;
         while (len < 4 && i + len < n && (s[i + len] & 0xC0) == 0x80) len++;
@@ -589,7 +602,7 @@ static long encode_llama2c(const Tokenizer *t, Scratch *sc, const unsigned char 
     return (long)bpe_merge(t, sc, sc->buf, m, out);
 }
 
-int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int parse_special, size_t *n_ids) {
+static int *encode(const Tokenizer *t, const char *text, size_t len, int parse_special, int start, size_t *n_ids) {
     // every byte yields at most one id, plus llama2c's dummy prefix
     int *ids = len < SIZE_MAX / sizeof(int) - 1 ? malloc((len + 1) * sizeof(int)) : NULL;
     const unsigned char *s = len ? (const unsigned char *)text : (const unsigned char *)""; // text may be NULL
@@ -597,7 +610,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int pars
     long n = -1;
     if (ids) {
         n = t->kind == TOKENIZER_LLAMA3 ? encode_llama3(t, &sc, s, len, parse_special, ids)
-                                        : encode_llama2c(t, &sc, s, len, ids);
+                                        : encode_llama2c(t, &sc, s, len, start, ids);
     }
     free(sc.heap); // the block that holds all of sc's arrays
     if (n < 0) {
@@ -608,6 +621,37 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int pars
     *n_ids = (size_t)n;
     return ids;
 }
+
+int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int parse_special, size_t *n_ids) {
+    return encode(t, text, len, parse_special, 1, n_ids);
+}
+
+int *tokenizer_encode_continued(const Tokenizer *t, const char *text, size_t len, int parse_special, size_t *n_ids) {
+    return encode(t, text, len, parse_special, 0, n_ids);
+}
+
+static int ascii_letter(unsigned char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
+static int ascii_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+/* Where a text may be cut without changing its tokens: between s[i-1] and
+   s[i] when (a) s[i-1] is '\n' and s[i] an ASCII letter or digit, or (b)
+   s[i-1] is an ASCII letter, s[i] ' ' and s[i+1] a letter. In Llama 3's
+   pre-tokenizer regex no alternative matches a newline followed by a letter
+   or digit, nor a letter followed by a space, and none looks behind, so its
+   words (which BPE never merges across) end at the cut in the whole text as
+   in the two parts. llama2c merges across words, but only into its pieces:
+   tokenizer_build allows each rule only if no piece spans such a pair.
+   Special-token literals contain neither '\n' nor ' '. */
+size_t tokenizer_cut(const Tokenizer *t, const char *text, size_t len) {
+    const unsigned char *s = (const unsigned char *)text;
+    for (size_t i = len - (len > 0); i > 0; i--) {
+        if (t->cut_at_newline && s[i - 1] == '\n' && (ascii_letter(s[i]) || ascii_digit(s[i]))) return i;
+        if (t->cut_at_space && s[i] == ' ' && i + 1 < len && ascii_letter(s[i - 1]) && ascii_letter(s[i + 1])) return i;
+    }
+    return 0;
+}
+
+size_t tokenizer_max_token_bytes(const Tokenizer *t) { return t->max_token_bytes; }
 
 // ----------------------------------------------------------------------------
 // Decoding: token bytes go through a UTF-8 stream that holds back an

@@ -35,6 +35,18 @@ int tokenizer_find(const Tokenizer *t, const char *name);
 int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len,
                       int parse_special, size_t *n_ids);
 
+/* Streaming encode, for texts too long to hold (-m ppl): tokenizer_cut
+   returns the largest i < len at which text may be cut so that the tokens of
+   text[0..i) followed by those of text[i..) equal those of the whole, or 0 if
+   there is none (it looks for a newline or a space between words). The part
+   after a cut is encoded with tokenizer_encode_continued (llama2c then adds
+   no dummy prefix space). */
+size_t tokenizer_cut(const Tokenizer *t, const char *text, size_t len);
+int *tokenizer_encode_continued(const Tokenizer *t, const char *text, size_t len,
+                                int parse_special, size_t *n_ids);
+/* Bytes of the longest token: a text of n bytes has at least n / this many tokens. */
+size_t tokenizer_max_token_bytes(const Tokenizer *t);
+
 /* Streaming decode that never emits broken UTF-8: the bytes of a character
    split across tokens are held back until it is complete; an invalid sequence
    becomes U+FFFD. Special tokens produce no text. For llama2c, `prev` is the

@@ -76,7 +76,7 @@ int main(void) {
     snprintf(out_path, sizeof out_path, "%s/chat.out", tmp);
     snprintf(err_path, sizeof err_path, "%s/chat.err", tmp);
     size_t out_len = 0, err_len = 0;
-    char *out = read_file(out_path, &out_len), *err = read_file(err_path, &err_len);
+    char *out = read_path(out_path, &out_len), *err = read_path(err_path, &err_len);
     int full = strstr(err, "chat: the context of 96 tokens is full") != NULL;
     if (rc == 0 && out_len > 0 && full) printf("ok chat_from_a_pipe_replies_until_the_context_is_full\n");
     else printf("FAIL chat_from_a_pipe_replies_until_the_context_is_full: status %d, %zu bytes out, stderr: %.200s\n", rc, out_len, err);
@@ -85,7 +85,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "%s %s -m tokenize -i 'Hello, world! <|eot_id|>' >%s/tok.out 2>&1", run, model, tmp);
     rc = system(cmd);
     snprintf(out_path, sizeof out_path, "%s/tok.out", tmp);
-    out = read_file(out_path, &out_len);
+    out = read_path(out_path, &out_len);
     const char *want = "128000 9906 11 1917 0 220 128009\n";
     if (rc == 0 && !strcmp(out, want)) printf("ok tokenize_cli_prints_bos_then_llama3_ids\n");
     else printf("FAIL tokenize_cli_prints_bos_then_llama3_ids: status %d, got '%s', expected '%s'\n", rc, out, want);

@@ -13,16 +13,20 @@ the llama2.c tok512 vocabulary):
   - each header field set to zero, -1, huge, INT_MIN, just outside its range
     and to in-range but inconsistent values;
   - tokenizer sections with bad counts, lengths, missing byte tokens, extra bytes;
+  - a NaN or an Inf in each kind of tensor (f32 matrix, norm, q8_0 scale), and
+    finite weights whose arithmetic overflows (a non-finite logit at run time);
   - the seeds and the regression inputs of the loader fuzzer (tests/fuzz/).
 The expected message comes from expected_error(), which restates the checks
-of run.c (check_header, load_checkpoint) and tokenizer.c (tokenizer_build) in
-order; a test fails when the engine's stderr differs by one character."""
+of run.c (check_header, load_checkpoint, check_weights_finite) and tokenizer.c
+(tokenizer_build) in order; a test fails when the engine's stderr differs by one character."""
 import concurrent.futures
 import math
 import os
 import struct
 import subprocess
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import testlib  # noqa: E402
@@ -72,6 +76,10 @@ def header_of(raw):
 
 def g(x):
     return "%g" % x  # C's printf %g, for the float fields
+
+
+def g_signed(x, sign):
+    return "-nan" if math.isnan(x) and sign else g(x)  # glibc prints a NaN's sign bit
 
 
 def tokenizer_error(kind, sec):
@@ -183,6 +191,35 @@ def expected_error(path, raw):
     n_tokens = struct.unpack_from("<I", raw, to)[0]
     if n_tokens != h["vocab_size"]:
         return err(f"the tokenizer has {n_tokens} tokens, the model {h['vocab_size']}")
+    return nonfinite_error(raw, h, err)
+
+
+def nonfinite_error(raw, h, err):
+    """The loader's finite check: the first NaN/Inf f32 value or float16 scale, in file order."""
+    h = dict(h, group_size=32 if h["dtype"] == 1 else 0)
+    for name, shape, off, _ in testlib.tensor_layout(h):
+        n = int(np.prod(shape))
+        if name.endswith("rope_pairs"):  # MLA's int32 vector: range-checked before
+            continue
+        if h["dtype"] == 1 and len(shape) == 2:
+            rows, cols = shape
+            groups = cols // 32
+            for r in range(rows):
+                for gi in range(groups):
+                    b, j = divmod(gi, 32)
+                    at = off + r * (cols + 2 * groups) + b * 32 * 34 + min(32, groups - 32 * b) * 32 + 2 * j
+                    bits = struct.unpack_from("<H", raw, at)[0]
+                    if bits & 0x7C00 == 0x7C00:
+                        v = float(np.frombuffer(struct.pack("<H", bits), "<f2")[0])
+                        return err(f"non-finite q8_0 scale {g_signed(v, bits >> 15)} in {where(name)}, row {r}, group {gi}; {FIX}")
+            continue
+        v = np.frombuffer(raw, "<f4", n, off)
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            i = int(bad[0])
+            at = f"element {i}" if len(shape) == 1 else f"row {i // shape[1]}, column {i % shape[1]}"
+            sign = struct.unpack_from("<I", raw, off + 4 * i)[0] >> 31
+            return err(f"non-finite weight {g_signed(float(v[i]), sign)} in {where(name)}, {at}; {FIX}")
     return None
 
 
@@ -418,9 +455,9 @@ def token_offsets(raw):
     return out
 
 
-def put(raw, off, fmt, value):
+def put(raw, off, fmt, *values):
     out = bytearray(raw)
-    struct.pack_into(fmt, out, off, value)
+    struct.pack_into(fmt, out, off, *values)
     return bytes(out)
 
 
@@ -451,6 +488,88 @@ def tokenizer_cases():
             run_case(f"tokenizer_{base}_{name}", data)
 
 
+# ----------------------------------------------------------------------------
+# Non-finite numbers: the loader checks every f32 value and float16 scale
+
+
+FIX = "the file is damaged; re-export or re-download it"
+F32_BITS = {"nan": 0x7FC00000, "inf": 0x7F800000, "-inf": 0xFF800000}
+F16_BITS = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
+
+
+def tensor_at(raw, name):
+    h = header_of(raw)
+    h["group_size"] = 32 if h["dtype"] == 1 else 0
+    return next((shape, off) for n, shape, off, _ in testlib.tensor_layout(h) if n == name)
+
+
+def where(name):
+    if name.startswith("layers."):
+        _, layer, tensor = name.split(".")
+        return f"layer {layer} {tensor}"
+    return name
+
+
+def with_f32(raw, name, index, kind):
+    """raw with element `index` (flat) of f32 tensor `name` set to NaN/Inf; and the error it must give."""
+    shape, off = tensor_at(raw, name)
+    at = (f"element {index}" if len(shape) == 1 else f"row {index // shape[1]}, column {index % shape[1]}")
+    return (put(raw, off + 4 * index, "<I", F32_BITS[kind]),
+            f"error: {{path}}: non-finite weight {kind} in {where(name)}, {at}; {FIX}")
+
+
+def with_q8_scale(raw, name, row, group, kind):
+    """raw with the float16 scale of group `group` of row `row` of q8_0 matrix `name` set to NaN/Inf."""
+    (rows, cols), off = tensor_at(raw, name)
+    groups = cols // 32
+    b, j = divmod(group, 32)
+    in_block = min(32, groups - 32 * b)
+    at = off + row * (cols + 2 * groups) + b * 32 * 34 + in_block * 32 + 2 * j
+    return (put(raw, at, "<H", F16_BITS[kind]),
+            f"error: {{path}}: non-finite q8_0 scale {kind} in {where(name)}, row {row}, group {group}; {FIX}")
+
+
+def nonfinite_cases():
+    f32, q8 = BASES["f32"], BASES["q8"]
+    cases = [("f32_matrix_wq_nan", with_f32(f32, "layers.0.wq", 2 * 32 + 5, "nan")),
+             ("f32_matrix_w2_inf", with_f32(f32, "layers.1.w2", 31 * 32 + 31, "inf")),
+             ("f32_embedding_minus_inf", with_f32(f32, "token_embedding", 260 * 32 + 7, "-inf")),
+             ("f32_norm_attn_nan", with_f32(f32, "layers.1.attn_norm", 3, "nan")),
+             ("f32_norm_final_inf", with_f32(f32, "final_norm", 31, "inf")),
+             ("q8_norm_ffn_nan", with_f32(q8, "layers.0.ffn_norm", 0, "nan")),
+             ("q8_scale_w1_nan", with_q8_scale(q8, "layers.0.w1", 63, 0, "nan")),
+             ("q8_scale_w2_inf", with_q8_scale(q8, "layers.0.w2", 5, 1, "inf")),
+             ("q8_scale_classifier_minus_inf", with_q8_scale(q8, "classifier", 260, 0, "-inf")),
+             ("q8_scale_embedding_inf", with_q8_scale(q8, "token_embedding", 0, 0, "inf")),
+             ("mla_wq_rope_nan", with_f32(BASES["mla"], "layers.0.wq_rope", 17, "nan")),
+             ("mla_wkv_a_inf", with_f32(BASES["mla"], "layers.1.wkv_a", 15 * 32 + 3, "inf")),
+             ("mla_wk_b_minus_inf", with_f32(BASES["mla"], "layers.1.wk_b", 47 * 8 + 7, "-inf")),
+             ("mla_q8_scale_wk_b_nan", with_q8_scale(BASES["mla_q8"], "layers.0.wk_b", 63, 0, "nan")),
+             ("mla_q8_scale_wv_b_inf", with_q8_scale(BASES["mla_q8"], "layers.0.wv_b", 0, 0, "inf"))]
+    for name, (raw, want) in cases:
+        run_case(f"nonfinite_{name}", raw, want.format(path=os.path.join(TMP, f"nonfinite_{name}")))
+
+
+def overflow_cases():
+    """Finite weights whose arithmetic overflows: a clear error at the first non-finite logit, not
+    empty output or "perplexity: nan"."""
+    raw = BASES["f32"]
+    shape, off = tensor_at(raw, "final_norm")
+    big = put(raw, off, f"<{shape[0]}f", *[3e38] * shape[0])  # rmsnorm(x) * 3e38 . embedding overflows
+    path = os.path.join(TMP, "overflow.bin")
+    with open(path, "wb") as f:
+        f.write(big)
+    for mode in (["-i", "a b", "-n", "4", "-t", "0"], ["-m", "ppl", "-i", "a b c"]):
+        r = subprocess.run([testlib.RUN, path, *mode], capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                           env=dict(os.environ, ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0"))
+        lines = r.stderr.decode("utf-8", "replace").splitlines()
+        T.check(f"overflowing_weights_{mode[0].strip('-')}_end_with_a_nonfinite_logit_error",
+                r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: non-finite logit ")
+                and " at position " in lines[0] and b"perplexity" not in r.stdout,
+                f"status {r.returncode}, stdout {r.stdout[:200]!r}, stderr {lines[:3]}")
+    os.remove(path)
+
+
 def fuzz_inputs():
     """The loader fuzzer's seeds (valid: they must load and run) and its
     regression inputs (whatever the outcome, the expected one)."""
@@ -475,7 +594,7 @@ else:
     T.run("malformed_setup", build_bases)  # a failure prints its FAIL line
     if len(BASES) == 5:
         self_check()
-        for fn in (truncation_cases, header_cases, tokenizer_cases, fuzz_inputs):
+        for fn in (truncation_cases, header_cases, tokenizer_cases, nonfinite_cases, overflow_cases, fuzz_inputs):
             T.run(fn.__name__, fn)
             run_queued()
 sys.exit(1 if T.failed else 0)

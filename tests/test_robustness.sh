@@ -118,8 +118,36 @@ printf 'hi \xff\xfe there\n<|eot_id|>\n' | "$RUN" "$tiny" -m chat -n 64 -t 1 -s 
 [ $rc -eq 0 ] && valid_utf8 <"$TMP/chat.out" && echo "ok chat_with_invalid_utf8_and_forged_specials" \
     || echo "FAIL chat_with_invalid_utf8_and_forged_specials: status $rc, $(head -c 200 "$TMP/chat.err")"
 "$PY" -c 'import sys; sys.stdout.write("Once upon a time " * 15000)' > "$TMP/long.txt" # 255 KB
-n_long=$("$RUN" "$stories" -m tokenize -f "$TMP/long.txt" | wc -w)
-expect_error long_prompt_file_longer_than_context "error: the prompt is $n_long tokens, longer than the context of 64 (-c)" -- "$stories" -c 64 -f "$TMP/long.txt"
+n_long=$("$RUN" "$stories" -m tokenize -i "$(head -c 3000 "$TMP/long.txt")" | wc -w)
+expect_error long_prompt_longer_than_context "error: the prompt is $n_long tokens, longer than the context of 64 (-c)" -- "$stories" -c 64 -i "$(head -c 3000 "$TMP/long.txt")"
+
+# ---------------------------------------------------------------------------
+# Input of any size in bounded memory: a prompt file larger than the context can
+# hold is refused at once (by its size; a pipe after reading that much), so is
+# a chat line; -m tokenize reads up to 64 MiB; -m ppl streams (tests/test_ppl_stream.sh)
+expect_error prompt_file_larger_than_the_context_can_hold \
+    "error: $TMP/long.txt is 255000 bytes, more than the context of 64 tokens can hold (-c)" -- "$stories" -c 64 -f "$TMP/long.txt"
+truncate -s 1G "$TMP/1g.txt"
+for mode in generate tokenize chat; do
+    want="more than the context of 512 tokens can hold (-c)"; [ $mode = tokenize ] && want="more than -m tokenize reads (64 MiB; -m ppl reads any length)"
+    expect_error "${mode}_refuses_a_1_GB_file" "error: $TMP/1g.txt is 1073741824 bytes, $want" -- "$stories" -m $mode -f "$TMP/1g.txt"
+    start=$SECONDS
+    err=$(timeout 60 "$RUN" "$stories" -m $mode -f /dev/zero 2>&1 >/dev/null </dev/null); rc=$?
+    [ $rc -eq 1 ] && [[ "$err" == "error: /dev/zero holds more than "*" bytes, $want" ]] && [ $((SECONDS - start)) -le 10 ] \
+        && echo "ok ${mode}_refuses_dev_zero_within_seconds" \
+        || echo "FAIL ${mode}_refuses_dev_zero_within_seconds: status $rc after $((SECONDS - start)) s, stderr '${err:0:300}'"
+done
+rm -f "$TMP/1g.txt"
+err=$(timeout 60 "$RUN" "$tiny" -m chat -n 64 </dev/zero 2>&1 >/dev/null); rc=$?
+[ $rc -eq 1 ] && [[ "$err" == "error: an input line is longer than "*" bytes, more than the context can hold" ]] \
+    && echo "ok chat_refuses_an_endless_line" || echo "FAIL chat_refuses_an_endless_line: status $rc, stderr '${err:0:300}'"
+mkfifo "$TMP/fifo"
+( printf 'Once upon a time' > "$TMP/fifo" ) &
+out=$(timeout 60 "$RUN" "$stories" -f "$TMP/fifo" -n 12 -t 0 2>/dev/null); rc=$?
+wait
+[ $rc -eq 0 ] && [[ "$out" == "Once upon a time"?* ]] && echo "ok prompt_from_a_fifo" \
+    || echo "FAIL prompt_from_a_fifo: status $rc, stdout '${out:0:200}'"
+rm -f "$TMP/fifo"
 
 # ---------------------------------------------------------------------------
 # Sizes: a KV cache no machine has is an error; a long context does not overflow int
