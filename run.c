@@ -918,7 +918,8 @@ static void attend(Transformer *m, int l, int T, int pos, const float *q, const 
     const Config *c = &m->c;
     int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
     AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul, q, q_row, out, scale};
-    if ((size_t)T * c->n_heads * (c->key_dim + c->value_dim) * (pos + T) < SMALL_WORK) attention_task(&at, 0, 1);
+    size_t score_width = c->key_dim + (q_row ? c->value_dim : 0); // multiply-adds per score
+    if ((size_t)T * c->n_heads * score_width * (pos + T) < SMALL_WORK) attention_task(&at, 0, 1);
     else pool_run(m->pool, attention_task, &at);
 }
 
