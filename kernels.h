@@ -332,18 +332,27 @@ static void gemm_tile(float *outT, size_t ldo, const float *w, size_t ldw, const
         for (int v = 0; v < GEMM_V; v++) *(vfloat *)(outT + r * ldo + v * VEC_LEN) = acc[r][v];
 }
 
-// Q8_0 (model.h): each group of Q8_GROUP consecutive values of a row shares
-// one scale, value = q * scale, so a dot product is a sum over groups of
-// (integer dot) x scales. A weight row is a sequence of blocks of Q8_BLOCK
-// groups: their int8 values, then their float16 scales, so decode reads it
-// in one stream, front to back. Within a block the values are interleaved
-// (q8_offset) so that one vector of integer products holds one partial sum
-// per group. Activations are quantized at run time into plain arrays (values
-// in the same interleaved order, float32 scales): made for one matmul, never stored.
+// Q8_0 and Q4_0 (model.h): each group of Q8_GROUP consecutive values of a
+// row shares one scale, value = q * scale (q8_0: q an int8; q4_0: q = u - 8,
+// u a 4-bit unsigned), so a dot product is a sum over groups of (integer dot)
+// x scales. A weight row is a sequence of blocks of Q8_BLOCK groups: their
+// values, then their float16 scales, so decode reads it in one stream, front
+// to back. Within a block the values are interleaved (q8_offset, q4_offset)
+// so that one vector of integer products holds one partial sum per group. A
+// row whose length is not a multiple of Q8_GROUP ends with a short group,
+// stored zero-padded to a whole one (q8_0: q = 0; q4_0: u = 8). Activations
+// are quantized to q8_0 at run time into plain arrays (values in the same
+// interleaved order, zero-padded too, float32 scales): made for one matmul,
+// never stored; the same activations meet q8_0 and q4_0 weights.
 #define Q8_GROUP 32
 #define Q8_BLOCK 32                                    // groups per block
 #define Q8_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP + sizeof(uint16_t))) // 1088: 17 cache lines
+#define Q4_BLOCK_BYTES (Q8_BLOCK * (Q8_GROUP / 2 + sizeof(uint16_t))) // 576: 9 cache lines
 #define Q8_CHUNK 16                                    // groups interleaved together
+
+// Groups of a row of n values (the last may be short), and n rounded up to them.
+static inline int n_groups(int n) { return (n + Q8_GROUP - 1) / Q8_GROUP; }
+static inline int padded_len(int n) { return n_groups(n) * Q8_GROUP; }
 
 // IEEE float16 (the scales of q8_0 weights) to float32, exactly.
 static float f16_to_f32(uint16_t h) {
@@ -387,9 +396,13 @@ static size_t find_nonfinite_f32(const float *v, size_t n) {
 // Block b of a q8_0 row of n values: its groups' values and scales.
 typedef struct { const int8_t *q; const uint16_t *scale; int groups; } Q8Block;
 
+static int block_groups(int n, int b) { // all blocks are full but maybe the last
+    int groups = n_groups(n) - b * Q8_BLOCK;
+    return groups > Q8_BLOCK ? Q8_BLOCK : groups;
+}
+
 static Q8Block q8_block(const uint8_t *row, int n, int b) {
-    int groups = n / Q8_GROUP - b * Q8_BLOCK; // all blocks are full but maybe the last
-    if (groups > Q8_BLOCK) groups = Q8_BLOCK;
+    int groups = block_groups(n, b);
     const uint8_t *p = row + (size_t)b * Q8_BLOCK_BYTES;
     return (Q8Block){(const int8_t *)p, (const uint16_t *)(p + groups * Q8_GROUP), groups};
 }
@@ -413,6 +426,35 @@ static inline void q8_group_values(int8_t *q, Q8Block k, int j) {
     const int8_t *src = k.q + q8_offset(k.groups, j, 0);
     const size_t stride = q8_offset(k.groups, j, 4) - q8_offset(k.groups, j, 0);
     for (int i = 0; i < Q8_GROUP; i += 4) memcpy(q + i, src + i / 4 * stride, 4);
+}
+
+// Q4_0: a block of g groups is 16 g bytes of 4-bit values, then g float16
+// scales. The values follow q8_0's interleave with two of its rows in one:
+// byte k of row r of a chunk holds, in its low 4 bits, byte k of the q8_0
+// chunk's row 2r, in its high 4 bits byte k of row 2r + 1. So one 64-byte
+// load, masked and shifted, gives the two vectors that q8_0 would have
+// loaded, in the same lanes as the activations they meet.
+typedef struct { const uint8_t *q; const uint16_t *scale; int groups; } Q4Block;
+
+static Q4Block q4_block(const uint8_t *row, int n, int b) {
+    int groups = block_groups(n, b);
+    const uint8_t *p = row + (size_t)b * Q4_BLOCK_BYTES;
+    return (Q4Block){p, (const uint16_t *)(p + groups * Q8_GROUP / 2), groups};
+}
+
+// Byte holding value i of group g in a block of `groups` groups; the value
+// is its low 4 bits for i % 8 < 4, its high 4 bits otherwise.
+static inline size_t q4_offset(int groups, int g, int i) {
+    int c0 = g / Q8_CHUNK * Q8_CHUNK, m = groups - c0 < Q8_CHUNK ? groups - c0 : Q8_CHUNK;
+    return (size_t)c0 * Q8_GROUP / 2 + (size_t)(i / 8 * m + g - c0) * 4 + i % 4;
+}
+
+static inline int q4_value(Q4Block k, int g, int i) { // q = u - 8, in [-8, 7]
+    return (k.q[q4_offset(k.groups, g, i)] >> (i % 8 / 4 * 4) & 15) - 8;
+}
+
+static inline void q4_group_values(int8_t *q, Q4Block k, int j) {
+    for (int i = 0; i < Q8_GROUP; i++) q[i] = (int8_t)q4_value(k, j, i);
 }
 
 // Rounds x's group of Q8_GROUP values to q (int8) with the largest |x| at
@@ -442,27 +484,101 @@ static float group_amax(const float *x) {
     return amax;
 }
 
-// Activations: x (n) -> q (n, blocks interleaved as a weight row's), s (n /
-// Q8_GROUP) float32 scales, and sum128 (n / Q8_GROUP): 128 x the sum of each
-// group's q (what the AVX-512 kernel's offset w + 128 adds to a dot product).
+// Group g of a row of n values, zero-padded to Q8_GROUP values in buf if it
+// is the short last one.
+static const float *group_of(const float *x, int n, int g, float *buf) {
+    const float *xg = x + (size_t)g * Q8_GROUP;
+    if ((g + 1) * Q8_GROUP <= n) return xg;
+    memset(buf, 0, Q8_GROUP * sizeof(float));
+    memcpy(buf, xg, (size_t)(n - g * Q8_GROUP) * sizeof(float));
+    return buf;
+}
+
+// Activations: x (n) -> q (padded_len(n), blocks interleaved as a weight
+// row's), s (n_groups(n)) float32 scales, and sum128 (n_groups(n)): 128 x
+// the sum of each group's q (what the AVX-512 kernel's offset w + 128 adds
+// to a dot product; a sixteenth of it is the offset u = q + 8 of q4_0's).
 static void quantize_q8(int8_t *q, float *s, int32_t *sum128, const float *x, int n) {
-    for (int g = 0; g < n / Q8_GROUP; g++) {
-        int b = g / Q8_BLOCK, groups = n / Q8_GROUP - b * Q8_BLOCK;
-        s[g] = group_amax(x + (size_t)g * Q8_GROUP) / 127.0f;
-        sum128[g] = 128 * round_group_q8(q + (size_t)b * Q8_BLOCK * Q8_GROUP, groups < Q8_BLOCK ? groups : Q8_BLOCK,
-                                         g % Q8_BLOCK, x + (size_t)g * Q8_GROUP, s[g]);
+    float buf[Q8_GROUP];
+    for (int g = 0; g < n_groups(n); g++) {
+        int b = g / Q8_BLOCK;
+        const float *xg = group_of(x, n, g, buf);
+        s[g] = group_amax(xg) / 127.0f;
+        sum128[g] = 128 * round_group_q8(q + (size_t)b * Q8_BLOCK * Q8_GROUP, block_groups(n, b), g % Q8_BLOCK, xg, s[g]);
     }
 }
 
 // Weights: x (n) -> one q8_0 row (model.h), float16 scales, as export.py writes it.
 static void quantize_q8_row(uint8_t *row, const float *x, int n) {
-    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
+    float buf[Q8_GROUP];
+    for (int b = 0; b * Q8_BLOCK < n_groups(n); b++) {
         Q8Block k = q8_block(row, n, b);
         for (int j = 0; j < k.groups; j++) {
-            const float *xg = x + ((size_t)b * Q8_BLOCK + j) * Q8_GROUP;
+            const float *xg = group_of(x, n, b * Q8_BLOCK + j, buf);
             uint16_t h = f32_to_f16(group_amax(xg) / 127.0f);
             memcpy((uint8_t *)(k.scale + j), &h, sizeof h);
             round_group_q8((int8_t *)k.q, k.groups, j, xg, f16_to_f32(h));
+        }
+    }
+}
+
+// Rounding a q4_0 group (as export.py's quantize_q4_0): GGML's rule takes
+// the value m of largest magnitude and the scale d = m / -8, so m becomes q
+// = -8 exactly; here each candidate d = m / c for c in Q4_DIVISORS is rounded
+// to float16, the group rounded with it (to nearest even, clamped to [-8, 7]),
+// and d then refit by least squares for those q (sum x q / sum q^2, rounded
+// to float16); the d with the smallest squared error wins, the first on a tie.
+// On stories260K's weights: 6.8 % less squared error than GGML's rule.
+static const float Q4_DIVISORS[] = {-8.0f, -7.5f, -7.0f, 7.0f, 7.5f};
+
+static float q4_round_with(const float *x, float d, int8_t *q) { // q for scale d; returns the squared error
+    float inv = d != 0 ? 1.0f / d : 0, err = 0;
+    for (int i = 0; i < Q8_GROUP; i++) {
+        float v = rintf(x[i] * inv);
+        v = v > 7.0f ? 7.0f : v < -8.0f ? -8.0f : v;
+        q[i] = (int8_t)(v == v ? (int)v : 0);
+        float e = x[i] - q[i] * d;
+        err += e * e;
+    }
+    return err;
+}
+
+// One group: its float16 scale, and q (Q8_GROUP values in [-8, 7]).
+static uint16_t quantize_q4_group(const float *x, int8_t *q) {
+    float m = 0, best = INFINITY;
+    for (int i = 0; i < Q8_GROUP; i++) m = fabsf(x[i]) > fabsf(m) ? x[i] : m;
+    uint16_t best_h = 0;
+    memset(q, 0, Q8_GROUP);
+    for (size_t c = 0; c < sizeof Q4_DIVISORS / sizeof Q4_DIVISORS[0]; c++) {
+        int8_t t[Q8_GROUP];
+        uint16_t h[2];
+        h[0] = f32_to_f16(m / Q4_DIVISORS[c]);
+        q4_round_with(x, f16_to_f32(h[0]), t);
+        float xq = 0, qq = 0;
+        for (int i = 0; i < Q8_GROUP; i++) { xq += x[i] * t[i]; qq += (float)(t[i] * t[i]); }
+        h[1] = f32_to_f16(qq > 0 ? xq / qq : 0);
+        for (int k = 0; k < 2; k++) {
+            int8_t u[Q8_GROUP];
+            float err = 0, d = f16_to_f32(h[k]);
+            for (int i = 0; i < Q8_GROUP; i++) { u[i] = t[i]; err += (x[i] - t[i] * d) * (x[i] - t[i] * d); }
+            if (err < best) { best = err; best_h = h[k]; memcpy(q, u, Q8_GROUP); }
+        }
+    }
+    return best_h;
+}
+
+// Weights: x (n) -> one q4_0 row (model.h).
+static void quantize_q4_row(uint8_t *row, const float *x, int n) {
+    float buf[Q8_GROUP];
+    for (int b = 0; b * Q8_BLOCK < n_groups(n); b++) {
+        Q4Block k = q4_block(row, n, b);
+        memset((uint8_t *)k.q, 0, (size_t)k.groups * Q8_GROUP / 2);
+        for (int j = 0; j < k.groups; j++) {
+            int8_t q[Q8_GROUP];
+            uint16_t h = quantize_q4_group(group_of(x, n, b * Q8_BLOCK + j, buf), q);
+            memcpy((uint8_t *)(k.scale + j), &h, sizeof h);
+            for (int i = 0; i < Q8_GROUP; i++)
+                ((uint8_t *)k.q)[q4_offset(k.groups, j, i)] |= (uint8_t)((q[i] + 8) << (i % 8 / 4 * 4));
         }
     }
 }
@@ -482,16 +598,35 @@ static float dot_q8_groups(Q8Block k, const int8_t *xq, const float *xs, int g0)
     return sum;
 }
 
-// A q8_0 weight row (n values) . x quantized (xq, xs).
+static float dot_q4_groups(Q4Block k, const int8_t *xq, const float *xs, int g0) {
+    float sum = 0;
+    for (int g = g0; g < k.groups; g++) {
+        int32_t isum = 0;
+        for (int i = 0; i < Q8_GROUP; i++) isum += q4_value(k, g, i) * xq[q8_offset(k.groups, g, i)];
+        sum += (float)isum * (f16_to_f32(k.scale[g]) * xs[g]);
+    }
+    return sum;
+}
+
+// A q8_0 or q4_0 weight row (n values) . x quantized (xq, xs).
 static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
     float sum = 0;
-    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++)
+    for (int b = 0; b * Q8_BLOCK < n_groups(n); b++)
         sum += dot_q8_groups(q8_block(w, n, b), xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, 0);
     return sum;
 }
 
+static REFERENCE float dot_q4_scalar(const uint8_t *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0;
+    for (int b = 0; b * Q8_BLOCK < n_groups(n); b++)
+        sum += dot_q4_groups(q4_block(w, n, b), xq + (size_t)b * Q8_BLOCK * Q8_GROUP, xs + b * Q8_BLOCK, 0);
+    return sum;
+}
+
 // The SIMD paths, for whole chunks of 16 groups (a short block's last chunk,
-// if any, goes through dot_q8_groups): AVX-512 with VNNI, or AVX2 with F16C.
+// if any, goes through dot_q8_groups / dot_q4_groups): AVX-512 with VNNI, or
+// AVX2 with F16C. Each is written once for both weight types: `bits` (8 or
+// 4) is a constant wherever they are inlined.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define Q8_AVX512 1
 #define Q8_AVX2 0
@@ -514,34 +649,71 @@ static REFERENCE float dot_q8_scalar(const uint8_t *w, const int8_t *xq, const f
 // prefetchers follow a plainly ascending stream best).
 #define LOAD_IN_ORDER() __asm__ volatile("" ::: "memory")
 
+// Bytes of values of a chunk of 16 groups, of a block of g groups.
+#define CHUNK_BYTES_OF(bits) (Q8_CHUNK * Q8_GROUP * (bits) / 8)
+#define BLOCK_BYTES_OF(bits) ((bits) == 8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES)
+
 #if Q8_AVX512
-// The 16 groups' integer dot products of one chunk, + 128 x the sums of
-// their x values. vpdpbusd multiplies unsigned by signed bytes: w + 128 is
-// unsigned (w xor 0x80), and sum (w + 128) x = sum w x + 128 sum x, whose
-// second term the caller subtracts (sum128, computed once per x).
-static inline __attribute__((always_inline)) __m512i q8_chunk_512(const int8_t *wq, const int8_t *xq) {
+// Both weight types meet vpdpbusd, which multiplies unsigned by signed bytes,
+// as unsigned u = q + offset: q8_0 as q + 128 (q xor 0x80), q4_0 as stored
+// (q + 8). Then sum u x = sum q x + offset sum x, whose second term the
+// caller subtracts: sum128 (computed once per x), or a sixteenth of it.
+static inline __m512i offset_sums_512(const int32_t *sum128, int bits) {
+    __m512i s = _mm512_loadu_si512(sum128);
+    return bits == 8 ? s : _mm512_srai_epi32(s, 4);
+}
+
+// q8_0's rows 2i and 2i + 1 (of 8) of a chunk of weights, as u.
+static inline __attribute__((always_inline)) void weight_rows_512(const uint8_t *chunk, int i, int bits, __m512i *a,
+                                                                  __m512i *b) {
+    if (bits == 8) {
+        *a = _mm512_xor_si512(_mm512_loadu_si512(chunk + 128 * i), _mm512_set1_epi8((char)0x80));
+        *b = _mm512_xor_si512(_mm512_loadu_si512(chunk + 128 * i + 64), _mm512_set1_epi8((char)0x80));
+    } else {
+        __m512i v = _mm512_loadu_si512(chunk + 64 * i);
+        *a = _mm512_and_si512(v, _mm512_set1_epi8(15));
+        *b = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+    }
+}
+
+// Row i (of 8) of q8_0's interleave of a chunk of weights, as u: the tile
+// loads q4_0's bytes once per row it takes from them (the second load hits
+// L1), which leaves more registers for its accumulators than holding both.
+static inline __attribute__((always_inline)) __m512i weight_row_512(const uint8_t *chunk, int i, int bits) {
+    if (bits == 8) return _mm512_xor_si512(_mm512_loadu_si512(chunk + 64 * i), _mm512_set1_epi8((char)0x80));
+    __m512i v = _mm512_loadu_si512(chunk + 64 * (i / 2));
+    if (i & 1) v = _mm512_srli_epi16(v, 4);
+    return _mm512_and_si512(v, _mm512_set1_epi8(15));
+}
+
+// The 16 groups' integer dot products u . x of one chunk (decode: the
+// weights read once, prefetched ahead, in address order).
+static inline __attribute__((always_inline)) __m512i chunk_512(const uint8_t *wq, const int8_t *xq, int bits) {
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}; // two chains hide the latency
-    for (int r = 0; r < Q8_GROUP / 4; r++) {
-        PREFETCH_L1(wq + 64 * r + PREFETCH_AHEAD);
-        __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wq + 64 * r), _mm512_set1_epi8((char)0x80));
-        acc[r & 1] = _mm512_dpbusd_epi32(acc[r & 1], w, _mm512_loadu_si512(xq + 64 * r));
+    for (int i = 0; i < Q8_GROUP / 8; i++) {
+        PREFETCH_L1(wq + (bits == 8 ? 128 : 64) * i + PREFETCH_AHEAD);
+        if (bits == 8) PREFETCH_L1(wq + 128 * i + 64 + PREFETCH_AHEAD);
+        __m512i a, b;
+        weight_rows_512(wq, i, bits, &a, &b);
+        acc[0] = _mm512_dpbusd_epi32(acc[0], a, _mm512_loadu_si512(xq + 128 * i));
+        acc[1] = _mm512_dpbusd_epi32(acc[1], b, _mm512_loadu_si512(xq + 128 * i + 64));
         LOAD_IN_ORDER();
     }
     return _mm512_add_epi32(acc[0], acc[1]);
 }
 
-// The first `chunks` chunks of block k into acc: values, then scales.
+// The first `chunks` chunks of a block (values q, scales) into acc: values, then scales.
 // (Inlined by force: called with a constant for full blocks, so d stays in registers.)
-static inline __attribute__((always_inline)) void q8_block_512(__m512 *acc, Q8Block k, const int8_t *xq, const float *xs,
-                                                               const int32_t *sum128, int chunks) {
+static inline __attribute__((always_inline)) void block_512(__m512 *acc, const uint8_t *q, const uint16_t *scale,
+                                                            const int8_t *xq, const float *xs, const int32_t *sum128,
+                                                            int chunks, int bits) {
     __m512i d[Q8_BLOCK / Q8_CHUNK];
-    for (int c = 0; c < chunks; c++) d[c] = q8_chunk_512(k.q + c * Q8_CHUNK * Q8_GROUP, xq + c * Q8_CHUNK * Q8_GROUP);
+    for (int c = 0; c < chunks; c++) d[c] = chunk_512(q + c * CHUNK_BYTES_OF(bits), xq + c * Q8_CHUNK * Q8_GROUP, bits);
     for (int c = 0; c < chunks; c++) {
         const int o = c * Q8_CHUNK;
-        __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.scale + o))),
-                                     _mm512_loadu_ps(xs + o));
-        __m512i dots = _mm512_sub_epi32(d[c], _mm512_loadu_si512(sum128 + o));
-        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, *acc);
+        __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + o))), _mm512_loadu_ps(xs + o));
+        __m512i dots = _mm512_sub_epi32(d[c], offset_sums_512(sum128 + o, bits));
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), s, *acc);
     }
 }
 
@@ -557,60 +729,69 @@ static inline __m512 lane_sums_4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_add_ps(q, _mm512_permute_ps(q, 0xb1)); // + (1 0 3 2)
 }
 
-// Prefill with q8_0 weights on AVX-512 VNNI: the block's tokens are quantized
-// as decode's are, and a register tile of Q8_TILE_R weight rows x Q8_TILE_T
-// tokens runs the same integer dot products for all its pairs at once: each
-// weight vector loaded meets Q8_TILE_T token vectors, each token vector
-// Q8_TILE_R weight vectors. One vpdpbusd is 64 multiply-adds, four times a
-// float32 FMA's 16, so this beats dequantizing the weights into a float tile.
-// 4 x 3 pairs: 12 integer and 12 float accumulators, the most that leave
-// registers for the operands.
+// Prefill with q8_0 or q4_0 weights on AVX-512 VNNI: the block's tokens are
+// quantized as decode's are, and a register tile of Q8_TILE_R weight rows x
+// Q8_TILE_T tokens runs the same integer dot products for all its pairs at
+// once: each weight vector loaded meets Q8_TILE_T token vectors, each token
+// vector Q8_TILE_R weight vectors. One vpdpbusd is 64 multiply-adds, four
+// times a float32 FMA's 16, so this beats dequantizing the weights into a
+// float tile. 4 x 3 pairs: 12 integer and 12 float accumulators, the most
+// that leave registers for the operands.
 #define Q8_GEMM 1
 
-// out[t * ldo + r] = row r of w . token t of x, for the tile's rows (q8_0,
-// w_stride bytes apart) and tokens (quantized rows of n values: xq + t * n,
-// xs and sum128 + t * n / Q8_GROUP).
-static void gemm_tile_q8(float *out, size_t ldo, const uint8_t *w, size_t w_stride, const int8_t *xq, const float *xs,
-                         const int32_t *sum128, int n) {
+// out[t * ldo + r] = row r of w . token t of x, for the tile's rows (q8_0 or
+// q4_0, w_stride bytes apart) and tokens (quantized rows of n values:
+// xq + t * padded_len(n), xs and sum128 + t * n_groups(n)).
+static inline __attribute__((always_inline)) void gemm_tile_int(float *out, size_t ldo, const uint8_t *w,
+                                                                size_t w_stride, const int8_t *xq, const float *xs,
+                                                                const int32_t *sum128, int n, int bits) {
     enum { R = Q8_TILE_R, T = Q8_TILE_T };
     _Static_assert(Q8_TILE_R == 4, "the lanes are summed 4 rows at a time");
-    const size_t xg = n / Q8_GROUP; // groups per token
-    __m512 acc[R][T];               // lane j: group j of each chunk, summed over the chunks
-    float tail[R][T] = {{0}};       // groups of a short block's last chunk
+    const size_t xg = n_groups(n), xn = padded_len(n); // groups and values per token
+    __m512 acc[R][T];         // lane j: group j of each chunk, summed over the chunks
+    float tail[R][T] = {{0}}; // groups of a short block's last chunk
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
-        Q8Block k[R];
-        for (int r = 0; r < R; r++) k[r] = q8_block(w + r * w_stride, n, b);
-        const int g0 = b * Q8_BLOCK; // the block's first group
-        for (int c = 0; c < k[0].groups / Q8_CHUNK; c++) {
+    for (int b = 0; b * Q8_BLOCK < (int)xg; b++) {
+        const uint8_t *q[R];
+        const uint16_t *sc[R];
+        const int groups = block_groups(n, b), g0 = b * Q8_BLOCK; // the block's first group
+        for (int r = 0; r < R; r++) {
+            q[r] = w + r * w_stride + (size_t)b * BLOCK_BYTES_OF(bits);
+            sc[r] = (const uint16_t *)(q[r] + groups * Q8_GROUP * bits / 8);
+        }
+        for (int c = 0; c < groups / Q8_CHUNK; c++) {
             const int o = c * Q8_CHUNK * Q8_GROUP, g = g0 + c * Q8_CHUNK;
-            __m512i d[R][T]; // the chunk's 16 integer dots per pair, less 128 x sum x (see q8_chunk_512)
+            __m512i d[R][T]; // the chunk's 16 integer dots per pair, less the offset (see offset_sums_512)
             for (int t = 0; t < T; t++) {
-                __m512i minus = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(sum128 + t * xg + g));
+                __m512i minus = _mm512_sub_epi32(_mm512_setzero_si512(), offset_sums_512(sum128 + t * xg + g, bits));
                 for (int r = 0; r < R; r++) d[r][t] = minus;
             }
 #pragma GCC unroll 8
-            for (int i = 0; i < Q8_GROUP / 4; i++) {
+            for (int i = 0; i < Q8_GROUP / 4; i++) { // row i of q8_0's interleave (q4_0: half a row)
                 __m512i x[T];
-                for (int t = 0; t < T; t++) x[t] = _mm512_loadu_si512(xq + t * n + g0 * Q8_GROUP + o + 64 * i);
+                for (int t = 0; t < T; t++) x[t] = _mm512_loadu_si512(xq + t * xn + g0 * Q8_GROUP + o + 64 * i);
                 for (int r = 0; r < R; r++) {
-                    __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(k[r].q + o + 64 * i), _mm512_set1_epi8((char)0x80));
+                    __m512i wv = weight_row_512(q[r] + c * CHUNK_BYTES_OF(bits), i, bits);
                     for (int t = 0; t < T; t++) d[r][t] = _mm512_dpbusd_epi32(d[r][t], wv, x[t]);
                 }
             }
             for (int r = 0; r < R; r++) {
-                __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k[r].scale + c * Q8_CHUNK)));
+                __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc[r] + c * Q8_CHUNK)));
                 for (int t = 0; t < T; t++)
                     acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r][t]), _mm512_mul_ps(ws, _mm512_loadu_ps(xs + t * xg + g)),
                                                 acc[r][t]);
             }
         }
-        if (k[0].groups % Q8_CHUNK)
+        if (groups % Q8_CHUNK)
             for (int r = 0; r < R; r++)
-                for (int t = 0; t < T; t++)
-                    tail[r][t] += dot_q8_groups(k[r], xq + t * n + g0 * Q8_GROUP, xs + t * xg + g0,
-                                                k[0].groups / Q8_CHUNK * Q8_CHUNK);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *xb = xq + t * xn + g0 * Q8_GROUP;
+                    const float *sb = xs + t * xg + g0;
+                    const int gc = groups / Q8_CHUNK * Q8_CHUNK;
+                    tail[r][t] += bits == 8 ? dot_q8_groups((Q8Block){(const int8_t *)q[r], sc[r], groups}, xb, sb, gc)
+                                            : dot_q4_groups((Q4Block){q[r], sc[r], groups}, xb, sb, gc);
+                }
     }
     for (int t = 0; t < T; t++) { // each pair's 16 lanes summed, 4 rows at a time
         float sums[16];
@@ -618,15 +799,26 @@ static void gemm_tile_q8(float *out, size_t ldo, const uint8_t *w, size_t w_stri
         for (int r = 0; r < R; r++) out[t * ldo + r] = sums[4 * r] + tail[r][t];
     }
 }
+
+static void gemm_tile_q8(float *out, size_t ldo, const uint8_t *w, size_t w_stride, const int8_t *xq, const float *xs,
+                         const int32_t *sum128, int n) {
+    gemm_tile_int(out, ldo, w, w_stride, xq, xs, sum128, n, 8);
+}
+
+static void gemm_tile_q4(float *out, size_t ldo, const uint8_t *w, size_t w_stride, const int8_t *xq, const float *xs,
+                         const int32_t *sum128, int n) {
+    gemm_tile_int(out, ldo, w, w_stride, xq, xs, sum128, n, 4);
+}
 #else
 #define Q8_GEMM 0
 #endif
 
 #if Q8_AVX2
-// Groups 0-7 (half 0) or 8-15 (half 1) of one chunk, values 4r .. 4r+3:
-// their products summed into one int32 lane per group. maddubs multiplies
-// unsigned by signed bytes (and would saturate on w + 128), so w's sign
-// moves onto x: w x = |w| (x sign(w)); pairs reach 2 x 127^2 < 2^15.
+// Groups 0-7 (half 0) or 8-15 (half 1) of one chunk: their products summed
+// into one int32 lane per group. maddubs multiplies unsigned by signed bytes
+// (and would saturate on w + 128), so a q8_0 weight's sign moves onto x:
+// w x = |w| (x sign(w)); pairs reach 2 x 127^2 < 2^15. q8_0: values 4r ..
+// 4r + 3 of each group (row r of the chunk).
 static inline __m256i q8_quad_256(const int8_t *wq, const int8_t *xq, int r, int half) {
     __m256i w = _mm256_loadu_si256((const __m256i *)(wq + 64 * r + 32 * half));
     __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 64 * r + 32 * half));
@@ -634,57 +826,79 @@ static inline __m256i q8_quad_256(const int8_t *wq, const int8_t *xq, int r, int
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-// The first `chunks` chunks of block k into acc[2]: values, then scales.
-static inline __attribute__((always_inline)) void q8_block_256(__m256 acc[2], Q8Block k, const int8_t *xq,
-                                                               const float *xs, int chunks) {
+// q4_0: values 8i .. 8i + 7 of each group (q8_0's rows 2i and 2i + 1), from
+// one load; u = q + 8 is unsigned as stored (the caller subtracts 8 sum x),
+// and the four products of a lane's pairs reach 4 x 15 x 128 < 2^15.
+static inline __m256i q4_quad_256(const uint8_t *wq, const int8_t *xq, int i, int half) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 64 * i + 32 * half)), m = _mm256_set1_epi8(15);
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 128 * i + 32 * half));
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 128 * i + 64 + 32 * half));
+    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m), x0),
+                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), x1));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The first `chunks` chunks of a block (values q, scales) into acc[2]: values, then scales.
+static inline __attribute__((always_inline)) void block_256(__m256 acc[2], const uint8_t *q, const uint16_t *scale,
+                                                            const int8_t *xq, const float *xs, const int32_t *sum128,
+                                                            int chunks, int bits) {
     __m256i d[2 * Q8_BLOCK / Q8_CHUNK]; // (chunk, half): 8 groups' sums each
     for (int c = 0; c < chunks; c++) {
-        const int8_t *wc = k.q + c * Q8_CHUNK * Q8_GROUP, *xc = xq + c * Q8_CHUNK * Q8_GROUP;
+        const uint8_t *wc = q + c * CHUNK_BYTES_OF(bits);
+        const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         d[2 * c] = d[2 * c + 1] = _mm256_setzero_si256();
-        for (int r = 0; r < Q8_GROUP / 4; r++) {
+        for (int r = 0; r < (bits == 8 ? Q8_GROUP / 4 : Q8_GROUP / 8); r++) {
             PREFETCH_L1(wc + 64 * r + PREFETCH_AHEAD);
-            d[2 * c] = _mm256_add_epi32(d[2 * c], q8_quad_256(wc, xc, r, 0));
-            d[2 * c + 1] = _mm256_add_epi32(d[2 * c + 1], q8_quad_256(wc, xc, r, 1));
+            for (int h = 0; h < 2; h++)
+                d[2 * c + h] = _mm256_add_epi32(d[2 * c + h], bits == 8 ? q8_quad_256((const int8_t *)wc, xc, r, h)
+                                                                        : q4_quad_256(wc, xc, r, h));
             LOAD_IN_ORDER();
         }
+        if (bits == 4)
+            for (int h = 0; h < 2; h++)
+                d[2 * c + h] = _mm256_sub_epi32(d[2 * c + h],
+                    _mm256_srai_epi32(_mm256_loadu_si256((const __m256i *)(sum128 + c * Q8_CHUNK + 8 * h)), 4));
     }
     for (int h = 0; h < 2 * chunks; h++) {
-        __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k.scale + 8 * h))),
-                                     _mm256_loadu_ps(xs + 8 * h));
-        acc[h & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[h]), scale, acc[h & 1]);
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 8 * h))),
+                                 _mm256_loadu_ps(xs + 8 * h));
+        acc[h & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[h]), s, acc[h & 1]);
     }
 }
 #endif
 
-// A q8_0 weight row (n values) . x quantized (xq, xs, sum128), in address
-// order through each block: its values first, the integer dot products of
-// its chunks kept in registers, then its scales applied. (Reading each
-// block's scales before its values measured 5-20 % slower, the more so the
-// more bandwidth the machine had on offer: the hardware prefetchers keep up
-// best with one plainly ascending stream.)
-static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
+// A q8_0 or q4_0 weight row (n values) . x quantized (xq, xs, sum128), in
+// address order through each block: its values first, the integer dot
+// products of its chunks kept in registers, then its scales applied.
+// (Reading each block's scales before its values measured 5-20 % slower,
+// the more so the more bandwidth the machine had on offer: the hardware
+// prefetchers keep up best with one plainly ascending stream.)
+static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, const int8_t *xq, const float *xs,
+                                                           const int32_t *sum128, int n, int bits) {
     float sum = 0;
 #if Q8_AVX512
     __m512 acc = _mm512_setzero_ps();
 #elif Q8_AVX2
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
+#else
+    (void)sum128; // only the SIMD kernels need it
 #endif
-#if !Q8_AVX512
-    (void)sum128; // only the w + 128 kernel needs it
-#endif
-    for (int b = 0; b * Q8_BLOCK * Q8_GROUP < n; b++) {
-        Q8Block k = q8_block(w, n, b);
+    for (int b = 0; b * Q8_BLOCK < n_groups(n); b++) {
+        const int groups = block_groups(n, b);
+        const uint8_t *q = w + (size_t)b * BLOCK_BYTES_OF(bits);
+        const uint16_t *scale = (const uint16_t *)(q + groups * Q8_GROUP * bits / 8);
         const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
         const float *s = xs + b * Q8_BLOCK;
-        int chunks = Q8_AVX512 || Q8_AVX2 ? k.groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
+        int chunks = Q8_AVX512 || Q8_AVX2 ? groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
 #if Q8_AVX512
-        if (k.groups == Q8_BLOCK) q8_block_512(&acc, k, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK);
-        else q8_block_512(&acc, k, x, s, sum128 + b * Q8_BLOCK, chunks);
+        if (groups == Q8_BLOCK) block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
+        else block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #elif Q8_AVX2
-        if (k.groups == Q8_BLOCK) q8_block_256(acc, k, x, s, Q8_BLOCK / Q8_CHUNK);
-        else q8_block_256(acc, k, x, s, chunks);
+        if (groups == Q8_BLOCK) block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
+        else block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #endif
-        sum += dot_q8_groups(k, x, s, chunks * Q8_CHUNK);
+        sum += bits == 8 ? dot_q8_groups((Q8Block){(const int8_t *)q, scale, groups}, x, s, chunks * Q8_CHUNK)
+                         : dot_q4_groups((Q4Block){q, scale, groups}, x, s, chunks * Q8_CHUNK);
     }
 #if Q8_AVX512
     sum += _mm512_reduce_add_ps(acc);
@@ -695,6 +909,14 @@ static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const i
     sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #endif
     return sum;
+}
+
+static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
+    return dot_int(w, xq, xs, sum128, n, 8);
+}
+
+static float dot_q4(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
+    return dot_int(w, xq, xs, sum128, n, 4);
 }
 
 #endif

@@ -5,7 +5,7 @@
    pass with grouped-query attention, the sampler, then generation,
    perplexity, chat and the command line. The arithmetic kernels under them
    (dot products in f32 and int8, softmax, the attention and GEMM inner
-   loops, the q8_0 format) are in kernels.h; the thread pool is in pool.h.
+   loops, the q8_0 and q4_0 formats) are in kernels.h; the thread pool is in pool.h.
 
    Build: make        Run: ./run model.bin -i "Once upon a time"
    The file format is documented in model.h; export/export.py writes it. */
@@ -83,10 +83,11 @@ typedef struct {
     float norm_eps;
 } Config;
 
-// A weight matrix (rows, cols), y = W x: f or q8 is set, by the file's dtype.
+// A weight matrix (rows, cols), y = W x: f or q is set, by its dtype.
 typedef struct {
     const float *f;    // DTYPE_F32: (rows, cols)
-    const uint8_t *q8; // DTYPE_Q8_0: rows of blocks of int8 values and float16 scales (model.h)
+    const uint8_t *q;  // DTYPE_Q8_0, DTYPE_Q4_0: rows of blocks of values and float16 scales (model.h)
+    int dtype;         // DTYPE_*
     int rows, cols;
 } Matrix;
 
@@ -136,9 +137,9 @@ typedef struct {
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *logits;  // (B, vocab_size)
-    int8_t *xq;     // (B + Q8_TILE_T - 1, max_cols) matmul input quantized to q8_0 ...
-    float *xs;      // (B + Q8_TILE_T - 1, max_cols / Q8_GROUP) ... its scales ...
-    int32_t *sum128; // (B + Q8_TILE_T - 1, max_cols / Q8_GROUP) ... and 128 x its groups' sums (quantize_q8)
+    int8_t *xq;     // (B + Q8_TILE_T - 1, padded_len(max_cols)) matmul input quantized to q8_0 ...
+    float *xs;      // (B + Q8_TILE_T - 1, n_groups(max_cols)) ... its scales ...
+    int32_t *sum128; // (B + Q8_TILE_T - 1, n_groups(max_cols)) ... and 128 x its groups' sums (quantize_q8)
     float *xT;      // (B / GEMM_TOKENS, max_cols, GEMM_TOKENS) a block's matmul input, transposed in panels
     float *outT;    // (max_rows, B) a block's matmul output, transposed (all matrices of a matmuls() call)
     float *scratch; // (n_threads, scratch_stride) dequantized weights: a tile, or a row
@@ -176,11 +177,17 @@ typedef struct {
 
 static size_t align_up(size_t n) { return (n + MODEL_ALIGN - 1) / MODEL_ALIGN * MODEL_ALIGN; }
 
-// Bytes a (rows, cols) tensor occupies in the file, padding included.
-static size_t tensor_bytes(const ModelHeader *h, size_t rows, size_t cols, int is_matrix) {
-    if (!is_matrix || h->dtype == DTYPE_F32) return align_up(rows * cols * sizeof(float));
-    return align_up(rows * cols + rows * cols / h->group_size * sizeof(uint16_t)); // values + float16 scales
+// Bytes of one row of cols values of type dtype: f32 values, or groups of
+// 32 values (the last zero-padded) as int8 or 4-bit numbers with a float16 scale each.
+static size_t dtype_row_bytes(int dtype, size_t cols) {
+    size_t groups = (cols + Q8_GROUP - 1) / Q8_GROUP;
+    if (dtype == DTYPE_Q8_0) return groups * (Q8_GROUP + sizeof(uint16_t));
+    if (dtype == DTYPE_Q4_0) return groups * (Q8_GROUP / 2 + sizeof(uint16_t));
+    return cols * sizeof(float);
 }
+
+// Bytes a (rows, cols) tensor occupies in the file, padding included.
+static size_t tensor_bytes(size_t rows, size_t cols, int dtype) { return align_up(rows * dtype_row_bytes(dtype, cols)); }
 
 // Walks the tensors in file order (model.h); with m != NULL, points them into the map.
 static size_t layout_weights(const ModelHeader *h, Transformer *m) {
@@ -189,20 +196,21 @@ static size_t layout_weights(const ModelHeader *h, Transformer *m) {
     size_t dc = h->kv_latent_dim, dr = h->kv_rope_dim, nh = h->n_heads, hd = h->head_dim;
     size_t off = h->weights_offset;
     const uint8_t *base = m ? m->map : NULL;
-#define MATRIX(dst, R, C) do { \
-        if (m) { Matrix *mt = (dst); mt->rows = (int)(R); mt->cols = (int)(C); \
-            if (h->dtype == DTYPE_F32) mt->f = (const float *)(base + off); \
-            else mt->q8 = base + off; } \
-        off += tensor_bytes(h, (R), (C), 1); } while (0)
+#define TYPED_MATRIX(dst, R, C, DTYPE) do { \
+        if (m) { Matrix *mt = (dst); mt->rows = (int)(R); mt->cols = (int)(C); mt->dtype = (DTYPE); \
+            if (mt->dtype == DTYPE_F32) mt->f = (const float *)(base + off); \
+            else mt->q = base + off; } \
+        off += tensor_bytes((R), (C), (DTYPE)); } while (0)
+#define MATRIX(dst, R, C) TYPED_MATRIX(dst, R, C, h->dtype)
 #define VECTOR(dst, N) do { if (m) (dst) = (const float *)(base + off); \
-        off += tensor_bytes(h, (N), 1, 0); } while (0)
-    MATRIX(m ? &m->w.token_embedding : NULL, V, dim);
+        off += tensor_bytes((N), 1, DTYPE_F32); } while (0)
+    TYPED_MATRIX(m ? &m->w.token_embedding : NULL, V, dim, h->embedding_dtype);
     for (int l = 0; l < h->n_layers; l++) {
         Layer *L = m ? &m->w.layers[l] : NULL;
         VECTOR(L->attn_norm, dim);
         if (h->attention == ATTENTION_MLA) {
             if (m) L->rope_pairs = (const int32_t *)(base + off);
-            off += tensor_bytes(h, dr / 2, 1, 0); // int32, as wide as f32
+            off += tensor_bytes(dr / 2, 1, DTYPE_F32); // int32, as wide as f32
             MATRIX(L ? &L->wq : NULL, qd, dim);
             MATRIX(L ? &L->wq_rope : NULL, nh * dr, dim);
             MATRIX(L ? &L->wkv_a : NULL, dc + dr, dim);
@@ -221,10 +229,15 @@ static size_t layout_weights(const ModelHeader *h, Transformer *m) {
     }
     VECTOR(m->w.final_norm, dim);
     if (h->tied_classifier) { if (m) m->w.classifier = m->w.token_embedding; }
-    else MATRIX(m ? &m->w.classifier : NULL, V, dim);
+    else TYPED_MATRIX(m ? &m->w.classifier : NULL, V, dim, h->embedding_dtype);
+#undef TYPED_MATRIX
 #undef MATRIX
 #undef VECTOR
     return off;
+}
+
+static const char *dtype_name(int dtype) {
+    return dtype == DTYPE_F32 ? "f32" : dtype == DTYPE_Q8_0 ? "q8_0" : dtype == DTYPE_Q4_0 ? "q4_0" : "unknown";
 }
 
 // Range checks of the header, before any size is computed from it.
@@ -245,14 +258,14 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         {"n_layers", h->n_layers, 1, 1024}, {"n_heads", h->n_heads, 1, 1024},
         {"n_kv_heads", h->n_kv_heads, 1, 1024}, {"head_dim", h->head_dim, 2, 1 << 12},
         {"vocab_size", h->vocab_size, 1, 1 << 22}, {"max_seq_len", h->max_seq_len, 1, 1 << 24},
-        {"n_stop_ids", h->n_stop_ids, 0, MODEL_MAX_STOP_IDS}, {"dtype", h->dtype, DTYPE_F32, DTYPE_Q8_0},
+        {"n_stop_ids", h->n_stop_ids, 0, MODEL_MAX_STOP_IDS}, {"dtype", h->dtype, DTYPE_F32, DTYPE_Q4_0},
         {"rope_scaling", h->rope_scaling, ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3},
         {"tied_classifier", h->tied_classifier, 0, 1},
         {"tokenizer_kind", h->tokenizer_kind, TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3},
         {"bos_id", h->bos_id, -1, h->vocab_size - 1LL},
         {"attention", h->attention, ATTENTION_GQA, ATTENTION_MLA},
         {"kv_latent_dim", h->kv_latent_dim, mla, mla << 16}, {"kv_rope_dim", h->kv_rope_dim, 2 * mla, mla << 12},
-        {"embedding_dtype", h->embedding_dtype, h->dtype, h->dtype},
+        {"embedding_dtype", h->embedding_dtype, DTYPE_F32, DTYPE_Q4_0},
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].v < f[i].lo || f[i].v > f[i].hi)
@@ -264,15 +277,12 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         die("%s: an MLA model has one KV head (the latent all query heads share), the header says n_kv_heads = %d",
             path, h->n_kv_heads);
     if (h->kv_rope_dim % 2 != 0) die("%s: kv_rope_dim (%d) must be even for RoPE", path, h->kv_rope_dim);
-    if (h->dtype == DTYPE_Q8_0 && h->group_size != 32)
-        die("%s: q8_0 group_size is %d; this engine reads groups of 32", path, h->group_size);
-    if (h->dtype == DTYPE_F32 && h->group_size != 0)
+    const int grouped = h->dtype != DTYPE_F32 ? h->dtype : h->embedding_dtype; // a quantized dtype, if any
+    if (grouped != DTYPE_F32 && h->group_size != 32)
+        die("%s: %s group_size is %d; this engine reads groups of 32", path, dtype_name(grouped), h->group_size);
+    if (grouped == DTYPE_F32 && h->group_size != 0)
         die("%s: f32 weights with group_size %d (must be 0); corrupt file?", path, h->group_size);
     if (h->reserved != 0) die("%s: header field reserved = %d (must be 0); corrupt file?", path, h->reserved);
-    if (h->dtype == DTYPE_Q8_0 && (h->dim % 32 || h->hidden_dim % 32 || ((size_t)h->n_heads * h->head_dim) % 32))
-        die("%s: q8_0 needs dim, hidden_dim and n_heads * head_dim divisible by 32", path);
-    if (h->dtype == DTYPE_Q8_0 && mla && (h->head_dim % 32 || h->kv_latent_dim % 32))
-        die("%s: q8_0 MLA needs head_dim and kv_latent_dim divisible by 32 (the rows of wk_b and wv_b)", path);
     for (int i = 0; i < h->n_stop_ids; i++)
         if (h->stop_ids[i] < 0 || h->stop_ids[i] >= h->vocab_size)
             die("%s: stop id %d is outside the vocabulary (%d)", path, h->stop_ids[i], h->vocab_size);
@@ -387,27 +397,34 @@ static void rope_frequencies(const ModelHeader *h, float *freq) {
 
 _Static_assert(MAX_BATCH % GEMM_TOKENS == 0, "prefill blocks are whole tiles");
 
-// Bytes of one row of w: cols f32 values, or cols int8 values and cols / Q8_GROUP float16 scales.
-static size_t row_bytes(const Matrix *w) {
-    return w->q8 ? (size_t)w->cols + (size_t)w->cols / Q8_GROUP * sizeof(uint16_t) : (size_t)w->cols * sizeof(float);
-}
+static size_t row_bytes(const Matrix *w) { return dtype_row_bytes(w->dtype, w->cols); }
 
 static const uint8_t *matrix_row(const Matrix *w, int r) {
-    return (w->q8 ? w->q8 : (const uint8_t *)w->f) + (size_t)r * row_bytes(w);
+    return (w->q ? w->q : (const uint8_t *)w->f) + (size_t)r * row_bytes(w);
 }
 
-// Columns [k0, k1) of row r of w as floats (k0, k1 multiples of Q8_GROUP
-// for q8_0). For q8_0 this is the only dequantization there is: an embedding
-// lookup, a slice of a prefill tile, a row of --kv-heads.
+// Columns [k0, k1) of row r of w as floats (k0 a multiple of Q8_GROUP, k1
+// too or the row's end, for q8_0 and q4_0). For them this is the only
+// dequantization there is: an embedding lookup, a slice of a prefill tile,
+// a row of --kv-heads.
 static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
     const uint8_t *row = matrix_row(w, r);
-    if (!w->q8) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
-    for (int g = k0 / Q8_GROUP; g < k1 / Q8_GROUP; g++, out += Q8_GROUP) {
-        Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
-        float scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+    if (!w->q) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
+    for (int g = k0 / Q8_GROUP; g * Q8_GROUP < k1; g++, out += Q8_GROUP) {
         int8_t q[Q8_GROUP]; // gathered first, then converted in one vector loop
-        q8_group_values(q, k, g % Q8_BLOCK);
-        for (int i = 0; i < Q8_GROUP; i++) out[i] = q[i] * scale;
+        float scale;
+        if (w->dtype == DTYPE_Q8_0) {
+            Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
+            scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+            q8_group_values(q, k, g % Q8_BLOCK);
+        } else {
+            Q4Block k = q4_block(row, w->cols, g / Q8_BLOCK);
+            scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
+            q4_group_values(q, k, g % Q8_BLOCK);
+        }
+        float v[Q8_GROUP];
+        for (int i = 0; i < Q8_GROUP; i++) v[i] = q[i] * scale;
+        memcpy(out, v, (size_t)(k1 - g * Q8_GROUP < Q8_GROUP ? k1 - g * Q8_GROUP : Q8_GROUP) * sizeof(float));
     }
 }
 
@@ -417,10 +434,11 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
 // (Inlined by force: on its own, GCC judges a function that only prefetches to have no effect and drops the call.)
 static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w, int r, int nr, int k0, int kn) {
     size_t lo = (size_t)k0 * sizeof(float), hi = (size_t)(k0 + kn) * sizeof(float);
-    if (w->q8) { // the whole q8_0 blocks that hold the columns
+    if (w->q) { // the whole q8_0 / q4_0 blocks that hold the columns
         const size_t block_cols = Q8_BLOCK * Q8_GROUP, end = row_bytes(w);
-        lo = k0 / block_cols * Q8_BLOCK_BYTES;
-        hi = (k0 + kn + block_cols - 1) / block_cols * Q8_BLOCK_BYTES;
+        const size_t block_bytes = w->dtype == DTYPE_Q8_0 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+        lo = k0 / block_cols * block_bytes;
+        hi = (k0 + kn + block_cols - 1) / block_cols * block_bytes;
         hi = hi < end ? hi : end;
     }
     for (int i = 0; i < nr; i++)
@@ -431,8 +449,8 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 // share the input x (q, k and v; gate and up), in one task: one hand-off to
 // the threads, x quantized or transposed once.
 //  T < VEC_LEN (decode): one dot product per (row, token), the row read from
-//    memory once; q8_0 weights use integer dot products with x quantized to
-//    q8_0 (xq, xs). The rows are cut into chunks of about CHUNK_BYTES of
+//    memory once; q8_0 and q4_0 weights use integer dot products with x
+//    quantized to q8_0 (xq, xs). The rows are cut into chunks of about CHUNK_BYTES of
 //    weights; each thread works through its own contiguous share of chunks
 //    (one stream for the hardware prefetcher), and one that finishes early
 //    takes chunks from the back of the others' shares, so a core slowed by a
@@ -442,9 +460,9 @@ static inline __attribute__((always_inline)) void prefetch_block(const Matrix *w
 //    at the end. xT holds the block transposed, in panels of GEMM_TOKENS
 //    tokens (the last padded with zeros): panel j is (cols, GEMM_TOKENS), so
 //    a tile reads its tokens' inputs in one contiguous stream. With AVX-512
-//    VNNI, q8_0 weights meet the block quantized, in integer tiles
-//    (gemm_rows_q8: as decode's arithmetic, at four times float32's
-//    multiply-adds per instruction); elsewhere q8_0 rows are dequantized into
+//    VNNI, q8_0 and q4_0 weights meet the block quantized, in integer tiles
+//    (gemm_rows_int: as decode's arithmetic, at four times float32's
+//    multiply-adds per instruction); elsewhere their rows are dequantized into
 //    a small per-thread buffer, cheap next to the T multiply-adds each value feeds.
 #define SMALL_WORK (1 << 16) // multiply-adds below which a matmul runs on the calling thread
 #define ROW_QUANTUM 16       // thread shares start at multiples of this
@@ -456,7 +474,8 @@ typedef struct { float *out; const Matrix *w; } Product; // out (T, w->rows) = x
 typedef struct {
     Product p[MAX_PRODUCTS]; int n_products; int T; // all w have the same cols
     const float *x;                    // (T, cols)
-    const int8_t *xq; const float *xs; const int32_t *sum128; // x quantized (q8_0 weights, T < VEC_LEN)
+    const int8_t *xq; const float *xs; const int32_t *sum128; // x quantized (q8_0, q4_0 weights): token t at
+                                                              // t * padded_len(cols), t * n_groups(cols)
     const float *xT; float *outT;      // (Tpad / GEMM_TOKENS, cols, GEMM_TOKENS), (rows of all products, Tpad) (T >= VEC_LEN)
     int Tpad;
     float *scratch;                    // (n_threads, scratch_stride) dequantized weights
@@ -471,12 +490,17 @@ typedef struct {
 static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
     const Matrix *w = p->w;
     const int n = w->cols;
+    const size_t xn = padded_len(n), xg = n_groups(n);
     for (int r = r0; r < r1; r++)
-        for (int t = 0; t < a->T; t++)
-            p->out[(size_t)t * w->rows + r] = w->q8
-                ? dot_q8(matrix_row(w, r), a->xq + (size_t)t * n, a->xs + (size_t)t * n / Q8_GROUP,
-                         a->sum128 + (size_t)t * n / Q8_GROUP, n)
-                : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *xq = a->xq + t * xn;
+            const float *xs = a->xs + t * xg;
+            const int32_t *sum128 = a->sum128 + t * xg;
+            float *out = p->out + (size_t)t * w->rows + r;
+            if (w->dtype == DTYPE_Q8_0) *out = dot_q8(matrix_row(w, r), xq, xs, sum128, n);
+            else if (w->dtype == DTYPE_Q4_0) *out = dot_q4(matrix_row(w, r), xq, xs, sum128, n);
+            else *out = dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
+        }
 }
 
 // Takes the first (front) or the last chunk of a share; -1 when it is empty.
@@ -513,7 +537,7 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
             if (r + GEMM_R < tiled_hi) prefetch_block(w, r + GEMM_R, GEMM_R, k0, kn);
             const float *rows = w->f + (size_t)r * n + k0; // the tile's (GEMM_R, kn) block
             size_t ldw = n;
-            if (w->q8) {
+            if (w->q) {
                 for (int i = 0; i < GEMM_R; i++) matrix_slice(w, r + i, k0, k0 + kn, buf + (size_t)i * kn);
                 rows = buf, ldw = kn;
             }
@@ -532,15 +556,15 @@ static void gemm_rows(const MatmulTask *a, const Matrix *w, float *outT, int lo,
     if (rest) memcpy(outT + (size_t)tiled_hi * Tp, rest_out, (size_t)rest * Tp * sizeof(float));
 }
 
-// Rows [lo, hi) of p for a block of T >= VEC_LEN tokens quantized (q8_0
-// weights, AVX-512 VNNI), straight into p->out: integer register tiles over
-// whole rows, Q8_TILE_R rows meeting every token in turn.
-static void gemm_rows_q8(const MatmulTask *a, const Product *p, int lo, int hi) {
+// Rows [lo, hi) of p for a block of T >= VEC_LEN tokens quantized (q8_0 or
+// q4_0 weights, AVX-512 VNNI), straight into p->out: integer register tiles
+// over whole rows, Q8_TILE_R rows meeting every token in turn.
+static void gemm_rows_int(const MatmulTask *a, const Product *p, int lo, int hi) {
     int r = lo;
 #if Q8_GEMM
     const Matrix *w = p->w;
     const int n = w->cols;
-    const size_t xg = n / Q8_GROUP;
+    const size_t xg = n_groups(n), xn = padded_len(n);
     float tile[Q8_TILE_T * Q8_TILE_R]; // (token, row)
     // the next tile's rows (contiguous bytes) are prefetched a few lines per token tile
     const size_t tile_bytes = Q8_TILE_R * row_bytes(w), per_tile = tile_bytes / ((a->T + Q8_TILE_T - 1) / Q8_TILE_T) + 64;
@@ -551,8 +575,8 @@ static void gemm_rows_q8(const MatmulTask *a, const Product *p, int lo, int hi) 
                 size_t from = t / Q8_TILE_T * per_tile, to = from + per_tile < tile_bytes ? from + per_tile : tile_bytes;
                 for (size_t b = from; b < to; b += 64) PREFETCH_L2(next + b);
             }
-            gemm_tile_q8(tile, Q8_TILE_R, matrix_row(w, r), row_bytes(w), a->xq + (size_t)t * n, a->xs + t * xg,
-                         a->sum128 + t * xg, n);
+            (w->dtype == DTYPE_Q8_0 ? gemm_tile_q8 : gemm_tile_q4)(tile, Q8_TILE_R, matrix_row(w, r), row_bytes(w),
+                                                                   a->xq + t * xn, a->xs + t * xg, a->sum128 + t * xg, n);
             for (int i = 0; i < Q8_TILE_T && t + i < a->T; i++)
                 memcpy(p->out + (size_t)(t + i) * w->rows + r, tile + i * Q8_TILE_R, sizeof(float) * Q8_TILE_R);
         }
@@ -575,7 +599,7 @@ static void matmul_task(void *arg, int ith, int nth) {
         const Product *p = &a->p[i];
         int lo, hi;
         split_range(p->w->rows, ith, nth, ROW_QUANTUM, &lo, &hi); // tiles start at the same rows for any thread count
-        if (Q8_GEMM && p->w->q8) { gemm_rows_q8(a, p, lo, hi); continue; }
+        if (Q8_GEMM && p->w->q) { gemm_rows_int(a, p, lo, hi); continue; }
         gemm_rows(a, p->w, outT, lo, hi, buf);
         for (int t = 0; t < a->T; t++)
             for (int r = lo; r < hi; r++) p->out[(size_t)t * p->w->rows + r] = outT[(size_t)r * a->Tpad + t];
@@ -593,13 +617,13 @@ static void quantize_task(void *arg, int ith, int nth) {
     const int n = a->n;
     int lo, hi;
     split_range(a->Tq, ith, nth, 1, &lo, &hi);
+    const size_t xn = padded_len(n), xg = n_groups(n);
     for (int t = lo; t < hi; t++) {
-        size_t g = (size_t)t * n / Q8_GROUP;
-        if (t < a->T) quantize_q8(s->xq + (size_t)t * n, s->xs + g, s->sum128 + g, a->x + (size_t)t * n, n);
+        if (t < a->T) quantize_q8(s->xq + t * xn, s->xs + t * xg, s->sum128 + t * xg, a->x + (size_t)t * n, n);
         else {
-            memset(s->xq + (size_t)t * n, 0, n);
-            memset(s->xs + g, 0, n / Q8_GROUP * sizeof(float));
-            memset(s->sum128 + g, 0, n / Q8_GROUP * sizeof(int32_t));
+            memset(s->xq + t * xn, 0, xn);
+            memset(s->xs + t * xg, 0, xg * sizeof(float));
+            memset(s->sum128 + t * xg, 0, xg * sizeof(int32_t));
         }
     }
 }
@@ -625,7 +649,7 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
             atomic_store_explicit(&s->shares[t].range, end << 32 | first, memory_order_relaxed);
         }
     }
-    const int integer = p[0].w->q8 && (T < VEC_LEN || Q8_GEMM); // x quantized, else (prefill) x^T
+    const int integer = p[0].w->q && (T < VEC_LEN || Q8_GEMM); // x quantized, else (prefill) x^T
     if (integer) { // a block's tokens are quantized by all threads
         QuantizeTask q = {s, x, n, T, T < VEC_LEN ? T : (T + Q8_TILE_T - 1) / Q8_TILE_T * Q8_TILE_T};
         if (T < VEC_LEN) quantize_task(&q, 0, 1);
@@ -685,7 +709,8 @@ static void regroup_matrix(Transformer *m, Matrix *w, int K) {
     const size_t rb = row_bytes(w); // the same for the new matrix: same dtype and cols
     Matrix out = {.rows = K * hd, .cols = cols};
     uint8_t *rows = owned_alloc(m, (size_t)out.rows, rb, "--kv-heads weights");
-    if (w->q8) out.q8 = rows;
+    out.dtype = w->dtype;
+    if (w->q) out.q = rows;
     else out.f = (const float *)rows;
     float *acc = xcalloc(cols, sizeof(float), "row"), *row = xcalloc(cols, sizeof(float), "row");
     for (int j = 0; j < K; j++)
@@ -701,7 +726,8 @@ static void regroup_matrix(Transformer *m, Matrix *w, int K) {
                 matrix_slice(w, (j * group + i) * hd + d, 0, cols, row);
                 for (int k = 0; k < cols; k++) acc[k] += row[k] / group;
             }
-            if (w->q8) quantize_q8_row(dst, acc, cols);
+            if (w->dtype == DTYPE_Q8_0) quantize_q8_row(dst, acc, cols);
+            else if (w->dtype == DTYPE_Q4_0) quantize_q4_row(dst, acc, cols);
             else memcpy(dst, acc, cols * sizeof(float));
         }
     free(acc); free(row);
@@ -783,11 +809,14 @@ static void malloc_run_state(Transformer *m) {
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
-    if ((int)lat > max_cols) max_cols = (int)lat; // MLA: the latent outputs of all heads, quantized for wv_b
+    if (c->attention == ATTENTION_MLA) { // MLA: every head's query or latent output, quantized head by head
+        int widest = c->head_dim > c->kv_latent_dim ? c->head_dim : c->kv_latent_dim;
+        if (c->n_heads * padded_len(widest) > max_cols) max_cols = c->n_heads * padded_len(widest);
+    }
     const size_t q8_tokens = MAX_BATCH + Q8_TILE_T - 1; // a block and the integer tile's padding tokens
-    s->xq = xcalloc(q8_tokens * max_cols, 1, "activations");
-    s->xs = xcalloc(q8_tokens * max_cols / Q8_GROUP + 1, sizeof(float), "activations");
-    s->sum128 = xcalloc(q8_tokens * max_cols / Q8_GROUP + 1, sizeof(int32_t), "activations");
+    s->xq = xcalloc(q8_tokens * padded_len(max_cols), 1, "activations");
+    s->xs = xcalloc(q8_tokens * n_groups(max_cols), sizeof(float), "activations");
+    s->sum128 = xcalloc(q8_tokens * n_groups(max_cols), sizeof(int32_t), "activations");
     // rows of one matmuls() call: the classifier, gate + up, q + k + v, or wo / w2
     size_t max_rows = c->vocab_size;
     size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim,
@@ -952,35 +981,41 @@ typedef struct { Transformer *m; float *out; const float *x; const Matrix *w; in
 static void head_task(void *arg, int ith, int nth) {
     const HeadTask *a = arg;
     const RunState *s = &a->m->s;
-    const int C = a->w->cols, R = a->w->rows / a->heads;
+    const Matrix *w = a->w;
+    const int C = w->cols, R = w->rows / a->heads;
     int lo, hi;
     split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) { // item = t * heads + h
         int h = item % a->heads;
-        size_t x0 = (size_t)item * C;
-        for (int r = 0; r < R; r++)
-            a->out[(size_t)item * R + r] = a->w->q8
-                ? dot_q8(matrix_row(a->w, h * R + r), s->xq + x0, s->xs + x0 / Q8_GROUP, s->sum128 + x0 / Q8_GROUP, C)
-                : dot(a->w->f + (size_t)(h * R + r) * C, a->x + x0, C);
+        const int8_t *xq = s->xq + (size_t)item * padded_len(C);
+        const float *xs = s->xs + (size_t)item * n_groups(C);
+        const int32_t *sum128 = s->sum128 + (size_t)item * n_groups(C);
+        for (int r = 0; r < R; r++) {
+            float *out = a->out + (size_t)item * R + r;
+            if (w->dtype == DTYPE_Q8_0) *out = dot_q8(matrix_row(w, h * R + r), xq, xs, sum128, C);
+            else if (w->dtype == DTYPE_Q4_0) *out = dot_q4(matrix_row(w, h * R + r), xq, xs, sum128, C);
+            else *out = dot(w->f + (size_t)(h * R + r) * C, a->x + (size_t)item * C, C);
+        }
     }
 }
 
 // q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
-// SIMD path in dot_q8; MLA's W_UK^T rows are head_dim long (64 in
+// SIMD path in dot_q8 (q4_0 alike); MLA's W_UK^T rows are head_dim long (64 in
 // Llama-3.2-1B's shape: 16384 such rows per layer), so such per-head
 // matrices are dequantized to f32 once, at load (in engine-owned memory;
 // weight_bytes counts them as f32, which decode then reads).
 static void dequantize_short_rows(Transformer *m, Matrix *w) {
-    if (!w->q8 || w->cols >= Q8_CHUNK * Q8_GROUP) return;
+    if (!w->q || w->cols >= Q8_CHUNK * Q8_GROUP) return;
     float *f = owned_alloc(m, (size_t)w->rows * w->cols, sizeof(float), "MLA up-projections");
     for (int r = 0; r < w->rows; r++) matrix_slice(w, r, 0, w->cols, f + (size_t)r * w->cols);
-    w->q8 = NULL;
+    w->q = NULL;
+    w->dtype = DTYPE_F32;
     w->f = f;
 }
 
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     const int heads = m->c.n_heads;
-    if (w->q8) { // x (T * heads, C) quantized
+    if (w->q) { // x (T * heads, C) quantized
         QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
         if (T < VEC_LEN) quantize_task(&q, 0, 1);
         else pool_run(m->pool, quantize_task, &q);
@@ -1606,8 +1641,8 @@ static void print_info(Transformer *m, const char *path) {
         printf("rope_scaling: llama3 factor %g, low_freq_factor %g, high_freq_factor %g, original_max_pos %d\n",
                h->rope_factor, h->rope_low_freq_factor, h->rope_high_freq_factor, h->rope_original_max_pos);
     else printf("rope_scaling: none\n");
-    printf("norm_eps: %g\ntied_classifier: %d\ndtype: %s\n", h->norm_eps, h->tied_classifier,
-           h->dtype == DTYPE_F32 ? "f32" : "q8_0");
+    printf("norm_eps: %g\ntied_classifier: %d\ndtype: %s\nembedding_dtype: %s\n", h->norm_eps, h->tied_classifier,
+           dtype_name(h->dtype), dtype_name(h->embedding_dtype));
     printf("tokenizer: %s, %d tokens, bos %d, stop", h->tokenizer_kind == TOKENIZER_LLAMA3 ? "llama3" : "llama2c",
            tokenizer_n_tokens(m->tok), h->bos_id);
     for (int i = 0; i < h->n_stop_ids; i++) printf(" %d", h->stop_ids[i]);
@@ -1649,7 +1684,7 @@ static void kv_calculator(const char *spec) {
 // a bad conversion) turns every logit into NaN, and the output into nothing.
 // Every f32 value and every float16 scale is checked once at load, by all
 // threads. The same pass maps every page of the file (each page holds f32
-// values or q8_0 scales; the tokenizer's were read at load) instead of letting
+// values or q8_0 / q4_0 scales; the tokenizer's were read at load) instead of letting
 // the first forward pass fault them in one by one, where the faults would
 // stall the matmuls and defeat their prefetching: the check costs no read of
 // its own.
@@ -1665,7 +1700,7 @@ typedef struct {
 static int list_tensors(const Transformer *m, TensorRef *out) {
     int n = 0;
 #define REF(NAME, L, W) do { const Matrix *w_ = (W); if (w_->rows == 0) break; /* not of this attention kind */ \
-        if (out) out[n] = w_->q8 ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
+        if (out) out[n] = w_->q ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
                                  : (TensorRef){NAME, L, w_->f, (size_t)w_->rows * w_->cols, NULL, (size_t)w_->cols}; \
         n++; } while (0)
 #define VEC(NAME, L, V) do { if (out) out[n] = (TensorRef){NAME, L, (V), (size_t)m->c.dim, NULL, (size_t)m->c.dim}; n++; } while (0)
@@ -1686,13 +1721,20 @@ static int list_tensors(const Transformer *m, TensorRef *out) {
     return n;
 }
 
-// Rows [r0, r1) of a q8_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
+// The float16 scales of block b of row r of a q8_0 or q4_0 matrix; *groups: how many.
+static const uint16_t *block_scales(const Matrix *w, int r, int b, int *groups) {
+    *groups = block_groups(w->cols, b);
+    return w->dtype == DTYPE_Q8_0 ? q8_block(matrix_row(w, r), w->cols, b).scale : q4_block(matrix_row(w, r), w->cols, b).scale;
+}
+
+// Rows [r0, r1) of a q8_0 or q4_0 matrix: the first non-finite scale's row * groups + group, or SIZE_MAX.
 static size_t find_nonfinite_scale(const Matrix *w, int r0, int r1) {
     for (int r = r0; r < r1; r++)
-        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < w->cols; b++) {
-            Q8Block k = q8_block(matrix_row(w, r), w->cols, b);
-            for (int g = 0; g < k.groups; g++)
-                if (nonfinite_f16(k.scale[g])) return (size_t)r * (w->cols / Q8_GROUP) + (size_t)b * Q8_BLOCK + g;
+        for (int b = 0; b * Q8_BLOCK < n_groups(w->cols); b++) {
+            int groups;
+            const uint16_t *scale = block_scales(w, r, b, &groups);
+            for (int g = 0; g < groups; g++)
+                if (nonfinite_f16(scale[g])) return (size_t)r * n_groups(w->cols) + (size_t)b * Q8_BLOCK + g;
         }
     return SIZE_MAX;
 }
@@ -1731,10 +1773,11 @@ static void describe_nonfinite(const TensorRef *t, char *msg, size_t cap) {
                      e / t->cols, e % t->cols);
         return;
     }
-    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = t->cols / Q8_GROUP;
-    Q8Block k = q8_block(matrix_row(t->w, (int)(e / groups)), t->w->cols, (int)(e % groups / Q8_BLOCK));
-    snprintf(msg, cap, "non-finite q8_0 scale %g in %s%s, row %zu, group %zu", f16_to_f32(k.scale[e % groups % Q8_BLOCK]),
-             where, t->name, e / groups, e % groups);
+    size_t e = find_nonfinite_scale(t->w, 0, t->w->rows), groups = n_groups(t->w->cols);
+    int in_block;
+    const uint16_t *scale = block_scales(t->w, (int)(e / groups), (int)(e % groups / Q8_BLOCK), &in_block);
+    snprintf(msg, cap, "non-finite %s scale %g in %s%s, row %zu, group %zu", dtype_name(t->w->dtype),
+             f16_to_f32(scale[e % groups % Q8_BLOCK]), where, t->name, e / groups, e % groups);
 }
 
 // Dies at the first NaN or Inf of the weights, in file order, naming where it is.

@@ -42,7 +42,7 @@ incomplete one, is exported again); results go there as JSON. ./run is copied
 before use, since others may rebuild it meanwhile. Python 3 standard library
 only; export/export.py runs under the first python3 that can import numpy.
 
-usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0]
+usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0|q4_0]
                               [--wait-idle SECONDS] [--report RESULTS.json]
 """
 import argparse
@@ -697,7 +697,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
     ap.add_argument("--threads", type=int, default=2, help="threads for ./run and the microbenchmarks (default 2)")
     ap.add_argument("--skip-depth", action="store_true", help="skip the decode-at-depth test")
-    ap.add_argument("--only", choices=("f32", "q8_0"), help="benchmark only these weights")
+    ap.add_argument("--only", choices=("f32", "q8_0", "q4_0"), help="benchmark only these weights")
     ap.add_argument("--depth-weights", choices=("both", "f32", "q8_0"), default="both",
                     help="weights of the depth-test models (default: both)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
@@ -744,7 +744,7 @@ def bench_all(args, t0):
     log("machine: %.1f GB/s, %.0f GFLOP/s %s" % (res["machine"]["bandwidth_gbs"], res["machine"]["fma_peak_gflops"],
                                                   res["machine"]["vector_unit"]))
 
-    dtypes = [args.only] if args.only else ["f32", "q8_0"]
+    dtypes = [args.only] if args.only else ["f32", "q8_0", "q4_0"]
     first = ensure_model(args, dtypes[0])
     if not first:
         sys.exit("bench: cannot make the %s model" % dtypes[0])

@@ -119,10 +119,13 @@ def round_to_q8_0(x):
     """x with every group of 32 along the last axis rounded to q8_0
     (scale = max|x| / 127, q = round(x / scale)): what a kernel that feeds
     int8 activations to q8_0 weights computes with."""
-    g = x.reshape(-1, 32)
+    n = x.shape[-1]
+    pad = -n % 32  # a short last group: as if zero-padded to 32
+    xp = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), x.dtype)], axis=-1) if pad else x
+    g = xp.reshape(-1, 32)
     scale = np.abs(g).max(axis=1, keepdims=True) / 127
     q = np.round(np.divide(g, scale, out=np.zeros_like(g), where=scale > 0))
-    return (q * scale).reshape(x.shape)
+    return (q * scale).reshape(xp.shape)[..., :n]
 
 
 def linear(x, w, quantize_x=False):

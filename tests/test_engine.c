@@ -273,7 +273,7 @@ static void test_q8_kernels(void) {
     for (int i = 0; i < T * LONG; i++) x[i] = frand(&rng);
     for (int i = 0; i < ROWS * LONG; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
     for (int t = 0; t < T; t++) quantize_q8(xq + t * N, xs + t * N / Q8_GROUP, xsum + t * N / Q8_GROUP, x + t * N, N);
-    Matrix m8 = {.q8 = wq, .rows = ROWS, .cols = N};
+    Matrix m8 = {.q = wq, .dtype = DTYPE_Q8_0, .rows = ROWS, .cols = N};
     for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&m8), w + r * N, N);
     // weights: the error is at most half a step of the group's float16 scale, the largest |w| maps to 127
     float worst_q = 0, deq[LONG];
@@ -326,7 +326,7 @@ static void test_q8_kernels(void) {
     // the bytes where model.h puts them: a row's last block holds its remaining groups, values then
     // scales; value i of group j of a chunk of m groups at (i / 4) * 4 * m + j * 4 + i % 4
     quantize_q8_row(wq, w, LONG);
-    Matrix long_row = {.q8 = wq, .rows = 1, .cols = LONG};
+    Matrix long_row = {.q = wq, .dtype = DTYPE_Q8_0, .rows = 1, .cols = LONG};
     Q8Block first = q8_block(wq, LONG, 0), last = q8_block(wq, LONG, 2);
     float deq_first[1024];
     matrix_slice(&long_row, 0, 0, 1024, deq_first);
@@ -363,7 +363,7 @@ static void test_q8_kernels(void) {
                                      : "q8_block_matmul_equals_dequantized_math";
     float worst_int = 0, worst_exact = 0, worst_block = 0;
     for (int len = N; len <= LONG; len += LONG - N) {
-        Matrix mw = {.q8 = wq, .rows = ROWS, .cols = len};
+        Matrix mw = {.q = wq, .dtype = DTYPE_Q8_0, .rows = ROWS, .cols = len};
         for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&mw), w + r * len, len);
         for (int t = 0; t < T; t++) quantize_q8(xq + t * len, xs + t * len / Q8_GROUP, xsum + t * len / Q8_GROUP, x + t * len, len);
         float out1[ROWS], outT[T * ROWS];
@@ -386,6 +386,134 @@ static void test_q8_kernels(void) {
     check(worst_int < 1e-6f, "q8_matvec_equals_scalar_integer_dots", "error %g of sum |w x|", worst_int);
     check(worst_exact < 0.02f, "q8_matvec_close_to_dequantized_math", "error %g of sum |w x|", worst_exact);
     check(worst_block < 1e-6f, block_path, "error %g of sum |w x|", worst_block);
+    pool_free(m.pool);
+    free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares); free(m.s.xq); free(m.s.xs); free(m.s.sum128);
+}
+
+// The q4_0 weight row of w quantized, dequantized again (value i of row r in out).
+static void q4_dequantized(float *out, const uint8_t *row, int n) {
+    Matrix m4 = {.q = row, .dtype = DTYPE_Q4_0, .rows = 1, .cols = n};
+    matrix_slice(&m4, 0, 0, n, out);
+}
+
+// q4_0 and rows of any length: quantization no worse than GGML's rule,
+// every SIMD dot product against its scalar reference at lengths that end in
+// each part of the kernels (short groups, short chunks, short blocks), the
+// bytes where model.h puts them, and the matmul paths (decode; block of
+// tokens in integer tiles or dequantized float tiles) against scalar dots.
+static void test_q4_kernels(void) {
+    uint64_t rng = 13;
+    enum { ROWS = 37, T = 20, LONG = 2149 }; // LONG: two full blocks, 3 groups and 5 values
+    static float x[T * LONG], w[ROWS * LONG], xs[T * LONG / Q8_GROUP + T], deq[LONG];
+    static int8_t xq[(T + 1) * LONG + 64];
+    static int32_t xsum[T * LONG / Q8_GROUP + T];
+    static uint8_t wq[ROWS * LONG + 64 * ROWS];
+    for (int i = 0; i < T * LONG; i++) x[i] = frand(&rng);
+    for (int i = 0; i < ROWS * LONG; i++) w[i] = frand(&rng) * (i % 97 == 0 ? 8 : 1); // a few outliers
+    int lengths[] = {5, 32, 40, 96, 172, 256, 300, 512, 736, 1024, 1056, 1060, 1312, 1568, 2048, LONG};
+    int n_len = sizeof lengths / sizeof lengths[0], no_worse = 1, in_range = 1, q4_close = 1, q8_close = 1;
+    float worst_step = 0;
+    for (int li = 0; li < n_len; li++) {
+        int n = lengths[li];
+        quantize_q4_row(wq, w, n);
+        q4_dequantized(deq, wq, n);
+        for (int g = 0; g < n_groups(n); g++) { // against GGML's d = m / -8 (rounded to float16, nearest q)
+            Q4Block k = q4_block(wq, n, g / Q8_BLOCK);
+            float pad[Q8_GROUP], m = 0, err = 0, ggml = 0, d = f16_to_f32(k.scale[g % Q8_BLOCK]);
+            const float *xg = group_of(w, n, g, pad);
+            for (int i = 0; i < Q8_GROUP; i++) m = fabsf(xg[i]) > fabsf(m) ? xg[i] : m;
+            float dg = f16_to_f32(f32_to_f16(m / -8));
+            for (int i = 0; i < Q8_GROUP; i++) {
+                int q = q4_value(k, g % Q8_BLOCK, i), qg = dg != 0 ? (int)rintf(xg[i] / dg) : 0;
+                qg = qg > 7 ? 7 : qg < -8 ? -8 : qg;
+                err += (xg[i] - q * d) * (xg[i] - q * d);
+                ggml += (xg[i] - qg * dg) * (xg[i] - qg * dg);
+                in_range &= g * Q8_GROUP + i < n ? deq[g * Q8_GROUP + i] == q * d : q == 0; // padding: u = 8
+                if (g * Q8_GROUP + i < n) worst_step = fmaxf(worst_step, fabsf(xg[i] - q * d) / fabsf(d));
+            }
+            no_worse &= err <= ggml * (1 + 1e-6f);
+        }
+        quantize_q8(xq, xs, xsum, x, n);
+        float ref = dot_q4_scalar(wq, xq, xs, n), got = dot_q4(wq, xq, xs, xsum, n);
+        q4_close &= fabsf(got - ref) <= 1e-6f * abs_dot(w, x, n) + 1e-30f;
+        quantize_q8_row(wq, w, n);
+        ref = dot_q8_scalar(wq, xq, xs, n), got = dot_q8(wq, xq, xs, xsum, n);
+        q8_close &= fabsf(got - ref) <= 1e-6f * abs_dot(w, x, n) + 1e-30f;
+    }
+    check(no_worse && in_range, "q4_quantization_no_worse_than_ggml_rule_and_padding_is_zero",
+          "no worse %d, values and padding %d", no_worse, in_range);
+    check(worst_step <= 1.5f, "q4_quantization_error_within_a_step_and_a_half", "worst %g steps", worst_step); // clamped outliers
+    check(q4_close, "simd_q4_dot_matches_scalar_for_any_length", "a length differs");
+    check(q8_close, "simd_q8_dot_matches_scalar_for_any_length", "a length differs");
+    // short last groups of activations: zero padding, and the scale of the values present only
+    quantize_q8(xq, xs, xsum, x, 40);
+    int pad_zero = 1;
+    for (int i = 8; i < Q8_GROUP; i++) pad_zero &= xq[q8_offset(2, 1, i)] == 0;
+    check(pad_zero && xs[1] == group_amax((float[Q8_GROUP]){x[32], x[33], x[34], x[35], x[36], x[37], x[38], x[39]}) / 127.0f,
+          "q8_activation_short_group_is_zero_padded", "padding %d, scale %g", pad_zero, xs[1]);
+    // the bytes where model.h puts them: a block of g groups is 16 g bytes of values, then g scales;
+    // in a chunk of m groups, value i of group j is in byte (i / 8) * 4m + 4j + i % 4, its low 4 bits
+    // for i % 8 < 4, stored as q + 8 (and one more check of a low nibble: value 2 of group 0)
+    quantize_q4_row(wq, w, LONG);
+    Q4Block first = q4_block(wq, LONG, 0), last = q4_block(wq, LONG, 2);
+    const uint8_t *lq = last.q, *fq = first.q;
+    q4_dequantized(deq, wq, LONG);
+    Matrix long_row = {.q = wq, .dtype = DTYPE_Q4_0, .rows = 1, .cols = LONG};
+    check(row_bytes(&long_row) == 68 * 18 && last.groups == 4 && lq == wq + 2 * 576 && (const uint8_t *)last.scale == lq + 64 &&
+          deq[2048 + 32 + 13] == ((lq[1 * 4 * 4 + 1 * 4 + 1] >> 4) - 8) * f16_to_f32(last.scale[1]) &&  // group 1, value 13 (m = 4)
+          deq[17 * 32 + 6] == ((fq[16 * 16 + 0 * 64 + 1 * 4 + 2] >> 4) - 8) * f16_to_f32(first.scale[17]) && // 2nd chunk
+          deq[31] == ((fq[3 * 64 + 3] >> 4) - 8) * f16_to_f32(first.scale[0]) &&                       // group 0, value 31
+          deq[2] == ((fq[2] & 15) - 8) * f16_to_f32(first.scale[0]),
+          "q4_row_layout_is_nibble_pairs_of_the_q8_interleave_then_float16_scales", "last block of %d groups", last.groups);
+    // the matmul's q4_0 paths, as test_q8_kernels checks q8_0's
+    Transformer m = {0};
+    m.n_threads = 2;
+    m.pool = pool_create(2);
+    m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
+    m.s.xq = xcalloc((size_t)(T + Q8_TILE_T) * padded_len(LONG), 1, "xq");
+    m.s.xs = xcalloc((size_t)(T + Q8_TILE_T) * n_groups(LONG), sizeof(float), "xs");
+    m.s.sum128 = xcalloc((size_t)(T + Q8_TILE_T) * n_groups(LONG), sizeof(int32_t), "sum128");
+    m.s.scratch_stride = GEMM_R * K_BLOCK > LONG ? GEMM_R * K_BLOCK : LONG;
+    m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
+    m.s.xT = xcalloc((size_t)LONG * MAX_BATCH, sizeof(float), "xT");
+    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
+    float worst_int = 0, worst_exact = 0, worst_block = 0;
+    int same_threads = 1;
+    for (int li = 0; li < n_len; li += 3) {
+        int len = lengths[li];
+        Matrix mw = {.q = wq, .dtype = DTYPE_Q4_0, .rows = ROWS, .cols = len};
+        for (int r = 0; r < ROWS; r++) quantize_q4_row(wq + r * row_bytes(&mw), w + r * len, len);
+        for (int t = 0; t < T; t++)
+            quantize_q8(xq + t * padded_len(len), xs + t * n_groups(len), xsum + t * n_groups(len), x + t * len, len);
+        float out1[ROWS], outT[T * ROWS], outT1[T * ROWS];
+        matmul(&m, out1, x, &mw, 1);
+        matmul(&m, outT, x, &mw, T);
+        ThreadPool *two = m.pool;
+        m.pool = pool_create(1), m.n_threads = 1;
+        matmul(&m, outT1, x, &mw, T);
+        pool_free(m.pool);
+        m.pool = two, m.n_threads = 2;
+        same_threads &= !memcmp(outT, outT1, sizeof outT);
+        for (int r = 0; r < ROWS; r++) {
+            matrix_slice(&mw, r, 0, len, deq);
+            const uint8_t *row = matrix_row(&mw, r);
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + t * len, scale = abs_dot(w + r * len, xt, len) + 1e-30f;
+                float exact = dot_scalar(deq, xt, len);
+                float integer = dot_q4_scalar(row, xq + t * padded_len(len), xs + t * n_groups(len), len);
+                if (t == 0) {
+                    worst_int = fmaxf(worst_int, fabsf(out1[r] - integer) / scale);
+                    worst_exact = fmaxf(worst_exact, fabsf(out1[r] - exact) / scale);
+                }
+                worst_block = fmaxf(worst_block, fabsf(outT[t * ROWS + r] - (Q8_GEMM ? integer : exact)) / scale);
+            }
+        }
+    }
+    check(worst_int < 1e-6f, "q4_matvec_equals_scalar_integer_dots", "error %g of sum |w x|", worst_int);
+    check(worst_exact < 0.05f, "q4_matvec_close_to_dequantized_math", "error %g of sum |w x|", worst_exact);
+    check(worst_block < 1e-6f, Q8_GEMM ? "q4_block_matmul_equals_scalar_integer_dots" : "q4_block_matmul_equals_dequantized_math",
+          "error %g of sum |w x|", worst_block);
+    check(same_threads, "q4_block_matmul_1_and_2_threads_bit_identical", "outputs differ");
     pool_free(m.pool);
     free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares); free(m.s.xq); free(m.s.xs); free(m.s.sum128);
 }
@@ -440,6 +568,7 @@ int main(void) {
     test_sampler();
     test_f16_conversions();
     test_q8_kernels();
+    test_q4_kernels();
     // a random GQA model: 8 query heads sharing 2 KV heads
     const char *tmp = getenv("TMPDIR_TESTS"), *py = getenv("PYTHON");
     char path[4096], cmd[8192];

@@ -145,9 +145,10 @@ def refusal_cases():
             {UP1: with_value(BASE_W[UP1], (0, 31), 8.33e6)})), "--dtype", "q8_0"], "float16"),
         ("q8_0_nan_weight", ["--hf", hf_variant("q8nan", weights=weights_with(
             {UP1: with_value(BASE_W[UP1], (2, 0), np.nan)})), "--dtype", "q8_0"], "tensor layers.1.w3: row 2"),
-        ("q8_0_columns_not_multiple_of_32", ["--hf", hf_variant("q8cols", make_hf.hf_config(
-            dim=48, hidden=64, n_layers=1, n_heads=4, n_kv_heads=2), make_hf.random_weights(make_hf.hf_config(
-                dim=48, hidden=64, n_layers=1, n_heads=4, n_kv_heads=2), 1)), "--dtype", "q8_0"], "multiple of 32"),
+        ("q4_0_scale_overflows_float16", ["--hf", hf_variant("q4huge", weights=weights_with(
+            {UP1: with_value(BASE_W[UP1], (5, 3), -1e6)})), "--dtype", "q4_0"], "tensor layers.1.w3: row 5"),
+        ("q4_0_nan_weight", ["--hf", hf_variant("q4nan", weights=weights_with(
+            {UP1: with_value(BASE_W[UP1], (2, 0), np.nan)})), "--dtype", "q4_0"], "tensor layers.1.w3: row 2"),
         ("random_vocab_too_small_for_builtin_tokenizer", ["--random", "--vocab-size", "200"], "vocab_size"),
         ("random_odd_head_dim", ["--random", "--dim", "60", "--n-heads", "4", "--n-kv-heads", "2"], "even"),
     ]
@@ -467,6 +468,118 @@ def q8_0_row_by_hand(p, name, r, Q):
             and Q[name + ".scale"][r].astype(float).tolist() == scales)
 
 
+def ggml_q4_0_error(groups):
+    """Squared error per group of GGML's Q4_0 rule (d = m / -8, m the value of
+    largest |x|, d rounded to float16, q = round(x / d) clamped to [-8, 7])."""
+    m = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[:, :, None], axis=2)
+    d = (m / np.float32(-8)).astype(np.float16).astype(np.float64)
+    q = np.clip(np.rint(np.divide(groups, d, out=np.zeros(groups.shape), where=d != 0)), -8, 7)
+    return ((groups - q * d) ** 2).sum(axis=2)
+
+
+def q4_0_roundtrip():
+    """q4_0 (model.h) against the f32 export of the same weights, on shapes
+    whose rows end in short groups (dim 80, hidden 1060): q in [-8, 7], a
+    short group's padding q = 0, dequantized = q * float32(scale), each
+    group's squared error no more than GGML's rule gives, the embedding and
+    classifier q8_0 unless --embedding-dtype says otherwise."""
+    cfg = make_hf.hf_config(dim=80, hidden=1060, n_layers=1, n_heads=4, n_kv_heads=2, tied=False)
+    W = make_hf.random_weights(cfg, 9)
+    W["model.embed_tokens.weight"][3] = 0  # an all-zero row: scale 0, q 0
+    d = path("q4")
+    make_hf.write_hf_dir(d, cfg, W)
+    _, F = read_tensors(export_ok(d + "_f32.bin", "--hf", d))
+    h4, Q = read_tensors(export_ok(d + "_q4.bin", "--hf", d, "--dtype", "q4_0"))
+    h44, Q44 = read_tensors(export_ok(d + "_q44.bin", "--hf", d, "--dtype", "q4_0", "--embedding-dtype", "q4_0"))
+    problems, ours, ggml = [], 0.0, 0.0
+    if (h4["dtype"], h4["embedding_dtype"], h4["group_size"], h44["embedding_dtype"]) != (2, 1, 32, 2):
+        problems.append(f"header dtype {h4['dtype']} embedding {h4['embedding_dtype']} / {h44['embedding_dtype']}")
+    for name, x in F.items():
+        if x.ndim == 1:
+            if not np.array_equal(Q[name], x):
+                problems.append(f"norm {name} changed")
+            continue
+        rows, cols = x.shape
+        groups = -(-cols // 32)
+        padded = np.zeros((rows, groups * 32), np.float32)
+        padded[:, :cols] = x
+        q = Q44[name + ".q"]
+        scale = Q44[name + ".scale"].astype(np.float32)
+        if q.shape != (rows, groups * 32) or q.min() < -8 or q.max() > 7 or q[:, cols:].any():
+            problems.append(f"{name}: q shape {q.shape}, range [{q.min()}, {q.max()}], or padding not 0")
+            continue
+        deq = (q.reshape(rows, groups, 32) * scale[:, :, None]).reshape(rows, -1)[:, :cols]
+        if not np.array_equal(Q44[name], deq):
+            problems.append(f"{name}: dequantized != q * float32(scale)")
+        g = padded.reshape(rows, groups, 32).astype(np.float64)
+        err = ((g - q.reshape(g.shape) * scale[:, :, None]) ** 2).sum(axis=2)
+        ref = ggml_q4_0_error(g)
+        if np.any(err > ref * (1 + 1e-5) + 1e-30):
+            problems.append(f"{name}: a group's squared error exceeds GGML's rule's")
+        ours, ggml = ours + err.sum(), ggml + ref.sum()
+        if name in ("token_embedding", "classifier") and not np.array_equal(Q[name + ".q"].shape, (rows, groups * 32)):
+            problems.append(f"{name}: q8_0 embedding shape")
+    if Q44["token_embedding.q"][3].any() or Q44["token_embedding.scale"][3].any():
+        problems.append("all-zero row did not give q 0, scale 0")
+    if not np.array_equal(Q["token_embedding"], read_tensors(export_ok(d + "_q8.bin", "--hf", d, "--dtype", "q8_0"))[1]
+                          ["token_embedding"]):
+        problems.append("the default q4_0 export's embedding is not the q8_0 export's")
+    if not ours < 0.97 * ggml:
+        problems.append(f"squared error {ours:.4g}, GGML's rule {ggml:.4g}: the scale search gains under 3 %")
+    T.check("q4_0_roundtrip_no_worse_than_ggml_per_group", not problems, "; ".join(problems[:3]))
+    T.check("q4_0_row_bytes_follow_model_h", q4_0_row_by_hand(d + "_q4.bin", "layers.0.w2", 1, Q), "")
+
+
+def q4_0_row_by_hand(p, name, r, Q):
+    """Row r of q4_0 matrix `name` decoded with struct, straight from model.h:
+    ceil(cols / 32) groups of 18 bytes per row; blocks of g <= 32 groups: 16 g
+    bytes of values, then float16 scale[g]; within a block, value i of group
+    j of a chunk of m <= 16 groups in byte chunk_start + (i // 8) * 4 * m +
+    j * 4 + i % 4, its low 4 bits if i % 8 < 4, as q + 8."""
+    h = read_header(p)
+    (_, (rows, cols), off, _), = [t for t in tensor_layout(h) if t[0] == name]
+    n_groups = -(-cols // 32)
+    with open(p, "rb") as f:
+        f.seek(off + r * 18 * n_groups)
+        row = f.read(18 * n_groups)
+    q, scales, pos, left = [], [], 0, n_groups
+    while left:
+        g = min(32, left)
+        values = row[pos:pos + 16 * g]
+        for j in range(g):
+            c0 = j // 16 * 16
+            m = min(16, g - c0)
+            q += [(values[c0 * 16 + (i // 8) * 4 * m + (j - c0) * 4 + i % 4] >> (4 * (i % 8 // 4)) & 15) - 8
+                  for i in range(32)]
+        scales += struct.unpack_from(f"<{g}e", row, pos + 16 * g)
+        pos, left = pos + 18 * g, left - g
+    return (pos == len(row) and list(Q[name + ".q"][r]) == q
+            and Q[name + ".scale"][r].astype(float).tolist() == scales)
+
+
+def ggml_blocks_repack_bit_exactly():
+    """export.q8_0_rows / q4_0_rows take integer values and float16 scales
+    (the GGUF reader's entry points): GGML blocks (Q4_0: nibble u = q + 8,
+    values j and j + 16 in one byte; Q8_0: int8) written through them and
+    read back by model.h give the same integers and the same scale bits."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "export"))
+    import export as ex
+    ex.need_numpy("test")
+    rng = np.random.default_rng(3)
+    rows, groups = 3, 70  # two full blocks and a short one with a short chunk
+    qs = rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8)  # GGML Q4_0 qs[16] per block
+    u = np.concatenate([qs & 15, qs >> 4], axis=2)  # value j: low bits of qs[j]; value j + 16: high bits
+    d = rng.standard_normal((rows, groups)).astype(np.float16)
+    raw = ex.q4_0_rows(u.reshape(rows, -1).astype(np.int8) - 8, d)
+    from testlib import read_q8_0_rows
+    q4, d4 = read_q8_0_rows(raw.ravel(), rows, groups * 32, bits=4)
+    q8 = rng.integers(-128, 128, (rows, groups * 32), dtype=np.int8)
+    q8b, d8 = read_q8_0_rows(ex.q8_0_rows(q8, d).ravel(), rows, groups * 32, bits=8)
+    T.check("ggml_q4_0_and_q8_0_blocks_repack_bit_exactly",
+            np.array_equal(q4, u.reshape(rows, -1).astype(np.int8) - 8) and d4.view(np.uint16).tolist() == d.view(np.uint16).tolist()
+            and np.array_equal(q8b, q8) and np.array_equal(d8.view(np.uint16), d.view(np.uint16)), "values or scales differ")
+
+
 def random_exports():
     a = export_ok(path("rand_a.bin"), "--random", "--seed", "1")
     b = export_ok(path("rand_b.bin"), "--random", "--seed", "1")
@@ -515,6 +628,8 @@ def main():
     T.run("bf16_f16_f32_and_sharded_inputs_export_identically", dtypes_and_shards_identical)
     T.run("adjacent_pair_rope_on_exported_weights_matches_reference", weights_land_in_the_right_place)
     T.run("q8_0_roundtrip_within_half_a_step", q8_0_roundtrip)
+    T.run("q4_0_roundtrip_no_worse_than_ggml_per_group", q4_0_roundtrip)
+    T.run("ggml_q4_0_and_q8_0_blocks_repack_bit_exactly", ggml_blocks_repack_bit_exactly)
     T.run("random_exports", random_exports)
     shutil.rmtree(TMP, ignore_errors=True)
 

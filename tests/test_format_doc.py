@@ -59,7 +59,7 @@ for enum in ("DTYPE", "ATTENTION"):
         for name, value in re.findall(r"(" + enum + r"_\w+) = (\d+)", body):
             c_values[name] = int(value)
     py_values = {}
-    for line in re.findall(r"^(" + enum + r"_\w+(?:, " + enum + r"_\w+)*) = (.*)$", EXPORT_PY, re.M):
+    for line in re.findall(r"^(" + enum + r"_\w+(?:, " + enum + r"_\w+)*) = ([-0-9, ]+(?:#.*)?)$", EXPORT_PY, re.M):
         names = line[0].split(", ")
         values = [int(v) for v in line[1].split("#")[0].split(",")]
         py_values.update(zip(names, values))

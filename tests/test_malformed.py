@@ -53,10 +53,11 @@ def mla(h):
 # another field's value, a function one of the header (MLA's sizes: 0 for GQA)
 RANGES = [("dim", 1, 1 << 16), ("hidden_dim", 1, 1 << 18), ("n_layers", 1, 1024), ("n_heads", 1, 1024),
           ("n_kv_heads", 1, 1024), ("head_dim", 2, 1 << 12), ("vocab_size", 1, 1 << 22),
-          ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 1), ("rope_scaling", 0, 1),
+          ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 2), ("rope_scaling", 0, 1),
           ("tied_classifier", 0, 1), ("tokenizer_kind", 1, 2), ("bos_id", -1, None),
           ("attention", 0, 1), ("kv_latent_dim", mla, lambda h: mla(h) << 16),
-          ("kv_rope_dim", lambda h: 2 * mla(h), lambda h: mla(h) << 12), ("embedding_dtype", "dtype", "dtype")]
+          ("kv_rope_dim", lambda h: 2 * mla(h), lambda h: mla(h) << 12), ("embedding_dtype", 0, 2)]
+DTYPE_NAMES = {0: "f32", 1: "q8_0", 2: "q4_0"}  # model.h DTYPE_*
 
 
 def bound(h, b, default=None):
@@ -148,16 +149,13 @@ def expected_error(path, raw):
                    f"n_kv_heads = {h['n_kv_heads']}")
     if h["kv_rope_dim"] % 2:
         return err(f"kv_rope_dim ({h['kv_rope_dim']}) must be even for RoPE")
-    if h["dtype"] == 1 and h["group_size"] != 32:
-        return err(f"q8_0 group_size is {h['group_size']}; this engine reads groups of 32")
-    if h["dtype"] == 0 and h["group_size"] != 0:
+    grouped = h["dtype"] if h["dtype"] else h["embedding_dtype"]  # a quantized dtype, if any
+    if grouped and h["group_size"] != 32:
+        return err(f"{DTYPE_NAMES[grouped]} group_size is {h['group_size']}; this engine reads groups of 32")
+    if not grouped and h["group_size"] != 0:
         return err(f"f32 weights with group_size {h['group_size']} (must be 0); corrupt file?")
     if h["reserved"] != 0:
         return err(f"header field reserved = {h['reserved']} (must be 0); corrupt file?")
-    if h["dtype"] == 1 and (h["dim"] % 32 or h["hidden_dim"] % 32 or h["n_heads"] * h["head_dim"] % 32):
-        return err("q8_0 needs dim, hidden_dim and n_heads * head_dim divisible by 32")
-    if h["dtype"] == 1 and mla(h) and (h["head_dim"] % 32 or h["kv_latent_dim"] % 32):
-        return err("q8_0 MLA needs head_dim and kv_latent_dim divisible by 32 (the rows of wk_b and wv_b)")
     for sid in h["stop_ids"][:h["n_stop_ids"]]:
         if not 0 <= sid < h["vocab_size"]:
             return err(f"stop id {sid} is outside the vocabulary ({h['vocab_size']})")
@@ -194,24 +192,30 @@ def expected_error(path, raw):
     return nonfinite_error(raw, h, err)
 
 
+def scale_offset(off, cols, dtype, r, gi):
+    """Where model.h puts the float16 scale of group gi of row r of a q8_0 (dtype 1) or q4_0 (2) matrix
+    at off: rows of ceil(cols / 32) groups of 34 (18) bytes, blocks of up to 32 groups, values then scales."""
+    groups, per_group = -(-cols // 32), 34 if dtype == 1 else 18
+    b, j = divmod(gi, 32)
+    return off + r * groups * per_group + b * 32 * per_group + min(32, groups - 32 * b) * (per_group - 2) + 2 * j
+
+
 def nonfinite_error(raw, h, err):
     """The loader's finite check: the first NaN/Inf f32 value or float16 scale, in file order."""
-    h = dict(h, group_size=32 if h["dtype"] == 1 else 0)
     for name, shape, off, _ in testlib.tensor_layout(h):
         n = int(np.prod(shape))
         if name.endswith("rope_pairs"):  # MLA's int32 vector: range-checked before
             continue
-        if h["dtype"] == 1 and len(shape) == 2:
+        dtype = testlib.tensor_dtype(h, name)
+        if dtype and len(shape) == 2:
             rows, cols = shape
-            groups = cols // 32
             for r in range(rows):
-                for gi in range(groups):
-                    b, j = divmod(gi, 32)
-                    at = off + r * (cols + 2 * groups) + b * 32 * 34 + min(32, groups - 32 * b) * 32 + 2 * j
-                    bits = struct.unpack_from("<H", raw, at)[0]
+                for gi in range(-(-cols // 32)):
+                    bits = struct.unpack_from("<H", raw, scale_offset(off, cols, dtype, r, gi))[0]
                     if bits & 0x7C00 == 0x7C00:
                         v = float(np.frombuffer(struct.pack("<H", bits), "<f2")[0])
-                        return err(f"non-finite q8_0 scale {g_signed(v, bits >> 15)} in {where(name)}, row {r}, group {gi}; {FIX}")
+                        return err(f"non-finite {DTYPE_NAMES[dtype]} scale {g_signed(v, bits >> 15)} in {where(name)}, "
+                                   f"row {r}, group {gi}; {FIX}")
             continue
         v = np.frombuffer(raw, "<f4", n, off)
         bad = np.flatnonzero(~np.isfinite(v))
@@ -324,6 +328,9 @@ def build_bases():
     BASES["mla_q8"] = export("mla_q8", "--dim", "64", "--hidden-dim", "32", "--n-layers", "1", "--n-heads", "2",
                              "--head-dim", "32", "--kv-latent-dim", "32", "--kv-rope-dim", "6", "--untied",
                              "--dtype", "q8_0", *SMALL)
+    # q4_0 matrices (the default q8_0 embedding and classifier), every row ending in a short group
+    BASES["q4"] = export("q4", "--dim", "40", "--hidden-dim", "44", "--n-layers", "1", "--n-heads", "2",
+                         "--n-kv-heads", "1", "--untied", "--dtype", "q4_0", *SMALL)
     BASES["l2c"] = export("l2c", "--tokenizer", os.path.join(ROOT, "models", "tok512.bin"), "--vocab-size", "512",
                           "--dim", "16", "--hidden-dim", "16", "--n-layers", "1", "--n-heads", "2",
                           "--n-kv-heads", "2", "--max-seq-len", "8", "--seed", "2")
@@ -362,7 +369,7 @@ def truncation_cases():
 
 
 def header_cases():
-    raw, q8, l2c = BASES["f32"], BASES["q8"], BASES["l2c"]
+    raw, q8, q4, l2c = BASES["f32"], BASES["q8"], BASES["q4"], BASES["l2c"]
     h = header_of(raw)
     cases = []  # (name, bytes)
     for name, lo, hi in RANGES:
@@ -393,6 +400,11 @@ def header_cases():
     for name, v in [("group_size", 0), ("group_size", 64), ("group_size", 16), ("dtype", 0), ("dim", 48),
                     ("tied_classifier", 1), ("hidden_dim", 48), ("head_dim", 8)]:
         cases.append((f"header_q8_{name}_set_to_{v}", with_field(q8, name, v)))
+    for name, v in [("group_size", 0), ("group_size", 16), ("dtype", 1), ("dtype", 0), ("embedding_dtype", 2),
+                    ("embedding_dtype", 0), ("embedding_dtype", 3), ("dim", 48), ("hidden_dim", 45), ("hidden_dim", 32),
+                    ("head_dim", 16)]:
+        cases.append((f"header_q4_{name}_set_to_{v}", with_field(q4, name, v)))
+    cases.append(("header_q4_f32_everywhere_group_size_32", with_field(with_field(q4, "dtype", 0), "embedding_dtype", 0)))
     size, to, tb, wo = len(raw), h["tokenizer_offset"], h["tokenizer_bytes"], h["weights_offset"]
     for name, vals in [("magic", [0, 0x46554747, MAGIC + 1]),
                        ("version", [0, OLDEST_VERSION - 1, MODEL_VERSION + 1, 0xFFFFFFFF]),
@@ -499,8 +511,7 @@ F16_BITS = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
 
 def tensor_at(raw, name):
     h = header_of(raw)
-    h["group_size"] = 32 if h["dtype"] == 1 else 0
-    return next((shape, off) for n, shape, off, _ in testlib.tensor_layout(h) if n == name)
+    return next((shape, off, testlib.tensor_dtype(h, name)) for n, shape, off, _ in testlib.tensor_layout(h) if n == name)
 
 
 def where(name):
@@ -512,21 +523,17 @@ def where(name):
 
 def with_f32(raw, name, index, kind):
     """raw with element `index` (flat) of f32 tensor `name` set to NaN/Inf; and the error it must give."""
-    shape, off = tensor_at(raw, name)
+    shape, off, _ = tensor_at(raw, name)
     at = (f"element {index}" if len(shape) == 1 else f"row {index // shape[1]}, column {index % shape[1]}")
     return (put(raw, off + 4 * index, "<I", F32_BITS[kind]),
             f"error: {{path}}: non-finite weight {kind} in {where(name)}, {at}; {FIX}")
 
 
 def with_q8_scale(raw, name, row, group, kind):
-    """raw with the float16 scale of group `group` of row `row` of q8_0 matrix `name` set to NaN/Inf."""
-    (rows, cols), off = tensor_at(raw, name)
-    groups = cols // 32
-    b, j = divmod(group, 32)
-    in_block = min(32, groups - 32 * b)
-    at = off + row * (cols + 2 * groups) + b * 32 * 34 + in_block * 32 + 2 * j
-    return (put(raw, at, "<H", F16_BITS[kind]),
-            f"error: {{path}}: non-finite q8_0 scale {kind} in {where(name)}, row {row}, group {group}; {FIX}")
+    """raw with the float16 scale of group `group` of row `row` of q8_0 or q4_0 matrix `name` set to NaN/Inf."""
+    (rows, cols), off, dtype = tensor_at(raw, name)
+    return (put(raw, scale_offset(off, cols, dtype, row, group), "<H", F16_BITS[kind]),
+            f"error: {{path}}: non-finite {DTYPE_NAMES[dtype]} scale {kind} in {where(name)}, row {row}, group {group}; {FIX}")
 
 
 def nonfinite_cases():
@@ -545,7 +552,10 @@ def nonfinite_cases():
              ("mla_wkv_a_inf", with_f32(BASES["mla"], "layers.1.wkv_a", 15 * 32 + 3, "inf")),
              ("mla_wk_b_minus_inf", with_f32(BASES["mla"], "layers.1.wk_b", 47 * 8 + 7, "-inf")),
              ("mla_q8_scale_wk_b_nan", with_q8_scale(BASES["mla_q8"], "layers.0.wk_b", 63, 0, "nan")),
-             ("mla_q8_scale_wv_b_inf", with_q8_scale(BASES["mla_q8"], "layers.0.wv_b", 0, 0, "inf"))]
+             ("mla_q8_scale_wv_b_inf", with_q8_scale(BASES["mla_q8"], "layers.0.wv_b", 0, 0, "inf")),
+             ("q4_scale_w2_short_group_nan", with_q8_scale(BASES["q4"], "layers.0.w2", 39, 1, "nan")),
+             ("q4_scale_w1_inf", with_q8_scale(BASES["q4"], "layers.0.w1", 43, 0, "inf")),
+             ("q4_model_q8_scale_classifier_nan", with_q8_scale(BASES["q4"], "classifier", 100, 1, "nan"))]
     for name, (raw, want) in cases:
         run_case(f"nonfinite_{name}", raw, want.format(path=os.path.join(TMP, f"nonfinite_{name}")))
 
@@ -554,7 +564,7 @@ def overflow_cases():
     """Finite weights whose arithmetic overflows: a clear error at the first non-finite logit, not
     empty output or "perplexity: nan"."""
     raw = BASES["f32"]
-    shape, off = tensor_at(raw, "final_norm")
+    shape, off, _ = tensor_at(raw, "final_norm")
     big = put(raw, off, f"<{shape[0]}f", *[3e38] * shape[0])  # rmsnorm(x) * 3e38 . embedding overflows
     path = os.path.join(TMP, "overflow.bin")
     with open(path, "wb") as f:
@@ -592,7 +602,7 @@ if not os.access(testlib.RUN, os.X_OK):
     T.fail("malformed_setup", f"{testlib.RUN} is not built")
 else:
     T.run("malformed_setup", build_bases)  # a failure prints its FAIL line
-    if len(BASES) == 5:
+    if len(BASES) == 6:
         self_check()
         for fn in (truncation_cases, header_cases, tokenizer_cases, nonfinite_cases, overflow_cases, fuzz_inputs):
             T.run(fn.__name__, fn)

@@ -164,29 +164,36 @@ def real_llama3_vocab():
     check_hf_model("llama3_vocab_128256", cfg, dtype="BF16", tokenizer=tok, n_ids=12, text=text)
 
 
-def q8_0_model():
-    """q8_0 export of a GQA model vs the reference run on the dequantized
-    weights (put back into HF layout), which isolates the engine's q8_0
-    kernels from the quantization error itself (tested in test_export.py).
-    A kernel may feed the weights f32 activations (exactly the dequantized
-    model) or q8_0-rounded ones (integer dot products): every position must
-    match one of those two references within 1e-4. Only uniform runs are
-    compared (token by token, or all ids in one block): with mixed block
-    sizes the cached K/V of one block may come from the other kind.
-    hidden = 2080 = 65 groups: w2's rows are two full blocks of 32 groups and
-    a last block of one (model.h), the other rows a single short block."""
-    cfg = make_hf.hf_config(dim=64, hidden=2080, n_layers=2, n_heads=8, n_kv_heads=2, tied=False)
-    d = path("q8_src")
+# An activation that lies on a rounding tie of its q8_0 step (x / scale = k + 0.5 up to float32 rounding)
+# may round either way depending on the summation order of the float32 values before it, which the
+# compiler's optimization level changes (the -O1 sanitizer build flipped one such tie at one position of
+# the q4_0 model: 9.3e-4 there, under 1.3e-7 at every other). Neither reference can predict it, so one
+# position of a run may be off by up to FLIP_TOL; every other must be within TOL.
+FLIP_TOL = 5e-3
+
+
+def quantized_model(name, dtype, cfg, extra=()):
+    """A q8_0 or q4_0 export of a GQA model vs the reference run on the
+    dequantized weights (put back into HF layout), which isolates the
+    engine's kernels from the quantization error itself (tested in
+    test_export.py). A kernel may feed the weights f32 activations (exactly
+    the dequantized model) or q8_0-rounded ones (integer dot products): every
+    position must match one of those two references within 1e-4. Only
+    uniform runs are compared (token by token, or all ids in one block): with
+    mixed block sizes the cached K/V of one block may come from the other kind."""
+    d = path(name + "_src")
     make_hf.write_hf_dir(d, cfg, make_hf.random_weights(cfg, 4))
-    model = export_ok(path("q8.bin"), "--hf", d, "--dtype", "q8_0")
+    model = export_ok(path(name + ".bin"), "--hf", d, "--dtype", dtype, *extra)
     h, E = read_tensors(model)
-    deq = {"model.embed_tokens.weight": E["token_embedding"], "model.norm.weight": E["final_norm"],
-           "lm_head.weight": E["classifier"]}
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    deq = {"model.embed_tokens.weight": E["token_embedding"], "model.norm.weight": E["final_norm"]}
+    if not cfg.get("tie_word_embeddings"):
+        deq["lm_head.weight"] = E["classifier"]
     for l in range(cfg["num_hidden_layers"]):
         p, q = f"model.layers.{l}.", f"layers.{l}."
         deq.update({p + "input_layernorm.weight": E[q + "attn_norm"],
-                    p + "self_attn.q_proj.weight": hf_permute(E[q + "wq"], 8),
-                    p + "self_attn.k_proj.weight": hf_permute(E[q + "wk"], 2),
+                    p + "self_attn.q_proj.weight": hf_permute(E[q + "wq"], nh),
+                    p + "self_attn.k_proj.weight": hf_permute(E[q + "wk"], nkv),
                     p + "self_attn.v_proj.weight": E[q + "wv"], p + "self_attn.o_proj.weight": E[q + "wo"],
                     p + "post_attention_layernorm.weight": E[q + "ffn_norm"],
                     p + "mlp.gate_proj.weight": E[q + "w1"], p + "mlp.down_proj.weight": E[q + "w2"],
@@ -195,18 +202,47 @@ def q8_0_model():
     ids = [cfg["bos_token_id"]] + list(np.random.default_rng(4).integers(0, cfg["vocab_size"], 23))
     refs = {"f32 activations": reference.forward(cfg, W, ids),
             "q8_0 activations": reference.forward(cfg, W, ids, q8_0_activations=True)}
-    for block, threads in [(1, 1), (len(ids), 2)]:
-        got = engine_logits(model, ids, "-B", block, "-T", threads)
+    outs = {}
+    for block, threads in [(1, 1), (len(ids), 1), (len(ids), 2)]:
+        got = outs[block, threads] = engine_logits(model, ids, "-B", block, "-T", threads)
         per_pos = {k: np.max(np.abs(got - r), axis=1) / np.max(np.abs(r)) for k, r in refs.items()}
         best = np.minimum(*per_pos.values())
         used = sorted({min(per_pos, key=lambda k: per_pos[k][i]) for i in range(len(ids))})
-        note("q8_0_gqa_untied", f"logits B={block}", float(best.max()))
-        T.check(f"q8_0_logits_B{block}_match_reference_on_dequantized_weights", best.max() <= TOL,
-                f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference")
+        note(name, f"logits B={block}", float(best.max()))
+        flipped = best > TOL  # see FLIP_TOL
+        T.check(f"{name}_logits_B{block}_T{threads}_match_reference_on_dequantized_weights",
+                flipped.sum() <= 1 and best.max() <= FLIP_TOL,
+                f"worst position {int(best.argmax())}: {best.max():.3g} from the nearer reference, "
+                f"{int(flipped.sum())} positions over {TOL:g}")
         if VERBOSE:
-            print(f"# q8_0 B={block}: positions match the reference with {' / '.join(used)}")
+            print(f"# {name} B={block}: positions match the reference with {' / '.join(used)}")
+    T.check(f"{name}_block_logits_T1_equal_T2", np.array_equal(outs[len(ids), 1], outs[len(ids), 2]),
+            "the thread count changed the logits")
     f32_ref = reference.forward(*reference.load_hf_dir(d), ids)
-    note("q8_0_gqa_untied", "q8_0 vs f32 model", rel_err(refs["f32 activations"], f32_ref))
+    note(name, f"{dtype} vs f32 model", rel_err(refs["f32 activations"], f32_ref))
+
+
+def q8_0_model():
+    """hidden = 2080 = 65 groups: w2's rows are two full blocks of 32 groups
+    and a last block of one (model.h), the other rows a single short block."""
+    quantized_model("q8_0_gqa_untied", "q8_0",
+                    make_hf.hf_config(dim=64, hidden=2080, n_layers=2, n_heads=8, n_kv_heads=2, tied=False))
+
+
+def q4_0_model():
+    """q4_0 matrices with a q8_0 embedding and classifier (the default), rows
+    that end in short groups everywhere: dim = 80 (2 groups and 16 values),
+    hidden = 1060 (33 groups and 4 values: w2's rows are a full block and a
+    short one of 2 groups, the last one short)."""
+    quantized_model("q4_0_gqa_untied", "q4_0",
+                    make_hf.hf_config(dim=80, hidden=1060, n_layers=2, n_heads=8, n_kv_heads=2, tied=False))
+
+
+def q4_0_embedding_model():
+    """Every matrix q4_0, the embedding tied to the classifier."""
+    quantized_model("q4_0_tied_q4_embedding", "q4_0",
+                    make_hf.hf_config(dim=64, hidden=172, n_layers=1, n_heads=4, n_kv_heads=4, tied=True),
+                    ("--embedding-dtype", "q4_0"))
 
 
 # ----------------------------------------------------------------------------
@@ -259,6 +295,8 @@ def run_all():
             T.run("llama31_rope_scaling_covers_all_bands_and_matters", rope_scaling_is_exercised, model, rcfg, W, ids)
     T.run("llama3_vocab_128256_logits_token_by_token_match_reference", real_llama3_vocab)
     T.run("q8_0_logits_B1_match_reference_on_dequantized_weights", q8_0_model)
+    T.run("q4_0_logits_B1_match_reference_on_dequantized_weights", q4_0_model)
+    T.run("q4_0_tied_q4_embedding_logits_match_reference", q4_0_embedding_model)
     T.run("stories260K_logits_token_by_token_match_reference", llama2c_model,
           "stories260K", "stories260K.bin", "tok512.bin", 1200, 100)
     T.run("aidreams260K_logits_token_by_token_match_reference", llama2c_model,

@@ -180,6 +180,11 @@ def align64(n):
     return (n + 63) // 64 * 64
 
 
+def tensor_dtype(h, name):
+    """model.h: token_embedding and classifier have embedding_dtype, the other matrices dtype."""
+    return h["embedding_dtype"] if name in ("token_embedding", "classifier") else h["dtype"]
+
+
 def tensor_layout(h):
     """[(name, shape, offset, nbytes)] as model.h places the tensors."""
     d, hid, V, hd = h["dim"], h["hidden_dim"], h["vocab_size"], h["head_dim"]
@@ -200,8 +205,10 @@ def tensor_layout(h):
     out, off = [], h["weights_offset"]
     for name, shape in names:
         n = int(np.prod(shape))
-        if h["dtype"] == 1 and len(shape) == 2:  # int8 values + float16 scales: n * 17 / 16 for groups of 32
-            nbytes = align64(n + 2 * (n // h["group_size"]))
+        dtype = tensor_dtype(h, name)
+        if dtype in (1, 2) and len(shape) == 2:  # groups of 32 (the last zero-padded): values + a float16 scale
+            groups = -(-shape[1] // Q8_GROUP)
+            nbytes = align64(shape[0] * groups * ((32 if dtype == 1 else 16) + 2))
         else:
             nbytes = align64(4 * n)
         out.append((name, shape, off, nbytes))
@@ -227,20 +234,37 @@ def deinterleave_q8_0(vb, g):
     return out.reshape(rows, g * Q8_GROUP)
 
 
-def read_q8_0_rows(raw, rows, cols):
-    """(int8 q (rows, cols), float16 scale (rows, cols / 32)) of a q8_0 matrix
-    from its bytes (model.h, version 3): rows back to back, cols * 17 / 16
-    bytes each; a row is blocks of up to 32 groups of 32 values, a block of g
-    groups being 32 * g int8 values (interleaved), then g little-endian float16 scales."""
-    n_groups = cols // Q8_GROUP
-    rb = raw[:rows * (cols + 2 * n_groups)].reshape(rows, cols + 2 * n_groups)
-    q = np.empty((rows, cols), np.int8)
+def unpack_q4_0(vb, g):
+    """A q4_0 block's stored bytes (rows, 16 * g) -> q8_0's interleaved order
+    (rows, 32 * g) of q in [-8, 7]. model.h: in a chunk of m groups, byte k of
+    row r (4 rows of 4 * m bytes) holds q8_0's row 2r byte k + 8 in its low
+    4 bits, row 2r + 1 byte k + 8 in its high 4 bits."""
+    rows, parts = vb.shape[0], []
+    for c0 in range(0, g, Q8_CHUNK_GROUPS):
+        m = min(Q8_CHUNK_GROUPS, g - c0)
+        chunk = vb[:, c0 * Q8_GROUP // 2:(c0 + m) * Q8_GROUP // 2].reshape(rows, 4, 1, 4 * m)
+        parts.append(np.concatenate([chunk & 15, chunk >> 4], axis=2).reshape(rows, -1).astype(np.int8) - 8)
+    return np.concatenate(parts, axis=1)
+
+
+def read_q8_0_rows(raw, rows, cols, bits=8):
+    """(int8 q (rows, 32 * groups), float16 scale (rows, groups)) of a q8_0
+    (bits 8) or q4_0 (bits 4) matrix from its bytes (model.h): rows back to
+    back; a row is ceil(cols / 32) groups (the last zero-padded) in blocks of
+    up to 32 groups, a block of g groups being its values (interleaved; q8_0:
+    32 * g int8, q4_0: 16 * g bytes), then g little-endian float16 scales."""
+    n_groups = -(-cols // Q8_GROUP)
+    per_group = Q8_GROUP * bits // 8
+    rb = raw[:rows * n_groups * (per_group + 2)].reshape(rows, n_groups * (per_group + 2))
+    q = np.empty((rows, n_groups * Q8_GROUP), np.int8)
     scale = np.empty((rows, n_groups), np.float16)
     pos = 0
     for g0 in range(0, n_groups, Q8_BLOCK_GROUPS):
         g = min(Q8_BLOCK_GROUPS, n_groups - g0)
-        q[:, g0 * Q8_GROUP:(g0 + g) * Q8_GROUP] = deinterleave_q8_0(rb[:, pos:pos + g * Q8_GROUP].view(np.int8), g)
-        pos += g * Q8_GROUP
+        vb = rb[:, pos:pos + g * per_group]
+        vb = vb.view(np.int8) if bits == 8 else unpack_q4_0(vb, g)
+        q[:, g0 * Q8_GROUP:(g0 + g) * Q8_GROUP] = deinterleave_q8_0(vb, g)
+        pos += g * per_group
         scale[:, g0:g0 + g] = np.ascontiguousarray(rb[:, pos:pos + 2 * g]).view("<f2")
         pos += 2 * g
     assert pos == rb.shape[1]
@@ -248,10 +272,10 @@ def read_q8_0_rows(raw, rows, cols):
 
 
 def read_tensors(path):
-    """(header, {name: float32 array}) of an exported file; q8_0 matrices are
-    dequantized (q * float32(scale) per group of 32, in float32), and also
-    returned raw as name + ".q" (int8, (rows, cols)) and name + ".scale"
-    (float16, (rows, cols / 32))."""
+    """(header, {name: float32 array}) of an exported file; q8_0 and q4_0
+    matrices are dequantized (q * float32(scale) per group of 32, in float32),
+    and also returned raw as name + ".q" (int8, (rows, 32 * groups), a short
+    last group's padding included) and name + ".scale" (float16, (rows, groups))."""
     h = read_header(path)
     if h["magic"] != MODEL_MAGIC or h["version"] != MODEL_VERSION:
         raise ValueError(f"{path}: magic {h['magic']:#x}, format version {h['version']}; "
@@ -260,15 +284,16 @@ def read_tensors(path):
     out = {}
     for name, shape, off, nbytes in tensor_layout(h):
         n = int(np.prod(shape))
-        if h["dtype"] == 1 and len(shape) == 2:
+        dtype = tensor_dtype(h, name)
+        if dtype in (1, 2) and len(shape) == 2:
             if h["group_size"] != Q8_GROUP:
-                raise ValueError(f"{path}: q8_0 group_size {h['group_size']}, expected {Q8_GROUP}")
+                raise ValueError(f"{path}: group_size {h['group_size']}, expected {Q8_GROUP}")
             rows, cols = shape
-            q, scale = read_q8_0_rows(data[off:off + nbytes], rows, cols)
+            q, scale = read_q8_0_rows(data[off:off + nbytes], rows, cols, 8 if dtype == 1 else 4)
             out[name + ".q"], out[name + ".scale"] = q, scale
             with np.errstate(invalid="ignore"):  # a corrupt (inf, NaN) scale times q = 0
                 deq = q.reshape(rows, -1, Q8_GROUP).astype(np.float32) * scale.astype(np.float32)[:, :, None]
-            out[name] = deq.reshape(shape)
+            out[name] = np.ascontiguousarray(deq.reshape(rows, -1)[:, :cols])
         else:  # f32; MLA's rope_pairs int32
             out[name] = data[off:off + 4 * n].view("<i4" if name.endswith("rope_pairs") else "<f4").reshape(shape)
     return h, out

@@ -74,7 +74,8 @@ static size_t repair_length(uint8_t *data, size_t size, size_t max_size) {
     int sane = h.dim > 0 && h.dim <= 1 << 16 && h.hidden_dim > 0 && h.hidden_dim <= 1 << 18 && h.n_layers > 0
             && h.n_layers <= 1024 && h.n_heads > 0 && h.n_heads <= 1024 && h.n_kv_heads > 0 && h.n_kv_heads <= 1024
             && h.head_dim > 0 && h.head_dim <= 1 << 12 && h.vocab_size > 0 && h.vocab_size <= 1 << 22
-            && (h.dtype == DTYPE_F32 || (h.dtype == DTYPE_Q8_0 && h.group_size == Q8_GROUP))
+            && h.dtype >= DTYPE_F32 && h.dtype <= DTYPE_Q4_0 && h.embedding_dtype >= DTYPE_F32
+            && h.embedding_dtype <= DTYPE_Q4_0 && h.group_size == (h.dtype || h.embedding_dtype ? Q8_GROUP : 0)
             && h.weights_offset % MODEL_ALIGN == 0 && h.weights_offset <= max_size;
     if (sane) {
         size_t end = layout_weights(&h, NULL);
@@ -101,7 +102,7 @@ size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size, unsi
         else { int32_t v; memcpy(&v, data + f->offset, 4); v = interesting_int(&r, v); memcpy(data + f->offset, &v, 4); }
         return repair_length(data, size, max_size);
     }
-    case 1: { // a number in the tensors: a special float32, a special float16 (q8_0 scales), or a byte
+    case 1: { // a number in the tensors: a special float32, a special float16 (q8_0 / q4_0 scales), or a byte
         if (wo + 4 > size) return LLVMFuzzerMutate(data, size, max_size);
         size_t at = wo + mutator_rand(&r) % (size - wo - 3);
         static const uint16_t f16[] = {0x7C00, 0xFC00, 0x7E00, 0x7BFF, 0x0001, 0x0000, 0x3C00};
