@@ -11,9 +11,9 @@ conversion of GQA/MHA checkpoints into it.
            them);
   full     --mla full (the lossless conversion) of every reference shape
            (MHA, GQA x2 and x4, MQA, head_dim != dim/n_heads, untied, Llama
-           3.1 RoPE scaling, odd sizes) and of the two real llama2.c
-           checkpoints: perplexity equal to the source's within 1e-5
-           relative, logits within 1e-4 of reference.py's source model;
+           3.1 RoPE scaling, odd sizes), of the two real llama2.c
+           checkpoints and of a GGUF: perplexity equal to the source's within
+           1e-5 relative, logits within 1e-4 of reference.py's source model;
   lossy    --mla N --calib TEXT: the file matches reference_mla, caches N
            numbers, and is a different model from the source;
   info     attention: mla, kv_latent_dim, kv_rope_dim, kv_bytes_per_token =
@@ -32,6 +32,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gguf_writer as gw  # noqa: E402
 import make_hf  # noqa: E402
 import reference  # noqa: E402
 import reference_mla  # noqa: E402
@@ -177,6 +178,22 @@ def full_is_exact_llama2c(name, model_file, tok_file, chars):
     return src, mla, text
 
 
+def full_is_exact_gguf():
+    """--mla from the fourth source, a GGUF (F32 matrices: the same numbers as the source export)."""
+    cfg = make_hf.hf_config(dim=64, hidden=128, n_layers=2, n_heads=4, n_kv_heads=2)
+    meta, tensors = gw.hf_to_gguf(cfg, make_hf.random_weights(cfg, 6), "F32",
+                                  gw.llama3_tokenizer(make_hf.synthetic_tokenizer(300), bos=270, eos=271, eot=274))
+    g = path("full.gguf")
+    gw.write_gguf(g, meta, tensors)
+    src = export_ok(path("gguf.bin"), "--gguf", g)
+    mla = export_ok(path("gguf_mla.bin"), "--gguf", g, "--mla", "full")
+    text = write_text("gguf", TEXT)
+    a, b = engine_ppl(src, text), engine_ppl(mla, text)
+    note(f"--mla full gguf: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
+    T.check("mla_full_from_gguf_ppl_equals_source", read_header(mla)["attention"] == 1 and abs(a - b) / a <= PPL_EXACT,
+            f"source {a:.7f}, MLA {b:.7f} (relative {abs(a - b) / a:.3g})")
+
+
 # ----------------------------------------------------------------------------
 # Lossy --mla N --calib TEXT
 
@@ -279,6 +296,7 @@ def main():
               "tok512.bin", 3000)
         T.run("mla_full_aidreams260K_ppl_equals_source", full_is_exact_llama2c, "aidreams260K", "aidreams260K.bin",
               "aidreams260K-tok512.bin", 1500)
+        T.run("mla_full_from_gguf_ppl_equals_source", full_is_exact_gguf)
         T.run("mla_lossy_48_logits_match_reference", lossy_matches_reference)
         T.run("info_native_mla_prints_attention_sizes_and_kv_bytes", info_lines)
         T.run("engine_refuses_kv_heads_1_on_mla", refusals)
