@@ -870,9 +870,10 @@ def sym_power(M, power, ridge=1e-6):
     return (v * w ** power) @ v.T
 
 
-def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr):
+def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr, balance=1.0):
     """The MLA tensors of one layer (float64), TransMLA-style, from the layer's
-    calibration inputs X (tokens, dim): the attention block's normed input."""
+    calibration inputs X (tokens, dim): the attention block's normed input.
+    balance scales the keys' weight in the latent's PCA (1: equal energy)."""
     hd, G, H, P = c.head_dim, c.n_kv_heads, c.n_heads, c.head_dim // 2
     mul = H // G
     s = np.sqrt((hd + dr) / hd)
@@ -920,7 +921,7 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr):
     Wv_w = np.concatenate([Lv[g] @ Wv[g * hd:(g + 1) * hd] for g in range(G)])
     Kn, V = X @ Wk_w.T, X @ Wv_w.T
     ek, ev = np.mean(np.sum(Kn * Kn, 1)), np.mean(np.sum(V * V, 1))
-    a = np.sqrt(ev / ek) if ek > 0 and ev > 0 else 1.0
+    a = (np.sqrt(ev / ek) if ek > 0 and ev > 0 else 1.0) * balance
     Z = np.concatenate([a * Kn, V], axis=1)
     _, Pc = top_eigenvectors(Z.T @ Z, dc)                   # (Dk + G * hd, dc)
     Pk, Pv = Pc[:Dk], Pc[Dk:]
@@ -937,9 +938,15 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr):
             "wk_b": wk_b.reshape(H * dc, hd), "wv_b": wv_b.reshape(H * hd, dc)}
 
 
+MLA_BALANCES = (0.5, 1.0, 2.0)  # the keys' weights in the latent's PCA tried per layer
+MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are compared on
+
+
 def calibrate_layers(c, weights, ids_list, convert):
     """{layer: MLA tensors} converted one layer after the other: layer l by
-    convert(l, X), X (tokens, dim) float64 the normed input of its attention
+    convert(l, X), a list of candidate conversions of which the one whose
+    attention output (through wo) is nearest the source layer's on the first
+    MLA_CHECK_WINDOWS windows is kept; X (tokens, dim) float64 the normed input of its attention
     over the token windows in ids_list, from a numpy forward pass in float32
     (file convention: RoPE on adjacent pairs) through the layers before it
     already converted, so that each layer is fitted to the inputs it will
@@ -978,13 +985,29 @@ def calibrate_layers(c, weights, ids_list, convert):
                              / np.float32(np.sqrt(hd + dr)))
         return np.einsum("hdc,thc->thd", t["wv_b"].reshape(H, hd, dc), np.einsum("hts,sc->thc", att, lat)).reshape(T, -1)
 
+    def gqa(p, h, pos):  # the source layer's attention, (T, H * hd)
+        T, G = len(h), c.n_kv_heads
+        q = rope((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
+        k = np.repeat(rope((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
+        v = np.repeat((h @ weights[p + "wv"].T).reshape(T, G, hd), H // G, axis=1)
+        att = softmax_causal(np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)))
+        return np.einsum("hts,shd->thd", att, v).reshape(T, -1)
+
+    f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
     xs = [weights["token_embedding"][ids] for ids in ids_list]
     out = {}
     for l in range(c.n_layers):
         p = f"layers.{l}."
         hs = [rmsnorm(x, weights[p + "attn_norm"]) for x in xs]
-        out[l] = convert(l, np.concatenate(hs).astype(np.float64))
-        t = {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in out[l].items()}
+        candidates = convert(l, np.concatenate(hs).astype(np.float64))
+        if len(candidates) > 1:
+            check = [(h, np.arange(len(h), dtype=np.float32)) for h in hs[:MLA_CHECK_WINDOWS]]
+            want = [gqa(p, h, pos) for h, pos in check]
+            err = [sum(float(np.sum(((mla(f32(t), h, pos) - w) @ weights[p + "wo"].T) ** 2))
+                       for (h, pos), w in zip(check, want)) for t in candidates]
+            candidates = [candidates[int(np.argmin(err))]]
+        out[l] = candidates[0]
+        t = f32(out[l])
         for i, h in enumerate(hs):
             x = xs[i] + mla(t, h, np.arange(len(h), dtype=np.float32)) @ weights[p + "wo"].T
             g = rmsnorm(x, weights[p + "ffn_norm"])
@@ -1035,8 +1058,8 @@ def apply_mla(c, blocks_of, section, spec, kv_heads, calib, rope_dim):
         weights = {name: source(name) for name in shapes}
         weights = {k: (v.reshape(-1) if len(shapes[k]) == 1 else v) for k, v in weights.items()}
         p = "layers.{}."
-        layers = calibrate_layers(c, weights, windows, lambda l, X: mla_layer_lossy(
-            c, *(weights[p.format(l) + n] for n in ("wq", "wk", "wv", "wo")), X, dc, dr))
+        layers = calibrate_layers(c, weights, windows, lambda l, X: [mla_layer_lossy(
+            c, *(weights[p.format(l) + n] for n in ("wq", "wk", "wv", "wo")), X, dc, dr, b) for b in MLA_BALANCES])
     out_c = replace(c, attention=ATTENTION_MLA, n_kv_heads=1, kv_latent_dim=dc, kv_rope_dim=dr,
                     stop_ids=list(c.stop_ids))
     done = {}  # the layer being converted: its MLA tensors
