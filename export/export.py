@@ -777,7 +777,8 @@ def apply_kv_heads(c, blocks_of, K):
 #     directions of those calibration activations, where L_K and L_V weight
 #     each by what reads it (L_K^2 the no-RoPE queries' covariance, L_V,g^2 =
 #     sum of wo_h^T wo_h over KV head g's query heads) and a balances the two
-#     (equal mean energy). Then K_nope ~ L_K^-1 P_K c / a and V ~ L_V^-1 P_V c,
+#     (equal mean energy, times 0.5, 1 or 2: whichever gives the layer's
+#     attention output nearest the source's on calibration text). Then K_nope ~ L_K^-1 P_K c / a and V ~ L_V^-1 P_V c,
 #     so W_UK_h^T = P_K^T L_K^-1 N_h / a (N_h: query head h's mixed no-RoPE
 #     components) and W_UV_h = L_V,g^-1 (P_V's rows of head g = g(h)).
 # The query keeps wq as its no-RoPE part, and the engine's score scale
