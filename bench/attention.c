@@ -25,6 +25,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     Config *c = &m.c;
     c->n_layers = 1, c->n_heads = 32, c->head_dim = 64, c->n_kv_heads = kv_heads, c->kv_mul = 32 / kv_heads;
     c->q_dim = 32 * 64, c->kv_dim = kv_heads * 64, c->dim = 2048, c->seq_len = depth + 1, c->kv_type = type;
+    c->key_dim = c->value_dim = 64;
     m.n_threads = 1;
     m.s.q = xcalloc(c->q_dim, sizeof(float), "q");
     m.s.xb = xcalloc(c->q_dim, sizeof(float), "xb");
@@ -41,7 +42,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
                 for (int d = 0; d < 64; d++) row[d] = 2 * random_f32(&state) - 1;
                 cache_store(kv ? &m.s.value_cache : &m.s.key_cache, 0, g, p, row);
             }
-    AttentionTask at = {&m, 0, depth, 1, 1}; // the token at position depth attends to depth + 1 positions
+    AttentionTask at = {&m, 0, depth, 1, 1, m.s.q, NULL, m.s.xb, 0.125f}; // the token at position depth attends to depth + 1 positions (scale 1 / sqrt(64))
     double best = 1e30;
     for (int r = 0; r <= repeats; r++) { // the first a warm-up
         double t0 = thread_seconds();

@@ -77,13 +77,14 @@ static long long huge_mapped_kb(const char *path) {
 static void fill_cache(Transformer *m, int positions) {
     const Config *c = &m->c;
     uint64_t state = 0x2545F4914F6CDD1Dull;
-    float *row = xcalloc(c->head_dim, sizeof(float), "row");
+    float *row = xcalloc(KV_F32_WIDTH(c), sizeof(float), "row");
     for (int l = 0; l < c->n_layers; l++)
         for (int g = 0; g < c->n_kv_heads; g++)
             for (int p = 0; p < positions; p++)
                 for (int kv = 0; kv < 2; kv++) { // stored as the cache's type, as forward() stores them
-                    for (int d = 0; d < c->head_dim; d++) row[d] = 2 * random_f32(&state) - 1; // [-1, 1)
-                    cache_store(kv ? &m->s.value_cache : &m->s.key_cache, l, g, p, row);
+                    KVCache *kc = kv ? &m->s.value_cache : &m->s.key_cache; // (MLA: key_dim k_R, value_dim the latent c)
+                    for (int d = 0; d < kc->width; d++) row[d] = 2 * random_f32(&state) - 1; // [-1, 1)
+                    cache_store(kc, l, g, p, row);
                 }
     free(row);
 }

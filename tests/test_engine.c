@@ -217,6 +217,30 @@ static void test_kv_store_rounding(void) {
     check(exact, "int8_vector_conversion_is_exact_for_every_int8", "a value differs");
 }
 
+// MLA's latent scores (row_scores): H heads against n float rows, added to
+// what att holds, against the scalar reference; heads together equal one by one.
+static void test_row_scores(void) {
+    enum { N = 16, HD = 136, H = ATT_HEADS };
+    uint64_t rng = 19;
+    static float a[H * HD], v[N * HD];
+    for (int i = 0; i < H * HD; i++) a[i] = frand(&rng);
+    for (int i = 0; i < N * HD; i++) v[i] = frand(&rng);
+    int sizes[] = {2, 6, 16, 24, 64, 72, 128, 136}, same = 1;
+    float worst_r = 0;
+    for (int k = 0; k < 8; k++) {
+        int hd = sizes[k], n = 7 + k; // a tile of 4 positions and a rest
+        float att[H * 16], att1[H * 16], ref[H * 16];
+        for (int i = 0; i < H * 16; i++) att[i] = att1[i] = ref[i] = frand(&rng);
+        row_scores(att, 16, a, v, n, hd, 0.5f, H);
+        for (int h = 0; h < H; h++) row_scores(att1 + h * 16, 16, a + h * hd, v, n, hd, 0.5f, 1);
+        row_scores_scalar(ref, 16, a, v, n, hd, 0.5f, H);
+        same &= memcmp(att, att1, sizeof att) == 0;
+        for (int i = 0; i < H * 16; i++) worst_r = fmaxf(worst_r, fabsf(att[i] - ref[i]));
+    }
+    check(worst_r < 1e-4f, "row_scores_match_scalar_dot_products", "worst error %g", worst_r);
+    check(same, "row_scores_heads_together_equal_heads_one_by_one", "a result differs");
+}
+
 static void test_split_range_partitions_rows(void) {
     int ok = 1;
     for (int n = 0; n < 200 && ok; n += 7)
@@ -682,6 +706,7 @@ int main(void) {
     test_dot_matches_scalar();
     test_vexp_and_softmax();
     test_attention_kernels();
+    test_row_scores();
     test_kv_store_rounding();
     test_split_range_partitions_rows();
     test_matmul_paths();
