@@ -52,7 +52,7 @@ tests/test_engine_sse2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(NARROW_CFLAGS) -march=x86-64 -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
 # The tokenizer tests share a helper header.
-$(filter tests/test_tokenizer_%,$(C_TESTS)): tests/tokenizer_testlib.h
+$(filter tests/test_tokenizer_% tests/test_ppl_stream,$(C_TESTS)): tests/tokenizer_testlib.h
 
 bench/bench_tokenizer: bench/bench_tokenizer.c tokenizer.c tokenizer.h model.h unicode_tables.h
 	$(CC) $(CFLAGS) -I. -o $@ bench/bench_tokenizer.c tokenizer.c

@@ -2,11 +2,17 @@
 """export.py - writes a checkpoint in the format of model.h (one file: header,
 tokenizer section, weights; every tensor 64-byte aligned).
 
-Three sources:
+Four sources:
 
   python3 export/export.py OUT.bin --hf HF_DIR [--dtype f32|q8_0|q4_0] [--embedding-dtype T]
       A Hugging Face Llama 3.x directory: config.json, model.safetensors (or
       shards listed in model.safetensors.index.json) and tokenizer.json.
+  python3 export/export.py OUT.bin --gguf MODEL.gguf [--dtype f32|q8_0]
+      A llama.cpp GGUF file of a Llama (versions 2 and 3; gguf.py reads it):
+      the hyperparameters, tokenizer and RoPE scaling come from the file.
+      Q8_0 tensors are repacked into q8_0 bit for bit; the others (F32, F16,
+      BF16, Q4_0, Q4_K, Q5_K, Q6_K) dequantized as llama.cpp does, then
+      written as --dtype (default q8_0 for a quantized file, else f32).
   python3 export/export.py OUT.bin --llama2c MODEL.bin --tokenizer TOK.bin
       A legacy llama2.c checkpoint and its tokenizer.bin. Needs no numpy
       (unless --dtype q8_0 or q4_0).
@@ -50,10 +56,12 @@ scales (a GGUF Q8_0 / Q4_0 tensor repacks through them bit-exactly).
 """
 import argparse
 import json
+import math
 import mmap
 import os
 import struct
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -69,6 +77,7 @@ MODEL_ALIGN = 64
 MODEL_MAX_STOP_IDS = 8
 DTYPE_F32, DTYPE_Q8_0, DTYPE_Q4_0 = 0, 1, 2
 DTYPE_NAMES = {"f32": DTYPE_F32, "q8_0": DTYPE_Q8_0, "q4_0": DTYPE_Q4_0}
+DTYPE_LABELS = {v: k for k, v in DTYPE_NAMES.items()}
 ATTENTION_GQA, ATTENTION_MLA = 0, 1
 ROPE_SCALING_NONE, ROPE_SCALING_LLAMA3 = 0, 1
 TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3 = 1, 2
@@ -668,6 +677,8 @@ def as_f32_rows(block, cols):
     """A block (numpy array or raw f32 bytes) as a (rows, cols) float32 array."""
     if isinstance(block, np.ndarray):
         return block.reshape(-1, cols).astype(np.float32, copy=False)
+    if isinstance(block, QuantizedRows):
+        return block.to_f32()
     return np.frombuffer(block, dtype="<f4").reshape(-1, cols)
 
 
@@ -757,10 +768,14 @@ def write_tensor(f, shape, blocks, dtype, name="tensor"):
             if isinstance(block, memoryview):
                 f.write(block)
             else:
-                f.write(np.ascontiguousarray(block, dtype="<f4").data)
+                f.write(np.ascontiguousarray(as_f32_rows(block, shape[-1]), dtype="<f4").data)
     else:
         row = 0
         for block in blocks:
+            if isinstance(block, QuantizedRows) and block.dtype == dtype:  # the source's own numbers, as they are
+                f.write((q8_0_rows if dtype == DTYPE_Q8_0 else q4_0_rows)(block.q, block.scale).data)
+                row += block.q.shape[0]
+                continue
             x = as_f32_rows(block, shape[1])
             if dtype == DTYPE_Q8_0:
                 f.write(q8_0_rows(*quantize_q8_0(x, name, row)).data)
@@ -1009,6 +1024,325 @@ def export_random(out, args, dtype, embedding_dtype=None):
 
 
 # ----------------------------------------------------------------------------
+# Reading: GGUF (llama.cpp's files; the container and its block formats are
+# in gguf.py, next to this file)
+#
+# What llama.cpp's convert_hf_to_gguf.py writes for a Llama: the hyperparameters
+# as llama.* keys, the tokenizer as tokenizer.ggml.* arrays, and the tensors
+# below, with the rows of each head of attn_q / attn_k permuted back from
+# Hugging Face's rotate_half order to Meta's adjacent pairs (its permute is
+# the inverse of HF's), because llama.cpp's "normal" RoPE rotates (2i, 2i+1)
+# as this engine does: a GGUF's q/k rows are used as they are.
+
+GGUF_NAMES = {"token_embedding": "token_embd.weight", "final_norm": "output_norm.weight",
+              "classifier": "output.weight"}
+GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+                    "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
+                    "w3": "ffn_up"}
+GGUF_ROPE_FREQS = "rope_freqs.weight"
+GGUF_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's names for Llama 3's pre-tokenizer
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6  # token_type
+TOKEN_SPECIAL = 1  # model.h: the tokenizer section's flag of a control token
+
+
+def gguf_module():
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gguf
+    return gguf
+
+
+def gguf_name(name):
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    _, l, kind = name.split(".")
+    return f"blk.{l}.{GGUF_LAYER_NAMES[kind]}.weight"
+
+
+class QuantizedRows:
+    """Rows the source holds already quantized (a GGUF's Q8_0 blocks): integer
+    values q (rows, cols), their float16 scales (rows, cols / 32) and the
+    DTYPE_* whose numbers they are (value = q * scale). write_tensor lays them
+    out as they are into a tensor of that dtype (no requantization), and
+    dequantizes them for any other."""
+
+    def __init__(self, dtype, q, scale):
+        self.dtype, self.q, self.scale = dtype, q, scale
+
+    def to_f32(self):
+        rows, cols = self.q.shape
+        x = self.q.reshape(rows, -1, Q8_0_GROUP_SIZE).astype(np.float32) * self.scale.astype(np.float32)[:, :, None]
+        return x.reshape(rows, cols)
+
+
+# The GGUF types whose blocks are this format's numbers: repacked, bit for bit,
+# into a tensor of the same dtype (gguf.q4_0_parts gives Q4_0's values in
+# [-8, 7] and its float16 scales); into another dtype they are dequantized.
+GGUF_REPACKABLE = {"Q8_0": DTYPE_Q8_0, "Q4_0": DTYPE_Q4_0}
+
+
+def gguf_rope_scaling(c, factors, original_hint):
+    """Sets c's Llama 3.1 RoPE scaling from the rope_freqs tensor, by which
+    llama.cpp divides the frequency of each pair i. The parameters found
+    must reproduce every factor (relative 1e-5: the converter computes them
+    in float32), or the export is refused."""
+    n = c.head_dim // 2
+    if len(factors) != n:
+        raise ExportError(f"{GGUF_ROPE_FREQS} has {len(factors)} values, head_dim / 2 is {n}")
+    f = np.asarray(factors, dtype=np.float64)
+    if not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise ExportError(f"{GGUF_ROPE_FREQS} holds a factor that is not finite and positive")
+    if np.all(np.abs(f - 1) <= 1e-6):
+        return  # no scaling
+    base = c.rope_theta ** (-2.0 * np.arange(n) / c.head_dim)
+    factor, best = float(f.max()), float("inf")
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # odd factors: no fit, and no warning lines
+        warnings.simplefilter("ignore")
+        candidates = llama3_rope_candidates(f, base, factor, original_hint) if factor >= 1 else []
+    for orig, low, high in candidates:
+        if not (isinstance(orig, int) and orig >= 1 and 0 < low < high):
+            continue
+        cand = replace(c, rope_scaling=ROPE_SCALING_LLAMA3, rope_factor=factor, rope_low_freq_factor=low,
+                       rope_high_freq_factor=high, rope_original_max_pos=orig, stop_ids=list(c.stop_ids))
+        err = float(np.max(np.abs(llama3_rope_factors(cand, base) / f - 1)))
+        if err <= 1e-5:
+            c.rope_scaling, c.rope_factor, c.rope_original_max_pos = ROPE_SCALING_LLAMA3, factor, orig
+            c.rope_low_freq_factor, c.rope_high_freq_factor = float(np.float32(low)), float(np.float32(high))
+            return
+        best = min(best, err)
+    raise ExportError(f"{GGUF_ROPE_FREQS}: the per-frequency factors (max {factor:g}) are not Llama 3.1's "
+                      f"rope scaling for any factor >= 1, low / high frequency factors and original context "
+                      f"(best fit off by {best:.3g}); not supported")
+
+
+def llama3_rope_candidates(f, base, factor, original_hint):
+    """(original context, low_freq_factor, high_freq_factor) that may give the
+    factors f. Llama 3.1's rule divides by 1 short wavelengths, by `factor`
+    long ones and, between, by 1 / ((1 - s) / factor + s) with
+    s = (orig / wavelen - low) / (high - low), a line in 1 / wavelen. Only
+    the line matters (orig, low and high scaled together give the same
+    factors), so low is taken as 1, Llama 3.x's own, unless the original
+    context is given in the metadata."""
+    wavelen = 2 * np.pi / base
+    out = []
+    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if mid.sum() >= 2:  # the line through the in-between factors
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        # s = slope / wavelen + intercept: slope = orig / (high - low), intercept = -low / (high - low)
+        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)
+        if slope > 0 and intercept < 0:
+            orig_per_low = -slope / intercept
+            orig = original_hint or int(round(orig_per_low))
+            low = orig / orig_per_low
+            high = low + orig / slope
+            out += [(orig, round(low, 3), round(high, 3)), (orig, low, high)]  # rounded if that fits
+    # Fewer in-between factors: low 1 and high 4 (Llama 3.1's) with an original
+    # context that puts every frequency in its band (kept: wavelen < orig / 4;
+    # divided: wavelen > orig): the hint or 8192 if they do, else one between.
+    lo = max([4 * w for w in wavelen[f <= 1 + 1e-6]], default=0.0)
+    hi = min([w for w in wavelen[f >= factor * (1 - 1e-6)]], default=float("inf"))
+    fits = [o for o in ([original_hint] if original_hint else []) + [8192] if lo < o < hi]
+    if not fits and lo < hi:
+        fits = [int(lo) + 1 if hi == float("inf") else int(round(math.sqrt(max(lo, 1) * hi)))]
+    return out + [(orig, 1.0, 4.0) for orig in fits]
+
+
+def llama3_rope_factors(c, base):
+    """What the engine divides each base frequency by, as run.c's
+    rope_frequencies computes it (float64), from c's float32 header fields."""
+    factor, low = float(np.float32(c.rope_factor)), float(np.float32(c.rope_low_freq_factor))
+    high, orig = float(np.float32(c.rope_high_freq_factor)), c.rope_original_max_pos
+    wavelen = 2 * np.pi / base
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > orig / low, base / factor,
+                      np.where(wavelen < orig / high, base, (1 - smooth) * base / factor + smooth * base))
+    return base / scaled
+
+
+def config_from_gguf(g):
+    gg = gguf_module()
+    meta = g.metadata
+    arch = gg.get(meta, "general.architecture", "str", required=True)
+    if arch != "llama":
+        raise ExportError(f"general.architecture is {arch!r}; only llama is supported")
+
+    def key(name, kind="int", default=None, required=True):
+        return gg.get(meta, "llama." + name, kind, default, required and default is None)
+
+    if key("expert_count", default=0):
+        raise ExportError(f"llama.expert_count is {key('expert_count')}: mixture-of-experts models are not supported")
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    if n_heads <= 0 or dim <= 0:
+        raise ExportError(f"llama.embedding_length {dim} and llama.attention.head_count {n_heads} must be positive")
+    head_dim = key("attention.key_length", required=False)
+    if head_dim is None:
+        if dim % n_heads:
+            raise ExportError(f"llama.embedding_length {dim} is not a multiple of llama.attention.head_count {n_heads}")
+        head_dim = dim // n_heads
+    if key("attention.value_length", default=head_dim) != head_dim:
+        raise ExportError(f"llama.attention.value_length {key('attention.value_length')} differs from the key "
+                          f"length {head_dim}; this engine has one head_dim")
+    if key("rope.dimension_count", default=head_dim) != head_dim:
+        raise ExportError(f"llama.rope.dimension_count {key('rope.dimension_count')} is not head_dim {head_dim}: "
+                          "partial rotary embeddings are not supported")
+    if "token_embd.weight" not in g.tensors or len(g.tensors["token_embd.weight"].shape) != 2:
+        raise ExportError("missing tensor token_embd.weight (or it is not a matrix)")
+    c = Config(dim=dim, hidden_dim=key("feed_forward_length"), n_layers=key("block_count"), n_heads=n_heads,
+               n_kv_heads=key("attention.head_count_kv", default=n_heads), head_dim=head_dim,
+               vocab_size=g.tensors["token_embd.weight"].shape[0], max_seq_len=key("context_length"),
+               rope_theta=key("rope.freq_base", "float", 10000.0),
+               norm_eps=key("attention.layer_norm_rms_epsilon", "float"),
+               tied_classifier="output.weight" not in g.tensors)
+    if key("vocab_size", default=c.vocab_size) != c.vocab_size:
+        raise ExportError(f"llama.vocab_size {key('vocab_size')} differs from token_embd.weight's "
+                          f"{c.vocab_size} rows")
+    kind = key("rope.scaling.type", "str", "none")
+    if not (kind == "none" or kind == "linear" and key("rope.scaling.factor", "float", 1.0) == 1.0):
+        raise ExportError(f"llama.rope.scaling.type is {kind!r}; only Llama 3.1's scaling (a rope_freqs "
+                          "tensor) is supported")
+    validate_config(c)
+    if GGUF_ROPE_FREQS in g.tensors:
+        t = g.tensors[GGUF_ROPE_FREQS]
+        gguf_rope_scaling(c, g.rows_f32(t, 0, 1).reshape(-1),
+                          key("rope.scaling.original_context_length", required=False))
+    return c
+
+
+def check_gguf_tensors(g, c):
+    """Every tensor the plan needs, of its shape and of a type we read;
+    nothing else but rope_freqs (a bias or an extra tensor would be dropped)."""
+    gg = gguf_module()
+    expected = {GGUF_ROPE_FREQS}
+    for name, shape in tensor_plan(c):
+        gname = gguf_name(name)
+        expected.add(gname)
+        t = g.tensors.get(gname)
+        if t is None:
+            raise ExportError(f"missing tensor {gname}")
+        if t.shape != shape and not (len(shape) == 1 and t.shape == (1,) + shape):
+            raise ExportError(f"tensor {gname} has shape {list(t.shape)} (rows, columns), "
+                              f"the metadata implies {list(shape)}")
+        if t.type_name not in gg.SUPPORTED:
+            raise ExportError(f"tensor {gname} has type {t.type_name}; this exporter reads "
+                              f"{', '.join(gg.SUPPORTED)}")
+    for gname in sorted(set(g.tensors) - expected):
+        if gname.endswith(".bias"):
+            raise ExportError(f"bias tensor {gname}: attention/mlp biases are not supported")
+        raise ExportError(f"unexpected tensor {gname}: not a plain Llama checkpoint")
+
+
+def gguf_tokenizer(g, c, path):
+    """The tokenizer section from tokenizer.ggml.*; sets c's tokenizer kind,
+    bos_id and stop ids: the eos, eot and eom ids, the Llama 3 tokens of those
+    names, and bos (as for Hugging Face: a model that starts a new document is done)."""
+    gg = gguf_module()
+    meta = g.metadata
+    model = gg.get(meta, "tokenizer.ggml.model", "str", required=True)
+    tokens = gg.get(meta, "tokenizer.ggml.tokens", "list", required=True)
+    types = gg.get(meta, "tokenizer.ggml.token_type", "list", [GGUF_NORMAL] * len(tokens))
+    if len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens) \
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise ExportError("tokenizer.ggml.tokens / token_type: not one string and one integer type per token")
+    if len(tokens) > c.vocab_size:
+        raise ExportError(f"tokenizer.ggml.tokens has {len(tokens)} tokens, the model's vocabulary {c.vocab_size}")
+    special, named_stops = {}, []
+    for k in ("bos", "eos", "eot", "eom"):
+        i = gg.get(meta, f"tokenizer.ggml.{k}_token_id", "int")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ExportError(f"tokenizer.ggml.{k}_token_id {i} is outside the {len(tokens)} tokens")
+        special[k] = i
+    if model == "gpt2":
+        pre = gg.get(meta, "tokenizer.ggml.pre", "str")
+        if pre is None:
+            raise ExportError("tokenizer.ggml.pre is missing (a GGUF converted before llama.cpp recorded the "
+                              "pre-tokenizer, spring 2024), so its tokenization is not known; use a newer conversion")
+        if pre not in GGUF_LLAMA3_PRE:
+            raise ExportError(f"tokenizer.ggml.pre is {pre!r}: only Llama 3's pre-tokenizer "
+                              f"({' / '.join(GGUF_LLAMA3_PRE)}) is implemented")
+        # As a tokenizer.json: ordinary tokens are the BPE vocabulary (id = rank, as
+        # tiktoken's; the merges list is then not needed), the others added tokens.
+        vocab, added = {}, []
+        for i, (text, kind) in enumerate(zip(tokens, types)):
+            if kind in (GGUF_NORMAL, GGUF_BYTE):
+                if vocab.setdefault(text, i) != i:
+                    raise ExportError(f"tokenizer.ggml.tokens: {text!r} is both token {vocab[text]} and {i}")
+            else:
+                added.append({"id": i, "content": text, "special": True})
+        tj = {
+            "model": {"type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": False},
+            "added_tokens": added, "decoder": {"type": "ByteLevel"},
+            "pre_tokenizer": {"type": "Split",
+                              "pattern": {"Regex": tokenizer_section_module().LLAMA3_PATTERN}}}
+        section, info = llama3_tokenizer_section(tj, path, c.vocab_size)
+        named_stops = info["stop_ids"]  # <|end_of_text|>, <|eot_id|>, <|eom_id|>: llama.cpp ends generation at them too
+        c.tokenizer_kind = TOKENIZER_LLAMA3
+    elif model == "llama":
+        scores = gg.get(meta, "tokenizer.ggml.scores", "list", required=True)
+        if len(scores) != len(tokens) or not all(isinstance(s, float) for s in scores):
+            raise ExportError("tokenizer.ggml.scores: not one float per token")
+        if len(tokens) != c.vocab_size:
+            raise ExportError(f"tokenizer.ggml.tokens has {len(tokens)} tokens, the model's vocabulary {c.vocab_size}")
+        section = tokenizer_section_module().pack_section(
+            [(s, TOKEN_SPECIAL if kind in (GGUF_UNKNOWN, GGUF_CONTROL) else 0, sentencepiece_bytes(text, i, special))
+             for i, (text, s, kind) in enumerate(zip(tokens, scores, types))])
+        c.tokenizer_kind = TOKENIZER_LLAMA2C
+    else:
+        raise ExportError(f"tokenizer.ggml.model is {model!r}; supported: gpt2 (Llama 3, pre-tokenizer "
+                          "llama-bpe) and llama (SentencePiece)")
+    bos = special["bos"]
+    if gg.get(meta, "tokenizer.ggml.add_bos_token", "bool", True) is False:
+        bos = None
+    c.bos_id = -1 if bos is None else bos
+    c.stop_ids = unique([special[k] for k in ("eos", "eot", "eom") if special[k] is not None] + named_stops
+                        + ([bos] if bos is not None else []))
+    return section
+
+
+def sentencepiece_bytes(text, i, special):
+    """A SentencePiece token as llama2.c's tokenizer.bin stores it: the word
+    boundary U+2581 as a space, BOS and EOS as "\\n<s>\\n" and "\\n</s>\\n"."""
+    if i == special["bos"]:
+        return b"\n<s>\n"
+    if i == special["eos"]:
+        return b"\n</s>\n"
+    return text.replace("\u2581", " ").encode("utf-8")
+
+
+def gguf_default_dtype(g):
+    """q8_0 for a quantized source (its matrices hold fewer than 16 bits), f32 otherwise."""
+    gg = gguf_module()
+    return DTYPE_Q8_0 if any(t.type_name in gg.QUANTIZED for t in g.tensors.values()) else DTYPE_F32
+
+
+def export_gguf(out, path, dtype, kv_heads=None, embedding_dtype=None):
+    need_numpy("--gguf")
+    gg = gguf_module()
+    try:
+        g = gg.GGUFFile(path)
+        c = config_from_gguf(g)
+        check_gguf_tensors(g, c)
+        section = gguf_tokenizer(g, c, path)
+    except gg.GGUFError as e:
+        raise ExportError(f"{path}: {e}") from None
+    if dtype is None:
+        dtype = gguf_default_dtype(g)
+
+    def blocks_of(name, shape):
+        t = g.tensors[gguf_name(name)]
+        rows = shape[0] if len(shape) == 2 else 1
+        for r0, r1 in row_ranges(rows, shape[-1]):
+            if len(shape) == 2 and t.type_name in GGUF_REPACKABLE:
+                q, scale = gg.quantized_parts(t.type_name, g.rows_raw(t, r0, r1))
+                yield QuantizedRows(GGUF_REPACKABLE[t.type_name], q, scale)
+            else:
+                yield g.rows_f32(t, r0, r1)
+
+    out_c, out_blocks_of = apply_kv_heads(c, blocks_of, kv_heads)
+    return out_c, write_model(out, out_c, dtype, section, out_blocks_of, embedding_dtype), dtype
+
+
+# ----------------------------------------------------------------------------
 # CLI
 
 def parse_args(argv):
@@ -1020,10 +1354,12 @@ def parse_args(argv):
     src.add_argument("--hf", metavar="DIR", help="Hugging Face Llama 3.x directory")
     src.add_argument("--llama2c", metavar="MODEL.bin", help="legacy llama2.c checkpoint")
     src.add_argument("--random", action="store_true", help="random weights")
+    src.add_argument("--gguf", metavar="MODEL.gguf", help="llama.cpp GGUF file of a Llama (versions 2 and 3)")
     ap.add_argument("--tokenizer", metavar="PATH",
                     help="llama2.c tokenizer.bin (--llama2c), or tokenizer.json / tokenizer.bin (--random)")
-    ap.add_argument("--dtype", choices=list(DTYPE_NAMES), default="f32",
-                    help="the matrices' type (q4_0: 4-bit values in groups of 32 with a float16 scale)")
+    ap.add_argument("--dtype", choices=list(DTYPE_NAMES),
+                    help="the matrices' type (default f32; --gguf: q8_0 if the GGUF is quantized, else f32; "
+                         "q4_0: 4-bit values in groups of 32 with a float16 scale)")
     ap.add_argument("--embedding-dtype", choices=list(DTYPE_NAMES),
                     help="the token embedding's and classifier's type (default: q8_0 with --dtype q4_0, else --dtype)")
     ap.add_argument("--kv-heads", type=int, metavar="K",
@@ -1042,17 +1378,21 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.llama2c and not args.tokenizer:
         ap.error("--llama2c needs --tokenizer TOK.bin")
-    if args.hf and args.tokenizer:
-        ap.error("--hf takes the tokenizer.json from the directory; drop --tokenizer")
+    if (args.hf or args.gguf) and args.tokenizer:
+        ap.error("--hf and --gguf take the tokenizer from the model; drop --tokenizer")
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    dtype = DTYPE_NAMES[args.dtype]
+    dtype = None if args.dtype is None else DTYPE_NAMES[args.dtype]
+    if dtype is None and not args.gguf:
+        dtype = DTYPE_F32
     emb = None if args.embedding_dtype is None else DTYPE_NAMES[args.embedding_dtype]
     try:
-        if args.hf:
+        if args.gguf:  # its default type depends on the file's
+            c, size, dtype = export_gguf(args.out, args.gguf, dtype, args.kv_heads, emb)
+        elif args.hf:
             c, size = export_hf(args.out, args.hf, dtype, args.kv_heads, emb)
         elif args.llama2c:
             c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype, args.kv_heads, emb)
@@ -1065,7 +1405,7 @@ def main(argv=None):
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {size} bytes, dim {c.dim}, {c.n_layers} layers, {c.n_heads}/{c.n_kv_heads} heads, "
-          f"vocab {c.vocab_size}, {args.dtype}"
+          f"vocab {c.vocab_size}, {DTYPE_LABELS[dtype]}"
           f"{'' if emb is None else ', embedding ' + args.embedding_dtype}", file=sys.stderr)
     return 0
 
