@@ -171,6 +171,53 @@ static inline __attribute__((always_inline)) void tile_scores(float *att, size_t
     for (int h = 0; h < nh; h++) *(vfloat *)(att + h * att_stride) = ((acc[h][0] + acc[h][1]) + (acc[h][2] + acc[h][3])) * scale;
 }
 
+// att_h[p] += q_h . row_p * scale for n positions whose keys are stored as
+// rows (n, width), and nh <= ATT_HEADS query heads h, q_h = q + h * width,
+// att_h = att + h * att_stride: MLA's latent keys, which are its value rows
+// too (run.c, attention_task). A register tile of up to 4 positions x nh
+// heads: each vector of a row is loaded once for the nh heads, each of a
+// query once for the 4 positions (4 x ATT_HEADS accumulators, as
+// tile_scores); one horizontal sum per (position, head), next to width /
+// VEC_LEN multiply-adds (32 or 64 at MLA's 512). A score's sum runs in the
+// same order whatever nh and the positions beside it.
+static inline __attribute__((always_inline)) void row_scores_tile(float *att, size_t att_stride, const float *q,
+                                                                  const float *r, int width, float scale, int nh, int np) {
+    vfloat acc[ATT_HEADS][4];
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < np; i++) acc[h][i] = (vfloat){0};
+    int d = 0;
+    for (; d + VEC_LEN <= width; d += VEC_LEN) {
+        vfloat row[4];
+        for (int i = 0; i < np; i++) {
+            row[i] = *(const vfloat *)(r + (size_t)i * width + d);
+            IN_REGISTER(row[i]);
+        }
+        for (int h = 0; h < nh; h++) {
+            vfloat qv = *(const vfloat *)(q + h * width + d);
+            for (int i = 0; i < np; i++) acc[h][i] += qv * row[i];
+        }
+    }
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < np; i++) {
+            float sum = vsum(acc[h][i]);
+            for (int e = d; e < width; e++) sum += q[h * width + e] * r[(size_t)i * width + e];
+            att[h * att_stride + i] += sum * scale;
+        }
+}
+
+static inline __attribute__((always_inline)) void row_scores(float *att, size_t att_stride, const float *q,
+                                                             const float *rows, int n, int width, float scale, int nh) {
+    int p = 0;
+    for (; p + 4 <= n; p += 4) row_scores_tile(att + p, att_stride, q, rows + (size_t)p * width, width, scale, nh, 4);
+    for (; p < n; p++) row_scores_tile(att + p, att_stride, q, rows + (size_t)p * width, width, scale, nh, 1);
+}
+
+static REFERENCE void row_scores_scalar(float *att, size_t att_stride, const float *q, const float *rows, int n,
+                                        int width, float scale, int nh) {
+    for (int h = 0; h < nh; h++)
+        for (int p = 0; p < n; p++) att[h * att_stride + p] += dot_scalar(q + h * width, rows + (size_t)p * width, width) * scale;
+}
+
 // RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     double ss = 0; // in double: for wide models the mean of squares loses digits in float

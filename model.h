@@ -22,6 +22,18 @@
          w3 (up)    (hidden_dim, dim)
        final_norm (dim)                           always f32
        classifier (vocab_size, dim)               embedding_dtype; only if tied_classifier == 0
+     With attention == ATTENTION_MLA, wq wk wv of each layer are replaced by
+     (attn_norm first and wo after them, as above; dc = kv_latent_dim,
+     dr = kv_rope_dim, H = n_heads):
+         rope_pairs (dr / 2)             int32: the pair of a head (0 ..
+                                         head_dim/2 - 1) whose RoPE frequency
+                                         each pair of k_R turns at
+         wq         (H * head_dim, dim)  q_C: each head's query without RoPE
+         wq_rope    (H * dr, dim)        q_R: each head's RoPE query
+         wkv_a      (dc + dr, dim)       W_DKV then W_KR: the latent c = W_DKV x
+                                         and the shared key k_R = RoPE(W_KR x)
+         wk_b       (H * dc, head_dim)   W_UK_h^T of each head h
+         wv_b       (H * head_dim, dc)   W_UV_h of each head h
      Matrices are row-major (out_features, in_features), as in PyTorch: y = W x.
      Zero bytes pad each tensor up to the next multiple of 64; the file ends
      right after the last tensor's padding, at file_bytes.
@@ -102,6 +114,23 @@
                 and saves 16 % of a Llama-3.2-1B-shape file (827 -> 696 MB),
                 the classifier being the most sensitive matrix (llama.cpp
                 keeps it at 6-8 bits too).
+
+   Multi-head latent attention (attention = ATTENTION_MLA; DeepSeek-V2,
+   section 2.1, without the query's compression)
+     Per token and layer the cache holds the latent c (kv_latent_dim numbers)
+     and one RoPE key k_R (kv_rope_dim) shared by all heads; n_kv_heads is 1.
+     Head h scores position p with
+         (q_C,h . W_UK_h c_p + q_R,h . k_R,p) / sqrt(head_dim + kv_rope_dim)
+     and reads the value W_UV_h c_p; q_R and k_R are rotated like a head's
+     pairs, pair j at the frequency of a head's pair rope_pairs[j]. No norm on
+     c (DeepSeek-V2 has one), so that export.py --mla full converts a GQA
+     model exactly. Why W_UK is stored transposed per head: the engine
+     absorbs it into the query (W_UK_h^T q_C,h, rows of the matrix times
+     q_C,h) and W_UV into the output (W_UV_h times the weighted sum of the
+     c_p), so attention runs over the latent itself: MQA with key [c; k_R]
+     and value c. Absorbing them into wq and wo in the file instead would
+     make those n_heads x kv_latent_dim wide, 9x Llama-3.2-1B's wq at
+     kv_latent_dim 512; decode reads every weight once per token.
 
    RoPE convention
      Rotation pairs are adjacent elements (2i, 2i+1) of each head, as in Meta's

@@ -72,7 +72,11 @@ typedef struct {
     int head_dim;
     int kv_mul;      // n_heads / n_kv_heads: query heads per KV head
     int q_dim;       // n_heads * head_dim
-    int kv_dim;      // n_kv_heads * head_dim: what one position adds to the cache
+    int kv_dim;      // n_kv_heads * head_dim: what one position adds to the cache (GQA)
+    int attention;   // ATTENTION_GQA (MHA, GQA, MQA) or ATTENTION_MLA
+    int kv_latent_dim, kv_rope_dim; // MLA: the latent c and the shared RoPE key k_R of a position
+    int key_dim;     // numbers per position and KV head in the key cache: head_dim, or MLA's kv_rope_dim
+    int value_dim;   // ... in the value cache: head_dim, or MLA's kv_latent_dim (c: value and key at once)
     int vocab_size;
     int max_seq_len; // trained context
     int seq_len;     // context in use (-c), <= max_seq_len
@@ -89,9 +93,15 @@ typedef struct {
 
 typedef struct {
     const float *attn_norm; // (dim)
-    Matrix wq;              // (q_dim, dim)
-    Matrix wk;              // (kv_dim, dim)
-    Matrix wv;              // (kv_dim, dim)
+    Matrix wq;              // (q_dim, dim); MLA: the query's part without RoPE, q_C
+    Matrix wk;              // (kv_dim, dim)                          GQA only
+    Matrix wv;              // (kv_dim, dim)                          GQA only
+    // MLA only (model.h): dc = kv_latent_dim, dr = kv_rope_dim
+    const int32_t *rope_pairs; // (dr / 2) the RoPE frequency (pair of a head) of each pair of k_R
+    Matrix wq_rope;         // (n_heads * dr, dim) the query's RoPE part, q_R
+    Matrix wkv_a;           // (dc + dr, dim) W_DKV then W_KR: the latent c and the shared key k_R
+    Matrix wk_b;            // (n_heads * dc, head_dim) W_UK_h^T per head: absorbed into the query
+    Matrix wv_b;            // (n_heads * head_dim, dc) W_UV_h per head: absorbed into the output
     Matrix wo;              // (dim, q_dim)
     const float *ffn_norm;  // (dim)
     Matrix w1;              // (hidden_dim, dim)  gate
@@ -119,6 +129,10 @@ typedef struct {
     float *xb2;     // (B, dim)
     float *q;       // (B, q_dim)
     float *k, *v;   // (B, kv_dim) before they go into the cache
+    float *q_rope;  // MLA: (B, n_heads * kv_rope_dim) the query's RoPE part
+    float *kv_a;    // MLA: (B, kv_latent_dim + kv_rope_dim) the latent c and k_R, before the cache
+    float *q_lat;   // MLA: (B, n_heads * kv_latent_dim) the query absorbed into the latent: W_UK_h^T q_C
+    float *o_lat;   // MLA: (B, n_heads * kv_latent_dim) each head's attention output, in the latent
     float *hb;      // (B, hidden_dim)
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
@@ -133,10 +147,13 @@ typedef struct {
     size_t scratch_stride;
     // The grouped KV cache: only n_kv_heads heads per position, never n_heads.
     // Keys are stored in tiles of VEC_LEN positions, transposed (see key_index).
-    float *key_cache;   // (n_layers, n_kv_heads, cache_len / VEC_LEN, head_dim, VEC_LEN)
-    float *value_cache; // (n_layers, n_kv_heads, cache_len, head_dim)
+    // MLA: one KV head, its key tiles hold k_R and its value rows the latent c.
+    float *key_cache;   // (n_layers, n_kv_heads, cache_len / VEC_LEN, key_dim, VEC_LEN)
+    float *value_cache; // (n_layers, n_kv_heads, cache_len, value_dim)
     size_t kv_cache_elems; // of both caches together
+    size_t key_elems;      // of the key cache
     float *rope_freq;   // (head_dim / 2) rotation frequency of each pair
+    float *mla_freq;    // MLA: (n_layers, kv_rope_dim / 2) rotation frequency of each pair of k_R
 } RunState;
 
 
@@ -176,6 +193,7 @@ static size_t tensor_bytes(size_t rows, size_t cols, int dtype) { return align_u
 static size_t layout_weights(const ModelHeader *h, Transformer *m) {
     size_t dim = h->dim, hid = h->hidden_dim, qd = (size_t)h->n_heads * h->head_dim;
     size_t kvd = (size_t)h->n_kv_heads * h->head_dim, V = h->vocab_size;
+    size_t dc = h->kv_latent_dim, dr = h->kv_rope_dim, nh = h->n_heads, hd = h->head_dim;
     size_t off = h->weights_offset;
     const uint8_t *base = m ? m->map : NULL;
 #define TYPED_MATRIX(dst, R, C, DTYPE) do { \
@@ -190,9 +208,19 @@ static size_t layout_weights(const ModelHeader *h, Transformer *m) {
     for (int l = 0; l < h->n_layers; l++) {
         Layer *L = m ? &m->w.layers[l] : NULL;
         VECTOR(L->attn_norm, dim);
-        MATRIX(L ? &L->wq : NULL, qd, dim);
-        MATRIX(L ? &L->wk : NULL, kvd, dim);
-        MATRIX(L ? &L->wv : NULL, kvd, dim);
+        if (h->attention == ATTENTION_MLA) {
+            if (m) L->rope_pairs = (const int32_t *)(base + off);
+            off += tensor_bytes(dr / 2, 1, DTYPE_F32); // int32, as wide as f32
+            MATRIX(L ? &L->wq : NULL, qd, dim);
+            MATRIX(L ? &L->wq_rope : NULL, nh * dr, dim);
+            MATRIX(L ? &L->wkv_a : NULL, dc + dr, dim);
+            MATRIX(L ? &L->wk_b : NULL, nh * dc, hd);
+            MATRIX(L ? &L->wv_b : NULL, nh * hd, dc);
+        } else {
+            MATRIX(L ? &L->wq : NULL, qd, dim);
+            MATRIX(L ? &L->wk : NULL, kvd, dim);
+            MATRIX(L ? &L->wv : NULL, kvd, dim);
+        }
         MATRIX(L ? &L->wo : NULL, dim, qd);
         VECTOR(L->ffn_norm, dim);
         MATRIX(L ? &L->w1 : NULL, hid, dim);
@@ -224,6 +252,7 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
     if (h->version < MODEL_VERSION_OLDEST || h->version > MODEL_VERSION)
         die("%s: format version %u, this engine reads versions %d to %d; re-export the model", path, h->version,
             MODEL_VERSION_OLDEST, MODEL_VERSION);
+    const int mla = h->attention == ATTENTION_MLA; // the MLA sizes are 0 for GQA
     struct { const char *name; long long v, lo, hi; } f[] = { // long long: vocab_size - 1 cannot overflow
         {"dim", h->dim, 1, 1 << 16}, {"hidden_dim", h->hidden_dim, 1, 1 << 18},
         {"n_layers", h->n_layers, 1, 1024}, {"n_heads", h->n_heads, 1, 1024},
@@ -234,8 +263,8 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
         {"tied_classifier", h->tied_classifier, 0, 1},
         {"tokenizer_kind", h->tokenizer_kind, TOKENIZER_LLAMA2C, TOKENIZER_LLAMA3},
         {"bos_id", h->bos_id, -1, h->vocab_size - 1LL},
-        {"attention", h->attention, ATTENTION_GQA, ATTENTION_GQA},
-        {"kv_latent_dim", h->kv_latent_dim, 0, 0}, {"kv_rope_dim", h->kv_rope_dim, 0, 0},
+        {"attention", h->attention, ATTENTION_GQA, ATTENTION_MLA},
+        {"kv_latent_dim", h->kv_latent_dim, mla, mla << 16}, {"kv_rope_dim", h->kv_rope_dim, 2 * mla, mla << 12},
         {"embedding_dtype", h->embedding_dtype, DTYPE_F32, DTYPE_Q4_0},
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
@@ -244,6 +273,10 @@ static void check_header(const ModelHeader *h, const char *path, size_t file_byt
     if (h->n_heads % h->n_kv_heads != 0)
         die("%s: n_heads (%d) is not a multiple of n_kv_heads (%d)", path, h->n_heads, h->n_kv_heads);
     if (h->head_dim % 2 != 0) die("%s: head_dim (%d) must be even for RoPE", path, h->head_dim);
+    if (mla && h->n_kv_heads != 1)
+        die("%s: an MLA model has one KV head (the latent all query heads share), the header says n_kv_heads = %d",
+            path, h->n_kv_heads);
+    if (h->kv_rope_dim % 2 != 0) die("%s: kv_rope_dim (%d) must be even for RoPE", path, h->kv_rope_dim);
     const int grouped = h->dtype != DTYPE_F32 ? h->dtype : h->embedding_dtype; // a quantized dtype, if any
     if (grouped != DTYPE_F32 && h->group_size != 32)
         die("%s: %s group_size is %d; this engine reads groups of 32", path, dtype_name(grouped), h->group_size);
@@ -298,8 +331,20 @@ static void load_checkpoint(Transformer *m, const char *path) {
     c->max_seq_len = c->seq_len = h->max_seq_len;
     c->norm_eps = h->norm_eps;
 
+    c->attention = h->attention;
+    c->kv_latent_dim = h->kv_latent_dim; c->kv_rope_dim = h->kv_rope_dim;
+    c->key_dim = h->attention == ATTENTION_MLA ? h->kv_rope_dim : h->head_dim;
+    c->value_dim = h->attention == ATTENTION_MLA ? h->kv_latent_dim : h->head_dim;
+
     m->w.layers = xcalloc(c->n_layers, sizeof(Layer), "layers");
     layout_weights(h, m);
+    for (int l = 0; l < c->n_layers && c->attention == ATTENTION_MLA; l++)
+        for (int j = 0; j < c->kv_rope_dim / 2; j++) {
+            int32_t i = m->w.layers[l].rope_pairs[j];
+            if (i < 0 || i >= c->head_dim / 2)
+                die("%s: layer %d: rope_pairs[%d] = %d is not a pair of a head (0 .. %d); corrupt file?",
+                    path, l, j, i, c->head_dim / 2 - 1);
+        }
 
     char err[256];
     m->tok = tokenizer_build(h->tokenizer_kind, (const uint8_t *)m->map + h->tokenizer_offset,
@@ -702,6 +747,9 @@ static void regroup_matrix(Transformer *m, Matrix *w, int K) {
 
 static void set_kv_heads(Transformer *m, int K) {
     Config *c = &m->c;
+    if (c->attention == ATTENTION_MLA)
+        die("--kv-heads does not apply to an MLA model: its cache is one latent of %d numbers and a RoPE key of %d "
+            "per position, shared by all %d query heads", c->kv_latent_dim, c->kv_rope_dim, c->n_heads);
     if (K == c->n_kv_heads) return;
     if (!valid_kv_heads(c, K)) {
         char list[512] = "";
@@ -761,56 +809,80 @@ static void malloc_run_state(Transformer *m) {
     s->q = xcalloc((size_t)MAX_BATCH * c->q_dim, sizeof(float), "activations");
     s->k = xcalloc((size_t)MAX_BATCH * c->kv_dim, sizeof(float), "activations");
     s->v = xcalloc((size_t)MAX_BATCH * c->kv_dim, sizeof(float), "activations");
+    const size_t lat = (size_t)c->n_heads * c->kv_latent_dim, dr = c->kv_rope_dim; // MLA; 0 for GQA
+    s->q_rope = xcalloc((size_t)MAX_BATCH * c->n_heads * dr, sizeof(float), "activations");
+    s->kv_a = xcalloc((size_t)MAX_BATCH * (c->kv_latent_dim + dr), sizeof(float), "activations");
+    s->q_lat = xcalloc((size_t)MAX_BATCH * lat, sizeof(float), "activations");
+    s->o_lat = xcalloc((size_t)MAX_BATCH * lat, sizeof(float), "activations");
     s->hb = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->att = xcalloc((size_t)m->n_threads * c->kv_mul * cache_len(c), sizeof(float), "attention scores");
     s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
+    if (c->attention == ATTENTION_MLA) { // MLA: every head's query or latent output, quantized head by head
+        int widest = c->head_dim > c->kv_latent_dim ? c->head_dim : c->kv_latent_dim;
+        if (c->n_heads * padded_len(widest) > max_cols) max_cols = c->n_heads * padded_len(widest);
+    }
     const size_t q8_tokens = MAX_BATCH + Q8_TILE_T - 1; // a block and the integer tile's padding tokens
     s->xq = xcalloc(q8_tokens * padded_len(max_cols), 1, "activations");
     s->xs = xcalloc(q8_tokens * n_groups(max_cols), sizeof(float), "activations");
     s->sum128 = xcalloc(q8_tokens * n_groups(max_cols), sizeof(int32_t), "activations");
     // rows of one matmuls() call: the classifier, gate + up, q + k + v, or wo / w2
     size_t max_rows = c->vocab_size;
-    size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim};
-    for (int i = 0; i < 3; i++) if (rows_of[i] > max_rows) max_rows = rows_of[i];
+    size_t rows_of[] = {2 * (size_t)c->hidden_dim, (size_t)c->q_dim + 2 * (size_t)c->kv_dim, (size_t)c->dim,
+                        (size_t)c->q_dim + c->n_heads * dr + c->kv_latent_dim + dr}; // MLA: q, q_rope, [c; k_R]
+    for (int i = 0; i < 4; i++) if (rows_of[i] > max_rows) max_rows = rows_of[i];
     s->xT = xcalloc((size_t)max_cols * MAX_BATCH, sizeof(float), "activations");
     s->outT = xcalloc((size_t)max_rows * MAX_BATCH, sizeof(float), "activations");
     s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
     if (!s->shares) die("out of memory for the thread shares");
-    size_t cache = (size_t)c->n_layers * cache_len(c) * c->kv_dim;
-    s->key_cache = alloc_cache(cache, "the key cache");
-    s->value_cache = alloc_cache(cache, "the value cache");
-    s->kv_cache_elems = 2 * cache;
+    size_t per_layer = cache_len(c) * c->n_kv_heads; // positions x KV heads
+    s->key_cache = alloc_cache((size_t)c->n_layers * per_layer * c->key_dim, "the key cache");
+    s->value_cache = alloc_cache((size_t)c->n_layers * per_layer * c->value_dim, "the value cache");
+    s->kv_cache_elems = (size_t)c->n_layers * per_layer * (c->key_dim + c->value_dim);
+    s->key_elems = (size_t)c->n_layers * per_layer * c->key_dim;
     s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
     rope_frequencies(&m->h, s->rope_freq);
+    s->mla_freq = xcalloc((size_t)c->n_layers * dr / 2 + 1, sizeof(float), "rope");
+    for (int l = 0; l < c->n_layers && c->attention == ATTENTION_MLA; l++) // k_R's pair j turns as a head's pair rope_pairs[j]
+        for (size_t j = 0; j < dr / 2; j++) s->mla_freq[l * dr / 2 + j] = s->rope_freq[m->w.layers[l].rope_pairs[j]];
 }
 
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
+    free(s->q_rope); free(s->kv_a); free(s->q_lat); free(s->o_lat); free(s->mla_freq);
     free(s->att); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
-    free_cache(s->key_cache, s->kv_cache_elems / 2);
-    free_cache(s->value_cache, s->kv_cache_elems / 2);
+    free_cache(s->key_cache, s->key_elems);
+    free_cache(s->value_cache, s->kv_cache_elems - s->key_elems);
 }
 
-// The cache of one layer and KV head: cache_len positions of head_dim
-// numbers, in position order, so attention streams it front to back (one KV
-// head's rows are not interleaved with the other heads').
-static float *cache_head(float *cache, const Config *c, int layer, int kv_head) {
-    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * cache_len(c) * c->head_dim;
+// The cache of one layer and KV head: cache_len positions of `width`
+// numbers (key_dim or value_dim), in position order, so attention streams it
+// front to back (one KV head's rows are not interleaved with the other heads').
+static float *cache_head(float *cache, const Config *c, int layer, int kv_head, int width) {
+    return cache + ((size_t)layer * c->n_kv_heads + kv_head) * cache_len(c) * width;
 }
 
 // Where number d of the key at position p lies in its head's cache. Keys are
-// kept in tiles of VEC_LEN positions, each tile transposed to (head_dim,
-// VEC_LEN): then q . k for VEC_LEN positions at once is head_dim vector
+// kept in tiles of VEC_LEN positions, each tile transposed to (key_dim,
+// VEC_LEN): then q . k for VEC_LEN positions at once is key_dim vector
 // multiply-adds, q[d] times row d of the tile, with no horizontal sum per
-// score. (Values stay (position, head_dim): their weighted sum runs along
-// head_dim already.)
+// score. (Values stay (position, value_dim): their weighted sum runs along
+// value_dim already.)
 static size_t key_index(const Config *c, int p, int d) {
-    return ((size_t)p / VEC_LEN * c->head_dim + d) * VEC_LEN + p % VEC_LEN;
+    return ((size_t)p / VEC_LEN * c->key_dim + d) * VEC_LEN + p % VEC_LEN;
+}
+
+// Position p's key (key_dim) and value (value_dim) of KV head g, into layer l's cache.
+static void cache_append(Transformer *m, int l, int g, int p, const float *key, const float *value) {
+    const Config *c = &m->c;
+    float *kh = cache_head(m->s.key_cache, c, l, g, c->key_dim);
+    for (int d = 0; d < c->key_dim; d++) kh[key_index(c, p, d)] = key[d];
+    memcpy(cache_head(m->s.value_cache, c, l, g, c->value_dim) + (size_t)p * c->value_dim, value,
+           c->value_dim * sizeof(float));
 }
 
 // Causal self-attention of T tokens at positions pos .. pos+T-1, whose keys
@@ -819,15 +891,24 @@ static size_t key_index(const Config *c, int p, int d) {
 // cached K and V row is read from memory once per group, not once per query
 // head. (With fewer pairs than threads, as in MQA decoding, a group's query
 // heads are split into `parts` so every thread has work.)
+// MLA is the same loop with one KV head shared by all query heads, whose key
+// is [c; k_R] and whose value is c: k_R is in the key tiles, and c, kept once,
+// in the value rows, which the scores then read too (q_row . c_p).
 #define ATT_BLOCK 32 // positions whose V rows (8 KB at head_dim 64) stay in L1 cache while the group's query heads use them
-typedef struct { Transformer *m; int layer, pos, T, parts; } AttentionTask;
+typedef struct {
+    Transformer *m; int layer, pos, T, parts;
+    const float *q;     // (T, n_heads, key_dim) scored against the key tiles
+    const float *q_row; // MLA: (T, n_heads, value_dim) scored against the value rows (the latent c); GQA: NULL
+    float *out;         // (T, n_heads, value_dim) each query head's weighted sum of the values
+    float scale;        // of the scores: 1 / sqrt(the query head's width)
+} AttentionTask;
 
 static void attention_task(void *arg, int ith, int nth) {
     const AttentionTask *a = arg;
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
-    const float scale = 1.0f / sqrtf((float)c->head_dim);
-    const int hd = c->head_dim;
+    const float scale = a->scale;
+    const int kd = c->key_dim, vd = c->value_dim;
     const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
@@ -837,29 +918,154 @@ static void attention_task(void *arg, int ith, int nth) {
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
         int n_pos = a->pos + t + 1;                      // attends to positions 0 .. pos+t
-        const float *k = cache_head(s->key_cache, c, a->layer, g);   // (cache_len / VEC_LEN, head_dim, VEC_LEN)
-        const float *v = cache_head(s->value_cache, c, a->layer, g); // (cache_len, head_dim)
-        const float *q = s->q + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd; // (kv_mul, head_dim)
-        float *att = s->att + (size_t)ith * c->kv_mul * L;                          // (kv_mul, cache_len)
-        // scores: att[j][p] = q_j . k_p / sqrt(head_dim), tile by tile of
+        size_t head0 = (size_t)t * c->n_heads + (size_t)g * c->kv_mul; // the group's first query head
+        const float *k = cache_head(s->key_cache, c, a->layer, g, kd);   // (cache_len / VEC_LEN, key_dim, VEC_LEN)
+        const float *v = cache_head(s->value_cache, c, a->layer, g, vd); // (cache_len, value_dim)
+        const float *q = a->q + head0 * kd;                               // (kv_mul, key_dim)
+        float *att = s->att + (size_t)ith * c->kv_mul * L;                // (kv_mul, cache_len)
+        // scores: att[j][p] = q_j . k_p * scale, tile by tile of
         // positions (a tile's lanes past n_pos are computed and never used)
         for (int p = 0; p < n_pos; p += VEC_LEN) {
-            const float *tile = k + (size_t)p * hd;
+            const float *tile = k + (size_t)p * kd;
             int j = j0;
-            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, ATT_HEADS);
-            for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * hd, tile, hd, scale, 1);
+            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) tile_scores(att + j * L + p, L, q + j * kd, tile, kd, scale, ATT_HEADS);
+            for (; j < j1; j++) tile_scores(att + j * L + p, L, q + j * kd, tile, kd, scale, 1);
+        }
+        if (a->q_row) { // MLA: att[j][p] += q_row_j . c_p * scale, the latent half of the key
+            const float *qr = a->q_row + head0 * vd;
+            for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
+                int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
+                const float *rows = v + (size_t)p0 * vd;
+                for (; j + ATT_HEADS <= j1; j += ATT_HEADS) row_scores(att + j * L + p0, L, qr + j * vd, rows, n, vd, scale, ATT_HEADS);
+                for (; j < j1; j++) row_scores(att + j * L + p0, L, qr + j * vd, rows, n, vd, scale, 1);
+            }
         }
         for (int j = j0; j < j1; j++) softmax(att + j * L, n_pos);
         // out_j = sum over p of att[j][p] * v_p
-        float *out = s->xb + (size_t)t * c->q_dim + (size_t)g * c->kv_mul * hd;
-        memset(out + j0 * hd, 0, (size_t)(j1 - j0) * hd * sizeof(float));
+        float *out = a->out + head0 * vd;
+        memset(out + j0 * vd, 0, (size_t)(j1 - j0) * vd * sizeof(float));
         for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
             int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
-            const float *vb = v + (size_t)p0 * hd;
-            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, ATT_HEADS);
-            for (; j < j1; j++) weighted_sum(out + j * hd, att + j * L + p0, L, vb, n, hd, 1);
+            const float *vb = v + (size_t)p0 * vd;
+            for (; j + ATT_HEADS <= j1; j += ATT_HEADS) weighted_sum(out + j * vd, att + j * L + p0, L, vb, n, vd, ATT_HEADS);
+            for (; j < j1; j++) weighted_sum(out + j * vd, att + j * L + p0, L, vb, n, vd, 1);
         }
     }
+}
+
+// Every query head of T tokens attends over the cache (attention_task).
+static void attend(Transformer *m, int l, int T, int pos, const float *q, const float *q_row, float *out, float scale) {
+    const Config *c = &m->c;
+    int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
+    AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul, q, q_row, out, scale};
+    size_t score_width = c->key_dim + (q_row ? c->value_dim : 0); // multiply-adds per score
+    if ((size_t)T * c->n_heads * score_width * (pos + T) < SMALL_WORK) attention_task(&at, 0, 1);
+    else pool_run(m->pool, attention_task, &at);
+}
+
+// Grouped-query attention (MHA, GQA, MQA) of the normed input xb (T, dim),
+// into xb (T, q_dim): q, k, v = wq, wk, wv @ xb; RoPE on q and k; k and v
+// appended to the cache; every query head attends with its group's KV head.
+static void gqa_attention(Transformer *m, int l, int T, int pos) {
+    const Config *c = &m->c;
+    const Layer *L = &m->w.layers[l];
+    RunState *s = &m->s;
+    matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {s->k, &L->wk}, {s->v, &L->wv}}, 3);
+    for (int t = 0; t < T; t++) {
+        rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
+        rope(s->k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
+        for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's row at position pos + t
+            size_t from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
+            cache_append(m, l, g, pos + t, s->k + from, s->v + from);
+        }
+    }
+    attend(m, l, T, pos, s->q, NULL, s->xb, 1.0f / sqrtf((float)c->head_dim));
+}
+
+// Per-head products of MLA's absorbed up-projections: out (T, heads, R) =
+// W_h (R, C) @ x (T, heads, C) for every head h, W = (heads * R, C) the
+// heads' matrices stacked. q8_0 weights meet x quantized head by head (a
+// q8_0 vector's values are interleaved within blocks of up to 32 groups, so
+// each head's C values are quantized as a vector of their own).
+typedef struct { Transformer *m; float *out; const float *x; const Matrix *w; int T, heads; } HeadTask;
+
+static void head_task(void *arg, int ith, int nth) {
+    const HeadTask *a = arg;
+    const RunState *s = &a->m->s;
+    const Matrix *w = a->w;
+    const int C = w->cols, R = w->rows / a->heads;
+    int lo, hi;
+    split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) { // item = t * heads + h
+        int h = item % a->heads;
+        const int8_t *xq = s->xq + (size_t)item * padded_len(C);
+        const float *xs = s->xs + (size_t)item * n_groups(C);
+        const int32_t *sum128 = s->sum128 + (size_t)item * n_groups(C);
+        for (int r = 0; r < R; r++) {
+            float *out = a->out + (size_t)item * R + r;
+            if (w->dtype == DTYPE_Q8_0) *out = dot_q8(matrix_row(w, h * R + r), xq, xs, sum128, C);
+            else if (w->dtype == DTYPE_Q4_0) *out = dot_q4(matrix_row(w, h * R + r), xq, xs, sum128, C);
+            else *out = dot(w->f + (size_t)(h * R + r) * C, a->x + (size_t)item * C, C);
+        }
+    }
+}
+
+// q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
+// SIMD path in dot_q8 (q4_0 alike); MLA's W_UK^T rows are head_dim long (64 in
+// Llama-3.2-1B's shape: 16384 such rows per layer), so such per-head
+// matrices are dequantized to f32 once, at load (in engine-owned memory;
+// weight_bytes counts them as f32, which decode then reads).
+static void dequantize_short_rows(Transformer *m, Matrix *w) {
+    if (!w->q || w->cols >= Q8_CHUNK * Q8_GROUP) return;
+    float *f = owned_alloc(m, (size_t)w->rows * w->cols, sizeof(float), "MLA up-projections");
+    for (int r = 0; r < w->rows; r++) matrix_slice(w, r, 0, w->cols, f + (size_t)r * w->cols);
+    w->q = NULL;
+    w->dtype = DTYPE_F32;
+    w->f = f;
+}
+
+static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
+    const int heads = m->c.n_heads;
+    if (w->q) { // x (T * heads, C) quantized
+        QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
+        if (T < VEC_LEN) quantize_task(&q, 0, 1);
+        else pool_run(m->pool, quantize_task, &q);
+    }
+    HeadTask task = {m, out, x, w, T, heads};
+    if ((size_t)T * w->rows * w->cols < SMALL_WORK) head_task(&task, 0, 1);
+    else pool_run(m->pool, head_task, &task);
+}
+
+// Multi-head latent attention (DeepSeek-V2, section 2.1, without the query's
+// compression) of the normed input xb (T, dim), into xb (T, q_dim). Head h
+// scores position p with q_C_h . (W_UK_h c_p) + q_R_h . k_R_p and reads the
+// value W_UV_h c_p, where c = W_DKV x is the latent (kv_latent_dim) and
+// k_R = RoPE(W_KR x) one key shared by all heads (kv_rope_dim): the cache
+// holds only c and k_R. The up-projections are absorbed, per token:
+//   q_C_h . (W_UK_h c_p) = (W_UK_h^T q_C_h) . c_p   the query moves into the latent,
+//   sum_p a_p W_UV_h c_p = W_UV_h (sum_p a_p c_p)   the output leaves it after the sum,
+// so the attention itself is MQA over a learned latent: one KV head for all
+// query heads, key [c; k_R], value c. (Absorbed per token rather than into
+// wq and wo at load: those would grow to n_heads x kv_latent_dim rows or
+// columns, 9x Llama-3.2-1B's wq at kv_latent_dim 512, and decode reads every
+// weight once per token, while W_UK and W_UV are n_heads x head_dim x
+// kv_latent_dim each.)
+static void mla_attention(Transformer *m, int l, int T, int pos) {
+    const Config *c = &m->c;
+    const Layer *L = &m->w.layers[l];
+    RunState *s = &m->s;
+    const int dc = c->kv_latent_dim, dr = c->kv_rope_dim;
+    const float *freq = s->mla_freq + (size_t)l * dr / 2;
+    matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {s->q_rope, &L->wq_rope}, {s->kv_a, &L->wkv_a}}, 3);
+    for (int t = 0; t < T; t++) {
+        float *kv = s->kv_a + (size_t)t * (dc + dr); // [c; k_R]
+        rope(s->q_rope + (size_t)t * c->n_heads * dr, c->n_heads, dr, pos + t, freq);
+        rope(kv + dc, 1, dr, pos + t, freq);
+        cache_append(m, l, 0, pos + t, kv + dc, kv); // key tiles: k_R; value rows: c
+    }
+    head_matmul(m, s->q_lat, s->q, &L->wk_b, T);                 // W_UK_h^T q_C_h
+    attend(m, l, T, pos, s->q_rope, s->q_lat, s->o_lat, 1.0f / sqrtf((float)(c->head_dim + dr)));
+    head_matmul(m, s->xb, s->o_lat, &L->wv_b, T);                // W_UV_h o_h
 }
 
 // Finite weights can still overflow (weights of 1e30 are finite): a NaN or
@@ -884,24 +1090,10 @@ static float *forward(Transformer *m, const int *tokens, int T, int pos, int all
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &w->layers[l];
-        // attention: x += wo @ attention(rope(wq @ norm(x)), cache)
+        // attention: x += wo @ attention(rope(wq @ norm(x)), cache)   (GQA, or MLA: absorbed, over the latent)
         for (int t = 0; t < T; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->attn_norm, dim, c->norm_eps);
-        matmuls(m, s->xb, T, (Product[]){{s->q, &L->wq}, {s->k, &L->wk}, {s->v, &L->wv}}, 3);
-        for (int t = 0; t < T; t++) {
-            rope(s->q + (size_t)t * c->q_dim, c->n_heads, c->head_dim, pos + t, s->rope_freq);
-            rope(s->k + (size_t)t * c->kv_dim, c->n_kv_heads, c->head_dim, pos + t, s->rope_freq);
-            for (int g = 0; g < c->n_kv_heads; g++) { // into the cache: head g's row at position pos + t
-                size_t row = (size_t)(pos + t) * c->head_dim, from = (size_t)t * c->kv_dim + (size_t)g * c->head_dim;
-                float *kh = cache_head(s->key_cache, c, l, g);
-                for (int d = 0; d < c->head_dim; d++) kh[key_index(c, pos + t, d)] = s->k[from + d];
-                memcpy(cache_head(s->value_cache, c, l, g) + row, s->v + from, c->head_dim * sizeof(float));
-            }
-        }
-        int pairs = T * c->n_kv_heads, parts = (m->n_threads + pairs - 1) / pairs;
-        AttentionTask at = {m, l, pos, T, parts < c->kv_mul ? parts : c->kv_mul};
-        if ((size_t)T * c->q_dim * (pos + T) < SMALL_WORK) attention_task(&at, 0, 1);
-        else pool_run(m->pool, attention_task, &at);
+        (c->attention == ATTENTION_MLA ? mla_attention : gqa_attention)(m, l, T, pos);
         matmul(m, s->xb2, s->xb, &L->wo, T);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
 
@@ -1393,8 +1585,9 @@ static size_t weight_bytes(const Transformer *m) {
     size_t bytes = matrix_bytes(&m->w.token_embedding) + (size_t)(2 * c->n_layers + 1) * c->dim * sizeof(float);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->w.layers[l];
-        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
-        for (int i = 0; i < 7; i++) bytes += matrix_bytes(mats[i]);
+        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wk_b, &L->wv_b, // GQA or MLA: the others have 0 rows
+                                &L->wo, &L->w1, &L->w2, &L->w3};
+        for (int i = 0; i < 11; i++) bytes += matrix_bytes(mats[i]);
     }
     if (!m->h.tied_classifier) bytes += matrix_bytes(&m->w.classifier);
     return bytes;
@@ -1409,9 +1602,11 @@ static void print_bytes(size_t b) {
 // The KV cache of one model shape under every head configuration:
 // bytes = layers x 2 (K and V) x kv_heads x head_dim x positions x bytes per element.
 // MLA (DeepSeek-V2) caches instead one compressed latent per token and layer,
-// assumed here 4 x head_dim, plus a decoupled RoPE key of head_dim / 2
-// (512 + 64 = 576 elements at head_dim 128), shared by all heads.
-static void print_kv_table(long layers, long n_heads, long head_dim, long positions, long elem_bytes, long current) {
+// plus a decoupled RoPE key shared by all heads: those of an MLA model
+// (latent, rope > 0; marked), or else as DeepSeek-V2's proportions, 4 x
+// head_dim and head_dim / 2 (512 + 64 = 576 elements at head_dim 128).
+static void print_kv_table(long layers, long n_heads, long head_dim, long positions, long elem_bytes, long current,
+                           long latent, long rope) {
     printf("kv_cache_table: %ld layers, %ld query heads, head_dim %ld, %ld positions, %ld bytes per element\n",
            layers, n_heads, head_dim, positions, elem_bytes);
     printf("  %-12s %8s %14s %14s\n", "config", "kv_heads", "bytes/token", "total");
@@ -1426,24 +1621,32 @@ static void print_kv_table(long layers, long n_heads, long head_dim, long positi
         print_bytes(per_token * positions);
         printf("\n");
     }
-    size_t mla = (size_t)layers * (4 * head_dim + head_dim / 2) * elem_bytes;
-    printf("  %-12s %8s %14zu ", "MLA latent", "-", mla);
+    int is_mla = latent > 0;
+    if (!is_mla) latent = 4 * head_dim, rope = head_dim / 2;
+    size_t mla = (size_t)layers * (latent + rope) * elem_bytes;
+    printf("%c %-12s %8s %14zu ", is_mla ? '*' : ' ', "MLA latent", "-", mla);
     print_bytes(mla * positions);
-    printf("   (%ld + %ld elements per layer)\n", 4 * head_dim, head_dim / 2);
+    printf("   (%ld + %ld elements per layer)\n", latent, rope);
 }
 
 static void print_info(Transformer *m, const char *path) {
     const Config *c = &m->c;
     const ModelHeader *h = &m->h;
-    size_t per_layer = 2 * (size_t)c->dim + 2 * (size_t)c->q_dim * c->dim
-                     + 2 * (size_t)c->kv_dim * c->dim + 3 * (size_t)c->hidden_dim * c->dim;
+    const Layer *L0 = &m->w.layers[0]; // every layer has the same shapes
+    const Matrix *mats[] = {&L0->wq, &L0->wk, &L0->wv, &L0->wq_rope, &L0->wkv_a, &L0->wk_b, &L0->wv_b, &L0->wo};
+    size_t per_layer = 2 * (size_t)c->dim + 3 * (size_t)c->hidden_dim * c->dim;
+    for (int i = 0; i < 8; i++) per_layer += (size_t)mats[i]->rows * mats[i]->cols;
     size_t params = (size_t)c->vocab_size * c->dim * (h->tied_classifier ? 1 : 2)
                   + c->n_layers * per_layer + c->dim;
-    size_t kv_per_token = (size_t)c->n_layers * 2 * c->kv_dim * sizeof(float);
+    // what one position adds to the cache: n_kv_heads x (key_dim + value_dim) numbers per layer, GQA's
+    // 2 x kv_dim, MLA's kv_latent_dim + kv_rope_dim
+    size_t kv_per_token = (size_t)c->n_layers * c->n_kv_heads * (c->key_dim + c->value_dim) * sizeof(float);
     printf("model: %s\n", path);
     printf("dim: %d\nhidden_dim: %d\nn_layers: %d\nn_heads: %d\nn_kv_heads: %d\nkv_mul: %d\nhead_dim: %d\n",
            c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->kv_mul, c->head_dim);
     if (c->n_kv_heads != h->n_kv_heads) printf("n_kv_heads_in_file: %d\n", h->n_kv_heads);
+    printf("attention: %s\n", c->attention == ATTENTION_MLA ? "mla" : "gqa");
+    if (c->attention == ATTENTION_MLA) printf("kv_latent_dim: %d\nkv_rope_dim: %d\n", c->kv_latent_dim, c->kv_rope_dim);
     printf("vocab_size: %d\nmax_seq_len: %d\nrope_theta: %g\n", c->vocab_size, c->max_seq_len, h->rope_theta);
     if (h->rope_scaling == ROPE_SCALING_LLAMA3)
         printf("rope_scaling: llama3 factor %g, low_freq_factor %g, high_freq_factor %g, original_max_pos %d\n",
@@ -1457,7 +1660,9 @@ static void print_info(Transformer *m, const char *path) {
     printf("\nparams: %zu\nweight_bytes: %zu\n", params, weight_bytes(m));
     printf("context: %d\nkv_cache_dtype: f32\nkv_bytes_per_token: %zu\nkv_bytes_context: %zu\n",
            c->seq_len, kv_per_token, kv_per_token * c->seq_len);
-    print_kv_table(c->n_layers, c->n_heads, c->head_dim, c->seq_len, sizeof(float), c->n_kv_heads);
+    int mla = c->attention == ATTENTION_MLA;
+    print_kv_table(c->n_layers, c->n_heads, c->head_dim, c->seq_len, sizeof(float), mla ? -1 : c->n_kv_heads,
+                   mla ? c->kv_latent_dim : 0, mla ? c->kv_rope_dim : 0);
 }
 
 // -m kv l=96,n=96,h=128,s=1024,bytes=2: the table for any model shape
@@ -1478,7 +1683,7 @@ static void kv_calculator(const char *spec) {
     }
     free(copy);
     if (!v[0] || !v[1] || !v[2] || !v[3]) die("-m kv needs l=, n=, h= and s= (e.g. l=96,n=96,h=128,s=1024,bytes=2)");
-    print_kv_table(v[0], v[1], v[2], v[3], v[4], v[5]);
+    print_kv_table(v[0], v[1], v[2], v[3], v[4], v[5], 0, 0);
 }
 
 // ----------------------------------------------------------------------------
@@ -1505,7 +1710,7 @@ typedef struct {
 // The model's tensors, in file order; returns their count (out may be NULL).
 static int list_tensors(const Transformer *m, TensorRef *out) {
     int n = 0;
-#define REF(NAME, L, W) do { const Matrix *w_ = (W); \
+#define REF(NAME, L, W) do { const Matrix *w_ = (W); if (w_->rows == 0) break; /* not of this attention kind */ \
         if (out) out[n] = w_->q ? (TensorRef){NAME, L, NULL, (size_t)w_->rows, w_, (size_t)w_->cols} \
                                  : (TensorRef){NAME, L, w_->f, (size_t)w_->rows * w_->cols, NULL, (size_t)w_->cols}; \
         n++; } while (0)
@@ -1514,7 +1719,9 @@ static int list_tensors(const Transformer *m, TensorRef *out) {
     for (int l = 0; l < m->c.n_layers; l++) {
         const Layer *L = &m->w.layers[l];
         VEC("attn_norm", l, L->attn_norm);
-        REF("wq", l, &L->wq); REF("wk", l, &L->wk); REF("wv", l, &L->wv); REF("wo", l, &L->wo);
+        REF("wq", l, &L->wq); REF("wk", l, &L->wk); REF("wv", l, &L->wv); // GQA, or MLA's:
+        REF("wq_rope", l, &L->wq_rope); REF("wkv_a", l, &L->wkv_a); REF("wk_b", l, &L->wk_b); REF("wv_b", l, &L->wv_b);
+        REF("wo", l, &L->wo);
         VEC("ffn_norm", l, L->ffn_norm);
         REF("w1", l, &L->w1); REF("w2", l, &L->w2); REF("w3", l, &L->w3);
     }
@@ -1608,6 +1815,10 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
     if (!m->pool) die("cannot start %d threads", n_threads);
     check_weights_finite(m); // and maps every page
     if (kv_heads) set_kv_heads(m, kv_heads);
+    for (int l = 0; l < m->c.n_layers && m->c.attention == ATTENTION_MLA; l++) {
+        dequantize_short_rows(m, &m->w.layers[l].wk_b);
+        dequantize_short_rows(m, &m->w.layers[l].wv_b);
+    }
     if (seq_len > m->c.max_seq_len)
         die("-c %d exceeds the model's maximum context of %d", seq_len, m->c.max_seq_len);
     m->c.seq_len = seq_len > 0 ? seq_len

@@ -22,9 +22,11 @@ layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
                   cache up to its position:
                   predicted tok/s = bandwidth then / (weight_bytes + D' x kv_bytes_per_token),
                   D' = the mean number of positions attended to, for MHA (32 KV
-                  heads), GQA (8) and MQA (1) models; bench/decode_at_depth
-                  fills the cache instead of prefilling D tokens, and one real
-                  ./run at depth 2000 per model checks it.
+                  heads), GQA (8), MQA (1) and MLA (a latent of 512 and a RoPE
+                  key of 64 per token and layer, DeepSeek-V2's 576) models;
+                  bench/decode_at_depth fills the cache instead of prefilling D
+                  tokens, and one real ./run at depth 2000 per model (but MLA)
+                  checks it.
   peak RSS        of each run (os.wait4 on the child), next to a budget of
                   file size + KV cache + 100 MiB.
   tokenizer MB/s  from bench/bench_tokenizer, if there is one.
@@ -295,8 +297,19 @@ def numpy_python():
     return None
 
 
+# The MLA model of the depth test: the 1B shape with one latent of 512 numbers and a
+# RoPE key of 64 per token and layer (DeepSeek-V2's 576), random MLA weights
+# (export.py --kv-latent-dim 512 --kv-rope-dim 64; decode speed does not depend on the values).
+MLA = "mla576"
+
+
+def kv_label(kv):
+    return "MLA 512 + 64" if kv == MLA else str(kv)
+
+
 def model_path(cache, dtype, kv=8):
-    name = "llama1b-%s.bin" % dtype if kv == 8 else "llama1b-kv%d-%s.bin" % (kv, dtype)
+    name = ("llama1b-%s.bin" % dtype if kv == 8 else "llama1b-%s-%s.bin" % (MLA, dtype) if kv == MLA
+            else "llama1b-kv%d-%s.bin" % (kv, dtype))
     return os.path.join(cache, name)
 
 
@@ -346,7 +359,9 @@ def ensure_model(args, dtype, kv=8):
     tokenizer = os.path.join(args.shared, "models", "llama3-tokenizer.json")
     cmd = [python, os.path.join(ROOT, "export", "export.py"), path, "--random", "--preset", "llama3.2-1b",
            "--tokenizer", tokenizer] + WEIGHTS_FLAGS.get(dtype, ["--dtype", dtype])
-    if kv != 8:
+    if kv == MLA:
+        cmd += ["--kv-latent-dim", "512", "--kv-rope-dim", "64"]
+    elif kv != 8:
         cmd += ["--n-kv-heads", str(kv)]
     if problem != "missing":
         warn("%s: %s; exporting it again" % (path, problem))
@@ -484,10 +499,12 @@ def bench_weights(args, machine, prompts, dtype):
 
 
 def bench_depth(args, machine, prompts, dtype):
-    """Decode at each depth on the MHA, GQA and MQA models with these weights, from
+    """Decode at each depth on the MHA, GQA, MQA and MLA models with these weights, from
     bench/decode_at_depth (the bandwidth measured around each measurement), and one real
-    ./run per model at CHECK_DEPTH (its own prefill, then decode) as a check."""
-    kvs = (32, 8, 1)
+    ./run per model at CHECK_DEPTH (its own prefill, then decode) as a check (not for MLA:
+    its prefill runs attention in the absorbed form too, 576 + 512 numbers per head and
+    position, minutes for 2000 tokens on 2 cores)."""
+    kvs = (32, 8, 1, MLA)
     models = [ensure_model(args, dtype, kv) for kv in kvs]
     if None in models:
         return {"weights": dtype, "error": "export failed"}
@@ -496,8 +513,8 @@ def bench_depth(args, machine, prompts, dtype):
     samples, hruns = [], []
     for j, (kv, model) in enumerate(zip(kvs, models)):
         # one model per process: three f32 models would not fit in memory together
-        log("%s kv%d: levelling the page cache; bench/decode_at_depth, %d repeats x %d depths"
-            % (dtype, kv, args.depth_runs, len(args.depths)))
+        log("%s kv %s: levelling the page cache; bench/decode_at_depth, %d repeats x %d depths"
+            % (dtype, kv_label(kv), args.depth_runs, len(args.depths)))
         level_page_cache(model)
         h = harness([model], args.depths, gen, args.depth_runs, args.threads)
         if h:
@@ -524,6 +541,8 @@ def bench_depth(args, machine, prompts, dtype):
     checks = []
     prompt_file, n = prompts.make(CHECK_DEPTH)
     for kv, model in zip(kvs, models):
+        if kv == MLA:
+            continue
         context = max(4096, n + gen)
         info = model_info(model, context)
         log("%s kv%d: ./run at depth %d" % (dtype, kv, n))
@@ -627,10 +646,11 @@ def report(res):
                   "|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             if "decode_tps" not in r:
-                lines.append("| %d | %s | n/a | | | | %s |" % (r["n_kv_heads"], r.get("depth", ""), r.get("error", "")))
+                lines.append("| %s | %s | n/a | | | | %s |" % (kv_label(r["n_kv_heads"]), r.get("depth", ""),
+                                                                 r.get("error", "")))
                 continue
-            lines.append("| %d | %d | %s | %.1f | %.1f | %.2f | %s |" % (
-                r["n_kv_heads"], r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"], r["kv_read_bytes"] / MIB,
+            lines.append("| %s | %d | %s | %.1f | %.1f | %.2f | %s |" % (
+                kv_label(r["n_kv_heads"]), r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"], r["kv_read_bytes"] / MIB,
                 r["predicted_tps"], "**%.2f**" % r["ratio"] if r["depth"] == CHECK_DEPTH else "%.2f" % r["ratio"]))
         if d.get("checks"):
             lines += ["", "Check with ./run (its own prefill of the prompt, then %d tokens):" % d["checks"][0]["generated"],

@@ -73,11 +73,10 @@ static void fill_cache(Transformer *m, int positions) {
     uint64_t state = 0x2545F4914F6CDD1Dull;
     for (int l = 0; l < c->n_layers; l++)
         for (int g = 0; g < c->n_kv_heads; g++) {
-            float *k = cache_head(m->s.key_cache, c, l, g), *v = cache_head(m->s.value_cache, c, l, g);
-            for (size_t i = 0; i < (size_t)positions * c->head_dim; i++) { // (keys lie in tiles: about the same positions)
-                k[i] = 2 * random_f32(&state) - 1; // [-1, 1)
-                v[i] = 2 * random_f32(&state) - 1;
-            }
+            float *k = cache_head(m->s.key_cache, c, l, g, c->key_dim), *v = cache_head(m->s.value_cache, c, l, g, c->value_dim);
+            // (keys lie in tiles: about the same positions; MLA: key_dim k_R, value_dim the latent c)
+            for (size_t i = 0; i < (size_t)positions * c->key_dim; i++) k[i] = 2 * random_f32(&state) - 1; // [-1, 1)
+            for (size_t i = 0; i < (size_t)positions * c->value_dim; i++) v[i] = 2 * random_f32(&state) - 1;
         }
 }
 

@@ -29,6 +29,15 @@ at load time (run.c, regroup_matrix), so a converted checkpoint can be shared:
                   repeated K / n_kv_heads times: the same outputs, a bigger cache.
 Pooling is done in f32 before any q8_0 quantization. Needs numpy.
 
+Any source, with --mla N: the file gets multi-head latent attention (model.h)
+caching N numbers per token and layer instead of 2 x n_kv_heads x head_dim:
+  --mla full      (N = 2 x n_kv_heads x head_dim) exact: same outputs;
+  --mla N --calib TEXT.txt [--mla-rope-dim R]   a smaller cache, fitted to
+                  the source model's activations on TEXT (TransMLA-style; see
+                  "Multi-head latent attention" below). Needs numpy, and ./run
+                  built (it tokenizes TEXT).
+--random --kv-latent-dim N --kv-rope-dim R writes random MLA weights directly.
+
 The file is written to OUT.bin.tmp and renamed at the end, so a failed export
 never leaves a half-written model. Anything this script does not understand is
 refused with a one-line "error: ..." and exit status 1; it never guesses.
@@ -60,7 +69,9 @@ import math
 import mmap
 import os
 import struct
+import subprocess
 import sys
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
@@ -131,6 +142,9 @@ class Config:
     bos_id: int = -1
     stop_ids: list = field(default_factory=list)
     tokenizer_kind: int = 0
+    attention: int = ATTENTION_GQA      # ATTENTION_MLA: n_kv_heads is 1 and the two sizes below are set
+    kv_latent_dim: int = 0
+    kv_rope_dim: int = 0
 
 
 def validate_config(c):
@@ -146,6 +160,10 @@ def validate_config(c):
         raise ExportError(f"n_heads ({c.n_heads}) must be a multiple of n_kv_heads ({c.n_kv_heads})")
     if c.head_dim % 2:
         raise ExportError(f"head_dim must be even for RoPE, got {c.head_dim}")
+    if c.attention == ATTENTION_MLA and not (c.n_kv_heads == 1 and 1 <= c.kv_latent_dim <= 1 << 16
+                                             and 2 <= c.kv_rope_dim <= 1 << 12 and c.kv_rope_dim % 2 == 0):
+        raise ExportError(f"an MLA model needs n_kv_heads 1, kv_latent_dim in [1, 65536] and an even kv_rope_dim "
+                          f"in [2, 4096]; got {c.n_kv_heads}, {c.kv_latent_dim}, {c.kv_rope_dim}")
     if not c.rope_theta > 0 or not c.norm_eps > 0:
         raise ExportError(f"rope_theta ({c.rope_theta}) and norm_eps ({c.norm_eps}) must be positive")
     if c.rope_scaling == ROPE_SCALING_LLAMA3:
@@ -165,12 +183,19 @@ def tensor_plan(c):
     (always f32), 2-D shapes are matrices (out_features, in_features)."""
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     plan = [("token_embedding", (c.vocab_size, c.dim))]
+    dc, dr = c.kv_latent_dim, c.kv_rope_dim
     for l in range(c.n_layers):
         p = f"layers.{l}."
-        plan += [(p + "attn_norm", (c.dim,)),
-                 (p + "wq", (q_dim, c.dim)),
-                 (p + "wk", (kv_dim, c.dim)),
-                 (p + "wv", (kv_dim, c.dim)),
+        if c.attention == ATTENTION_MLA:
+            attention = [(p + "rope_pairs", (dr // 2,)),            # int32
+                         (p + "wq", (q_dim, c.dim)),                 # q_C
+                         (p + "wq_rope", (c.n_heads * dr, c.dim)),   # q_R
+                         (p + "wkv_a", (dc + dr, c.dim)),            # W_DKV; W_KR
+                         (p + "wk_b", (c.n_heads * dc, c.head_dim)), # W_UK_h^T, per head
+                         (p + "wv_b", (q_dim, dc))]                  # W_UV_h, per head
+        else:
+            attention = [(p + "wq", (q_dim, c.dim)), (p + "wk", (kv_dim, c.dim)), (p + "wv", (kv_dim, c.dim))]
+        plan += [(p + "attn_norm", (c.dim,))] + attention + [
                  (p + "wo", (c.dim, q_dim)),
                  (p + "ffn_norm", (c.dim,)),
                  (p + "w1", (c.hidden_dim, c.dim)),   # gate
@@ -731,6 +756,339 @@ def apply_kv_heads(c, blocks_of, K):
 
 
 # ----------------------------------------------------------------------------
+# Multi-head latent attention (--mla N): a GQA/MHA checkpoint converted into
+# an MLA one (model.h) whose cache holds N numbers per token and layer: a
+# latent c of kv_latent_dim = N - kv_rope_dim numbers and one RoPE key k_R of
+# kv_rope_dim numbers, shared by all query heads.
+#
+# --mla full (N = 2 x n_kv_heads x head_dim) is exact: k_R is every KV head's
+# key (its pair j turning as pair j % (head_dim / 2) of a head), c every KV
+# head's value; query head h's RoPE query is its own query placed at its KV
+# head's slot (zeros elsewhere), W_UV_h picks its KV head's value out of c, and
+# the no-RoPE query part is unused (W_UK = 0).
+#
+# A smaller N is lossy, TransMLA-style (Meng, Yao and Zhang 2025), from
+# calibration activations (--calib TEXT.txt, run in numpy through the layers
+# already converted, one layer after the other):
+#  1. RoPE turns pair i of every KV head by the same angle, so a real
+#     orthogonal mixing U_i of the G heads' pair i (the same G x G matrix on
+#     both numbers of the pair) commutes with it; query head h absorbs it
+#     (its pair i becomes U_i[g(h), j] q_h,i on mixed component j). U_i is the
+#     PCA of the calibration keys' pair i, both numbers together: the energy
+#     gathers in the first components.
+#  2. The kv_rope_dim / 2 mixed pairs of most energy (over all i and j) keep
+#     RoPE: they are k_R, each turning at its own frequency i (rope_pairs).
+#  3. The other mixed key pairs give up RoPE (their scores lose the relative
+#     angle: the approximation), and with the values compress jointly into the
+#     latent: c = P^T [a L_K K_nope; L_V V], P the kv_latent_dim principal
+#     directions of those calibration activations, where L_K and L_V weight
+#     each by what reads it (L_K^2 the no-RoPE queries' covariance, L_V,g^2 =
+#     sum of wo_h^T wo_h over KV head g's query heads) and a balances the two
+#     (equal mean energy, times 0.5, 1 or 2: whichever gives the layer's
+#     attention output nearest the source's on calibration text). Then K_nope ~ L_K^-1 P_K c / a and V ~ L_V^-1 P_V c,
+#     so W_UK_h^T = P_K^T L_K^-1 N_h / a (N_h: query head h's mixed no-RoPE
+#     components) and W_UV_h = L_V,g^-1 (P_V's rows of head g = g(h)).
+# The query keeps wq as its no-RoPE part, and the engine's score scale
+# 1 / sqrt(head_dim + kv_rope_dim) is turned back into the source's
+# 1 / sqrt(head_dim) by the factor sqrt((head_dim + kv_rope_dim) / head_dim)
+# on wq_rope and wk_b.
+
+MLA_CALIB_TOKENS = 16384  # calibration tokens used at most (the first ones of the text)
+
+
+def mla_full_dim(c):
+    return 2 * c.n_kv_heads * c.head_dim
+
+
+def parse_mla(spec, c, kv_heads, calib, rope_dim):
+    """(kv_latent_dim, kv_rope_dim, lossless) for --mla spec on source config c, or an ExportError."""
+    full = mla_full_dim(c)
+    if kv_heads is not None:
+        raise ExportError("--mla and --kv-heads cannot be combined: --mla converts the checkpoint's own "
+                          f"{c.n_kv_heads} KV heads into one latent")
+    if spec == "full":
+        n = full
+    else:
+        try:
+            n = int(spec)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ExportError(f"--mla expects a positive number of cached numbers per token and layer, or full; got {spec!r}")
+        if n > full:
+            raise ExportError(f"--mla {n} is more than full: this model's full conversion caches 2 x n_kv_heads x "
+                              f"head_dim = 2 x {c.n_kv_heads} x {c.head_dim} = {full} numbers per token and layer")
+    if n == full and rope_dim is None:
+        return full // 2, full // 2, True
+    if calib is None:
+        raise ExportError(f"--mla {n} is lossy (full is {full}): it needs calibration text, --calib TEXT.txt")
+    if rope_dim is None:  # default: half of N (measured best on stories260K: --mla 32 with 8 / 12 / 16 / 20
+        # RoPE numbers, perplexity 31.3 / 18.1 / 18.5 / 29.9 before weighting the PCA; --mla 16: 4 / 8 -> 106 / 72)
+        rope_dim = max(2, min(c.n_kv_heads * c.head_dim, n // 2 // 2 * 2))
+    if rope_dim % 2 or not 2 <= rope_dim < n or rope_dim > c.n_kv_heads * c.head_dim:
+        raise ExportError(f"--mla-rope-dim {rope_dim} must be even, at least 2, less than N ({n}) and at most "
+                          f"n_kv_heads x head_dim ({c.n_kv_heads * c.head_dim})")
+    return n - rope_dim, rope_dim, False
+
+
+def rope_frequencies(c):
+    """float32 frequency of each pair i < head_dim / 2, as run.c's rope_frequencies."""
+    freqs = []
+    for i in range(c.head_dim // 2):
+        f = c.rope_theta ** (-2.0 * i / c.head_dim)
+        if c.rope_scaling == ROPE_SCALING_LLAMA3:
+            wavelen, old = 2 * 3.141592653589793 / f, c.rope_original_max_pos
+            if wavelen > old / c.rope_low_freq_factor:
+                f /= c.rope_factor
+            elif wavelen >= old / c.rope_high_freq_factor:
+                smooth = (old / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
+                f = (1 - smooth) * f / c.rope_factor + smooth * f
+        freqs.append(f)
+    return np.asarray(freqs, dtype=np.float64)
+
+
+def mla_layer_full(c, Wq, Wk, Wv):
+    """The exact MLA tensors of one layer (float64) from wq, wk, wv (file convention)."""
+    hd, G, H = c.head_dim, c.n_kv_heads, c.n_heads
+    kv, mul, dim = G * hd, H // G, c.dim
+    s = np.sqrt((hd + kv) / hd)
+    wq_rope = np.zeros((H, kv, dim))
+    wv_b = np.zeros((H, hd, kv))
+    for h in range(H):
+        g = h // mul
+        wq_rope[h, g * hd:(g + 1) * hd] = Wq[h * hd:(h + 1) * hd] * s
+        wv_b[h, :, g * hd:(g + 1) * hd] = np.eye(hd)
+    return {"rope_pairs": np.arange(kv // 2, dtype=np.int32) % (hd // 2), "wq": np.zeros((H * hd, dim)),
+            "wq_rope": wq_rope.reshape(H * kv, dim), "wkv_a": np.concatenate([Wv, Wk]),
+            "wk_b": np.zeros((H * kv, hd)), "wv_b": wv_b.reshape(H * hd, kv)}
+
+
+def top_eigenvectors(cov, k):
+    """(eigenvalues, eigenvectors as columns) of a symmetric matrix, largest first, k of them."""
+    w, v = np.linalg.eigh(cov)
+    order = np.argsort(w)[::-1][:k]
+    return w[order], v[:, order]
+
+
+def sym_power(M, power, ridge=1e-6):
+    """M^power of a symmetric positive semi-definite matrix, its eigenvalues
+    floored at ridge x their mean (so that power -1/2 exists)."""
+    w, v = np.linalg.eigh(M)
+    w = np.maximum(w, ridge * max(np.mean(w), 1e-30))
+    return (v * w ** power) @ v.T
+
+
+def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr, balance=1.0):
+    """The MLA tensors of one layer (float64), TransMLA-style, from the layer's
+    calibration inputs X (tokens, dim): the attention block's normed input.
+    balance scales the keys' weight in the latent's PCA (1: equal energy)."""
+    hd, G, H, P = c.head_dim, c.n_kv_heads, c.n_heads, c.head_dim // 2
+    mul = H // G
+    s = np.sqrt((hd + dr) / hd)
+    Wk_pairs = Wk.reshape(G, P, 2, -1)                      # (head g, pair i, number e, dim)
+    K = (X @ Wk.T).reshape(len(X), G, P, 2)                  # calibration keys, before RoPE
+    U, energy = np.zeros((P, G, G)), np.zeros((P, G))       # per pair: the mixing, and each component's energy
+    for i in range(P):
+        energy[i], U[i] = top_eigenvectors(np.einsum("ngE,nhE->gh", K[:, :, i], K[:, :, i]), G)
+    # (Ranking the components by key energy x the energy of the queries that read them instead
+    # was worse: stories260K --mla 64 with 16 RoPE numbers, perplexity 9.19 -> 12.6.)
+    ranked = sorted(((energy[i, j], i, j) for i in range(P) for j in range(G)), reverse=True)
+    rope = sorted((i, j) for _, i, j in ranked[:dr // 2])   # the mixed pairs that keep RoPE, by frequency
+    nope = sorted((i, j) for _, i, j in ranked[dr // 2:])
+    mixed = lambda i, j: np.einsum("g,ged->ed", U[i][:, j], Wk_pairs[:, i])  # (2, dim): key rows of component (i, j)
+
+    W_kr = np.concatenate([mixed(i, j) for i, j in rope]) if rope else np.zeros((0, c.dim))
+    wq_rope = np.zeros((H, dr, c.dim))
+    for h in range(H):
+        g, Wq_pairs = h // mul, Wq[h * hd:(h + 1) * hd].reshape(P, 2, -1)
+        for r, (i, j) in enumerate(rope):
+            wq_rope[h, 2 * r:2 * r + 2] = U[i][g, j] * Wq_pairs[i] * s
+
+    # The latent: PCA of the no-RoPE keys and the values, each weighted by what
+    # reads it: a key error e costs (q . e)^2, so keys are weighted by the
+    # square root of the queries' covariance M_K; a value error e of KV head g
+    # costs |wo_h e|^2 summed over its query heads h, weight M_V,g^(1/2).
+    # (stories260K --mla 32, 16 RoPE numbers: perplexity 18.5 unweighted -> 15.6;
+    # a = 1/2 or 2 x the energy balance: 14.7, 18.7; --mla 16: 67 -> 70, 72.)
+    Dk = 2 * len(nope)
+    Ns = np.zeros((H, Dk, hd))                               # query head h's mixed no-RoPE components
+    for h in range(H):
+        for r, (i, j) in enumerate(nope):
+            Ns[h, 2 * r, 2 * i] = Ns[h, 2 * r + 1, 2 * i + 1] = U[i][h // mul, j]
+    Wk_nope = np.concatenate([mixed(i, j) for i, j in nope]) if nope else np.zeros((0, c.dim))
+    M_K = np.zeros((Dk, Dk))
+    for h in range(H):
+        Qh = X @ Wq[h * hd:(h + 1) * hd].T @ Ns[h].T         # (tokens, Dk)
+        M_K += Qh.T @ Qh / len(X)
+    M_V = [sum(Wo[:, h * hd:(h + 1) * hd].T @ Wo[:, h * hd:(h + 1) * hd] for h in range(g * mul, (g + 1) * mul))
+           for g in range(G)]
+    Lk, Lk_inv = (sym_power(M_K, 0.5), sym_power(M_K, -0.5)) if Dk else (np.zeros((0, 0)),) * 2
+    Lv = [sym_power(M, 0.5) for M in M_V]
+    Lv_inv = [sym_power(M, -0.5) for M in M_V]
+    Wk_w = Lk @ Wk_nope                                      # weighted key rows (Dk, dim)
+    Wv_w = np.concatenate([Lv[g] @ Wv[g * hd:(g + 1) * hd] for g in range(G)])
+    Kn, V = X @ Wk_w.T, X @ Wv_w.T
+    ek, ev = np.mean(np.sum(Kn * Kn, 1)), np.mean(np.sum(V * V, 1))
+    a = (np.sqrt(ev / ek) if ek > 0 and ev > 0 else 1.0) * balance
+    Z = np.concatenate([a * Kn, V], axis=1)
+    _, Pc = top_eigenvectors(Z.T @ Z, dc)                   # (Dk + G * hd, dc)
+    Pk, Pv = Pc[:Dk], Pc[Dk:]
+    W_dkv = Pc.T @ np.concatenate([a * Wk_w, Wv_w])
+
+    wk_b = np.zeros((H, dc, hd))
+    wv_b = np.zeros((H, hd, dc))
+    for h in range(H):
+        g = h // mul
+        wk_b[h] = Pk.T @ Lk_inv @ Ns[h] / a * s              # K_nope ~ Lk^-1 Pk c / a
+        wv_b[h] = Lv_inv[g] @ Pv[g * hd:(g + 1) * hd]        # V_g ~ Lv_g^-1 Pv_g c
+    return {"rope_pairs": np.asarray([i for i, _ in rope], dtype=np.int32), "wq": Wq,
+            "wq_rope": wq_rope.reshape(H * dr, c.dim), "wkv_a": np.concatenate([W_dkv, W_kr]),
+            "wk_b": wk_b.reshape(H * dc, hd), "wv_b": wv_b.reshape(H * hd, dc)}
+
+
+MLA_BALANCES = (0.5, 1.0, 2.0)  # the keys' weights in the latent's PCA tried per layer
+MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are compared on
+
+
+def calibrate_layers(c, weights, ids_list, convert):
+    """{layer: MLA tensors} converted one layer after the other: layer l by
+    convert(l, X), a list of candidate conversions of which the one whose
+    attention output (through wo) is nearest the source layer's on the first
+    MLA_CHECK_WINDOWS windows is kept; X (tokens, dim) float64 the normed input of its attention
+    over the token windows in ids_list, from a numpy forward pass in float32
+    (file convention: RoPE on adjacent pairs) through the layers before it
+    already converted, so that each layer is fitted to the inputs it will
+    see (sequential calibration; stories260K on the first 100 KB of the
+    held-out half of tinystories-valid: --mla 32 15.6 -> 15.5, --mla 16
+    67.1 -> 61.5, against calibrating every layer on the source's inputs)."""
+    H, hd = c.n_heads, c.head_dim
+    freq = rope_frequencies(c).astype(np.float32)
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+
+    def rmsnorm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * w
+
+    def rope(x, pos, f):  # x (T, heads, 2 * len(f)): pair j turned by pos * f[j]
+        ang = pos[:, None] * f[None, :]
+        cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        y = np.empty_like(x)
+        y[..., 0::2], y[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        return y
+
+    def softmax_causal(scores):
+        T = scores.shape[-1]
+        scores = scores + np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+        e = np.exp(scores - scores.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def mla(t, h, pos):  # the converted layer's attention (absorbed), (T, H * hd)
+        T, dc, dr = len(h), t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
+        f = freq[t["rope_pairs"]]
+        kv = h @ t["wkv_a"].T
+        lat, kr = kv[:, :dc], rope(kv[:, None, dc:], pos, f)[:, 0]
+        q_lat = np.einsum("hcd,thd->thc", t["wk_b"].reshape(H, dc, hd), (h @ t["wq"].T).reshape(T, H, hd))
+        q_r = rope((h @ t["wq_rope"].T).reshape(T, H, dr), pos, f)
+        att = softmax_causal((np.einsum("thc,sc->hts", q_lat, lat) + np.einsum("thr,sr->hts", q_r, kr))
+                             / np.float32(np.sqrt(hd + dr)))
+        return np.einsum("hdc,thc->thd", t["wv_b"].reshape(H, hd, dc), np.einsum("hts,sc->thc", att, lat)).reshape(T, -1)
+
+    def gqa(p, h, pos):  # the source layer's attention, (T, H * hd)
+        T, G = len(h), c.n_kv_heads
+        q = rope((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
+        k = np.repeat(rope((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
+        v = np.repeat((h @ weights[p + "wv"].T).reshape(T, G, hd), H // G, axis=1)
+        att = softmax_causal(np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)))
+        return np.einsum("hts,shd->thd", att, v).reshape(T, -1)
+
+    f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
+    xs = [weights["token_embedding"][ids] for ids in ids_list]
+    out = {}
+    for l in range(c.n_layers):
+        p = f"layers.{l}."
+        hs = [rmsnorm(x, weights[p + "attn_norm"]) for x in xs]
+        candidates = convert(l, np.concatenate(hs).astype(np.float64))
+        if len(candidates) > 1:
+            check = [(h, np.arange(len(h), dtype=np.float32)) for h in hs[:MLA_CHECK_WINDOWS]]
+            want = [gqa(p, h, pos) for h, pos in check]
+            err = [sum(float(np.sum(((mla(f32(t), h, pos) - w) @ weights[p + "wo"].T) ** 2))
+                       for (h, pos), w in zip(check, want)) for t in candidates]
+            candidates = [candidates[int(np.argmin(err))]]
+        out[l] = candidates[0]
+        t = f32(out[l])
+        for i, h in enumerate(hs):
+            x = xs[i] + mla(t, h, np.arange(len(h), dtype=np.float32)) @ weights[p + "wo"].T
+            g = rmsnorm(x, weights[p + "ffn_norm"])
+            a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
+            xs[i] = x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
+    return out
+
+
+def calibration_ids(c, source_blocks_of, section, calib_path):
+    """Token windows of the calibration text, tokenized by the engine (./run
+    -m tokenize on the source model written to a scratch file): each window
+    BOS (if any) + up to max_seq_len - 1 tokens, MLA_CALIB_TOKENS in all."""
+    run = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run")
+    if not os.access(run, os.X_OK):
+        raise ExportError(f"--calib tokenizes the text with the engine, {run}: build it first (make)")
+    if not os.path.isfile(calib_path):
+        raise ExportError(f"--calib {calib_path}: not found")
+    fd, tmp = tempfile.mkstemp(suffix=".bin")
+    os.close(fd)
+    try:
+        write_model(tmp, c, DTYPE_F32, section, source_blocks_of)
+        r = subprocess.run([run, tmp, "-m", "tokenize", "-f", calib_path], capture_output=True, text=True)
+    finally:
+        os.remove(tmp)
+    if r.returncode != 0:
+        raise ExportError(f"tokenizing --calib {calib_path}: {r.stderr.strip()[-200:]}")
+    ids = [int(t) for t in r.stdout.split()]
+    bos = [ids[0]] if c.bos_id >= 0 else []
+    ids = ids[len(bos):MLA_CALIB_TOKENS + len(bos)]
+    if len(ids) < 2:
+        raise ExportError(f"--calib {calib_path}: too little text to calibrate on ({len(ids)} tokens)")
+    step = min(c.max_seq_len, 512) - len(bos)
+    return [bos + ids[i:i + step] for i in range(0, len(ids), step)]
+
+
+def apply_mla(c, blocks_of, section, spec, kv_heads, calib, rope_dim):
+    """(output config, blocks_of) of the MLA conversion of the model (c, blocks_of)."""
+    dc, dr, lossless = parse_mla(spec, c, kv_heads, calib, rope_dim)
+    need_numpy("--mla")
+    shapes = dict(tensor_plan(c))
+
+    def source(name):
+        return np.concatenate([as_f32_rows(b, shapes[name][-1]) for b in blocks_of(name, shapes[name])]).astype(np.float64)
+
+    layers = None
+    if not lossless:
+        windows = calibration_ids(c, blocks_of, section, calib)
+        weights = {name: source(name) for name in shapes}
+        weights = {k: (v.reshape(-1) if len(shapes[k]) == 1 else v) for k, v in weights.items()}
+        p = "layers.{}."
+        layers = calibrate_layers(c, weights, windows, lambda l, X: [mla_layer_lossy(
+            c, *(weights[p.format(l) + n] for n in ("wq", "wk", "wv", "wo")), X, dc, dr, b) for b in MLA_BALANCES])
+    out_c = replace(c, attention=ATTENTION_MLA, n_kv_heads=1, kv_latent_dim=dc, kv_rope_dim=dr,
+                    stop_ids=list(c.stop_ids))
+    done = {}  # the layer being converted: its MLA tensors
+
+    def converted(name, shape):
+        if not name.startswith("layers.") or name.split(".")[2] in ("attn_norm", "wo", "ffn_norm", "w1", "w2", "w3"):
+            yield from blocks_of(name, shape)
+            return
+        l = int(name.split(".")[1])
+        if done.get("layer") != l:
+            p = f"layers.{l}."
+            done.clear()
+            done.update(mla_layer_full(c, *(source(p + n) for n in ("wq", "wk", "wv"))) if lossless else layers[l])
+            done["layer"] = l
+        t = done[name.split(".")[2]]
+        yield t if t.dtype.kind == "i" else t.astype(np.float32)
+
+    return out_c, converted
+
+
+# ----------------------------------------------------------------------------
 # Writing
 
 def align_up(n, a=MODEL_ALIGN):
@@ -753,7 +1111,7 @@ def pack_header(c, dtype, tokenizer_offset, tokenizer_bytes, weights_offset, fil
         int(c.tied_classifier), dtype, Q8_0_GROUP_SIZE if grouped else 0, c.bos_id,
         len(c.stop_ids), *stops, c.tokenizer_kind, 0,
         tokenizer_offset, tokenizer_bytes, weights_offset, file_bytes,
-        ATTENTION_GQA, 0, 0, embedding_dtype)
+        c.attention, c.kv_latent_dim, c.kv_rope_dim, embedding_dtype)
     return fields + bytes(MODEL_HEADER_BYTES - len(fields))
 
 
@@ -767,6 +1125,8 @@ def write_tensor(f, shape, blocks, dtype, name="tensor"):
         for block in blocks:
             if isinstance(block, memoryview):
                 f.write(block)
+            elif isinstance(block, np.ndarray) and block.dtype.kind in "iu":  # MLA's rope_pairs: int32
+                f.write(np.ascontiguousarray(block, dtype="<i4").data)
             else:
                 f.write(np.ascontiguousarray(as_f32_rows(block, shape[-1]), dtype="<f4").data)
     else:
@@ -917,7 +1277,15 @@ def synthetic_tokenizer_json(vocab_size):
 # ----------------------------------------------------------------------------
 # The three sources
 
-def export_hf(out, hf_dir, dtype, kv_heads=None, embedding_dtype=None):
+def convert_heads(c, blocks_of, section, kv_heads, mla):
+    """The source model, its KV heads regrouped (--kv-heads) or converted into
+    MLA (mla = (N or "full", calibration text or None, rope dim or None))."""
+    if mla is not None:
+        return apply_mla(c, blocks_of, section, *mla[:1], kv_heads, *mla[1:])
+    return apply_kv_heads(c, blocks_of, kv_heads)
+
+
+def export_hf(out, hf_dir, dtype, kv_heads=None, embedding_dtype=None, mla=None):
     need_numpy("--hf")
     c = config_from_hf(read_json(os.path.join(hf_dir, "config.json")))
     validate_config(c)
@@ -938,14 +1306,14 @@ def export_hf(out, hf_dir, dtype, kv_heads=None, embedding_dtype=None):
             for r0, r1 in row_ranges(*shape):
                 yield weights.to_f32(hname, r0, r1)
 
-    out_c, out_blocks_of = apply_kv_heads(c, blocks_of, kv_heads)  # blocks_of still reads with c
+    out_c, out_blocks_of = convert_heads(c, blocks_of, section, kv_heads, mla)  # blocks_of still reads with c
     return out_c, write_model(out, out_c, dtype, section, out_blocks_of, embedding_dtype)
 
 
-def export_llama2c(out, model_path, tokenizer_path, dtype, kv_heads=None, embedding_dtype=None):
+def export_llama2c(out, model_path, tokenizer_path, dtype, kv_heads=None, embedding_dtype=None, mla=None):
     ck = Llama2cCheckpoint(model_path)
     section = llama2c_tokenizer_section(tokenizer_path, ck.config.vocab_size)
-    c, blocks_of = apply_kv_heads(ck.config, ck.blocks_of, kv_heads)
+    c, blocks_of = convert_heads(ck.config, ck.blocks_of, section, kv_heads, mla)
     return c, write_model(out, c, dtype, section, blocks_of, embedding_dtype)
 
 
@@ -1001,25 +1369,38 @@ def random_tokenizer(c, path):
     return section
 
 
-def export_random(out, args, dtype, embedding_dtype=None):
+def export_random(out, args, dtype, embedding_dtype=None, mla=None):
     need_numpy("--random")
     c = random_config(args)
+    if args.kv_latent_dim is not None or args.kv_rope_dim is not None:  # a native MLA model
+        if args.kv_latent_dim is None or args.kv_rope_dim is None:
+            raise ExportError("a random MLA model needs both --kv-latent-dim and --kv-rope-dim")
+        if mla is not None or args.kv_heads is not None:
+            raise ExportError("--kv-latent-dim writes random MLA weights directly: drop --mla / --kv-heads")
+        c.attention, c.n_kv_heads, c.kv_latent_dim, c.kv_rope_dim = ATTENTION_MLA, 1, args.kv_latent_dim, args.kv_rope_dim
+        if c.kv_rope_dim // 2 > c.head_dim // 2:
+            raise ExportError(f"--kv-rope-dim {c.kv_rope_dim}: at most head_dim ({c.head_dim}) RoPE numbers, one per frequency")
     validate_config(c)
     section = random_tokenizer(c, args.tokenizer)
+    mla_unit = ("wq_rope", "wkv_a", "wk_b", "wv_b")  # MLA's own matrices: std 1/sqrt(cols), so scores are not all ~0
 
     def blocks_of(name, shape):
         # One generator per tensor, seeded by (seed, name): the values do not
         # depend on block sizes or on which other tensors exist.
         rng = np.random.default_rng([args.seed, zlib.crc32(name.encode())])
+        if name.endswith(".rope_pairs"):  # the k_R pairs' frequencies, spread over a head's
+            yield (np.arange(shape[0]) * (c.head_dim // 2) // shape[0]).astype(np.int32)
+            return
         if len(shape) == 1:  # RMSNorm gains: around 1
             yield (1 + 0.05 * rng.standard_normal(shape[0], dtype=np.float32)).astype(np.float32)
             return
+        std = 1 / np.sqrt(shape[1]) if name.endswith(mla_unit) else 0.02
         for r0, r1 in row_ranges(*shape):
             x = rng.standard_normal((r1 - r0, shape[1]), dtype=np.float32)
-            x *= np.float32(0.02)
+            x *= np.float32(std)
             yield x
 
-    c, blocks_of = apply_kv_heads(c, blocks_of, args.kv_heads)
+    c, blocks_of = convert_heads(c, blocks_of, section, args.kv_heads, mla)
     return c, write_model(out, c, dtype, section, blocks_of, embedding_dtype)
 
 
@@ -1315,7 +1696,7 @@ def gguf_default_dtype(g):
     return DTYPE_Q8_0 if any(t.type_name in gg.QUANTIZED for t in g.tensors.values()) else DTYPE_F32
 
 
-def export_gguf(out, path, dtype, kv_heads=None, embedding_dtype=None):
+def export_gguf(out, path, dtype, kv_heads=None, embedding_dtype=None, mla=None):
     need_numpy("--gguf")
     gg = gguf_module()
     try:
@@ -1338,7 +1719,7 @@ def export_gguf(out, path, dtype, kv_heads=None, embedding_dtype=None):
             else:
                 yield g.rows_f32(t, r0, r1)
 
-    out_c, out_blocks_of = apply_kv_heads(c, blocks_of, kv_heads)
+    out_c, out_blocks_of = convert_heads(c, blocks_of, section, kv_heads, mla)
     return out_c, write_model(out, out_c, dtype, section, out_blocks_of, embedding_dtype), dtype
 
 
@@ -1365,6 +1746,12 @@ def parse_args(argv):
     ap.add_argument("--kv-heads", type=int, metavar="K",
                     help="write K key/value heads: mean-pool groups of KV heads (K < n_kv_heads) or "
                          "repeat them (K > n_kv_heads), as ./run --kv-heads K does at load time")
+    ap.add_argument("--mla", metavar="N",
+                    help="convert to multi-head latent attention caching N numbers per token and layer; "
+                         "'full' (2 x n_kv_heads x head_dim) is exact, a smaller N needs --calib")
+    ap.add_argument("--calib", metavar="TEXT.txt", help="calibration text for a lossy --mla N")
+    ap.add_argument("--mla-rope-dim", type=int, metavar="R",
+                    help="of the N numbers, R form the shared RoPE key (even; default N/2)")
     r = ap.add_argument_group("--random options (default: the 'tiny' preset)")
     r.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for flag, typ in [("dim", int), ("hidden-dim", int), ("n-layers", int), ("n-heads", int),
@@ -1373,6 +1760,8 @@ def parse_args(argv):
                       ("rope-high-freq-factor", float), ("rope-original-max-pos", int), ("norm-eps", float)]:
         r.add_argument("--" + flag, type=typ, metavar="N")
     r.add_argument("--rope-scaling", choices=["none", "llama3"])
+    r.add_argument("--kv-latent-dim", type=int, metavar="N", help="random MLA weights: the latent's size")
+    r.add_argument("--kv-rope-dim", type=int, metavar="N", help="random MLA weights: the shared RoPE key's size")
     r.add_argument("--untied", action="store_true", help="own classifier instead of the tied embedding")
     r.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -1389,22 +1778,29 @@ def main(argv=None):
     if dtype is None and not args.gguf:
         dtype = DTYPE_F32
     emb = None if args.embedding_dtype is None else DTYPE_NAMES[args.embedding_dtype]
+    mla = None if args.mla is None else (args.mla, args.calib, args.mla_rope_dim)
     try:
+        if args.mla is None and (args.calib is not None or args.mla_rope_dim is not None):
+            raise ExportError("--calib and --mla-rope-dim only apply to a conversion with --mla N")
+        if not args.random and (args.kv_latent_dim is not None or args.kv_rope_dim is not None):
+            raise ExportError("--kv-latent-dim and --kv-rope-dim are for --random (random MLA weights); "
+                              "convert a checkpoint with --mla N")
         if args.gguf:  # its default type depends on the file's
-            c, size, dtype = export_gguf(args.out, args.gguf, dtype, args.kv_heads, emb)
+            c, size, dtype = export_gguf(args.out, args.gguf, dtype, args.kv_heads, emb, mla)
         elif args.hf:
-            c, size = export_hf(args.out, args.hf, dtype, args.kv_heads, emb)
+            c, size = export_hf(args.out, args.hf, dtype, args.kv_heads, emb, mla)
         elif args.llama2c:
-            c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype, args.kv_heads, emb)
+            c, size = export_llama2c(args.out, args.llama2c, args.tokenizer, dtype, args.kv_heads, emb, mla)
         else:
-            c, size = export_random(args.out, args, dtype, emb)
+            c, size = export_random(args.out, args, dtype, emb, mla)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {size} bytes, dim {c.dim}, {c.n_layers} layers, {c.n_heads}/{c.n_kv_heads} heads, "
+    mla_note = f", MLA latent {c.kv_latent_dim} + RoPE key {c.kv_rope_dim}" if c.attention == ATTENTION_MLA else ""
+    print(f"wrote {args.out}: {size} bytes, dim {c.dim}, {c.n_layers} layers, {c.n_heads}/{c.n_kv_heads} heads{mla_note}, "
           f"vocab {c.vocab_size}, {DTYPE_LABELS[dtype]}"
           f"{'' if emb is None else ', embedding ' + args.embedding_dtype}", file=sys.stderr)
     return 0

@@ -95,8 +95,21 @@ static void test_attention_kernels(void) {
                 worst_s = fmaxf(worst_s, (float)fabs(att[h * VEC_LEN + i] - 0.5 * r));
             }
     }
+    // MLA's latent scores: H heads (q: a's numbers) against n rows of v, added to what att holds
+    float worst_r = 0;
+    for (int k = 0; k < 8; k++) {
+        int hd = sizes[k], n = 7 + k; // a tile of 4 positions and a rest
+        float att[H * 16], att1[H * 16], ref[H * 16];
+        for (int i = 0; i < H * 16; i++) att[i] = att1[i] = ref[i] = frand(&rng);
+        row_scores(att, 16, a, v, n, hd, 0.5f, H);
+        for (int h = 0; h < H; h++) row_scores(att1 + h * 16, 16, a + h * hd, v, n, hd, 0.5f, 1);
+        row_scores_scalar(ref, 16, a, v, n, hd, 0.5f, H);
+        same &= memcmp(att, att1, sizeof att) == 0;
+        for (int i = 0; i < H * 16; i++) worst_r = fmaxf(worst_r, fabsf(att[i] - ref[i]));
+    }
     check(worst < 1e-4f, "weighted_sum_matches_scalar_sums", "worst error %g", worst);
     check(worst_s < 1e-4f, "tile_scores_match_scalar_dot_products", "worst error %g", worst_s);
+    check(worst_r < 1e-4f, "row_scores_match_scalar_dot_products", "worst error %g", worst_r);
     check(same, "attention_heads_together_equal_heads_one_by_one", "a result differs");
 }
 
@@ -523,8 +536,8 @@ static void test_kv_cache_is_grouped(const char *model) {
         for (int g = 0; g < m.c.n_kv_heads; g++)
             for (int p = 0; p < (int)ctx; p++)
                 for (int d = 0; d < m.c.head_dim; d++) {
-                    float k = cache_head(m.s.key_cache, &m.c, l, g)[key_index(&m.c, p, d)];
-                    float v = cache_head(m.s.value_cache, &m.c, l, g)[(size_t)p * m.c.head_dim + d];
+                    float k = cache_head(m.s.key_cache, &m.c, l, g, m.c.key_dim)[key_index(&m.c, p, d)];
+                    float v = cache_head(m.s.value_cache, &m.c, l, g, m.c.value_dim)[(size_t)p * m.c.head_dim + d];
                     if (p == 0) written += (k != 0) + (v != 0); else beyond += (k != 0) + (v != 0);
                 }
     check(written > m.c.n_layers * m.c.n_kv_heads && beyond == 0, "forward_writes_one_kv_row_per_layer_and_head",

@@ -3,8 +3,9 @@
 status 1 and exactly one stderr line, the exact "error: ..." message; a
 corruption the format allows must load and run cleanly instead.
 
-The corpus is generated from three small valid exports (f32 llama3 tied;
-q8_0 untied with llama3 rope scaling; f32 with the llama2.c tok512 vocabulary):
+The corpus is generated from five small valid exports (f32 llama3 tied;
+q8_0 untied with llama3 rope scaling; MLA in f32 and in q8_0 untied; f32 with
+the llama2.c tok512 vocabulary):
   - truncated at every section boundary (header, tokenizer section, each
     tensor's start, start + 1 and middle) and at a spread of offsets; the same
     with the header's file_bytes patched to the new length, so the checks
@@ -44,13 +45,24 @@ for _name, _code in HEADER_FIELDS:
     FIELD[_name] = (_off, "<" + _code)
     _off += struct.calcsize("<" + _code)
 
-# check_header's range table, in its order: (name, lo, hi); bos_id's hi is vocab_size - 1
+def mla(h):
+    return int(h["attention"] == 1)
+
+
+# check_header's range table, in its order: (name, lo, hi); bos_id's hi is vocab_size - 1; a string is
+# another field's value, a function one of the header (MLA's sizes: 0 for GQA)
 RANGES = [("dim", 1, 1 << 16), ("hidden_dim", 1, 1 << 18), ("n_layers", 1, 1024), ("n_heads", 1, 1024),
           ("n_kv_heads", 1, 1024), ("head_dim", 2, 1 << 12), ("vocab_size", 1, 1 << 22),
           ("max_seq_len", 1, 1 << 24), ("n_stop_ids", 0, 8), ("dtype", 0, 2), ("rope_scaling", 0, 1),
           ("tied_classifier", 0, 1), ("tokenizer_kind", 1, 2), ("bos_id", -1, None),
-          ("attention", 0, 0), ("kv_latent_dim", 0, 0), ("kv_rope_dim", 0, 0), ("embedding_dtype", 0, 2)]
+          ("attention", 0, 1), ("kv_latent_dim", mla, lambda h: mla(h) << 16),
+          ("kv_rope_dim", lambda h: 2 * mla(h), lambda h: mla(h) << 12), ("embedding_dtype", 0, 2)]
 DTYPE_NAMES = {0: "f32", 1: "q8_0", 2: "q4_0"}  # model.h DTYPE_*
+
+
+def bound(h, b, default=None):
+    """A RANGES bound's value for header h."""
+    return default if b is None else h[b] if isinstance(b, str) else b(h) if callable(b) else b
 OLDEST_VERSION = 3  # model.h MODEL_VERSION_OLDEST: version 3 reads as 4 with GQA, 0, 0, embedding_dtype = dtype
 
 
@@ -125,14 +137,18 @@ def expected_error(path, raw):
     if h["version"] == 3:
         h.update(attention=0, kv_latent_dim=0, kv_rope_dim=0, embedding_dtype=h["dtype"])
     for name, lo, hi in RANGES:
-        hi = h["vocab_size"] - 1 if hi is None else h[hi] if isinstance(hi, str) else hi
-        lo = h[lo] if isinstance(lo, str) else lo
+        lo, hi = bound(h, lo), bound(h, hi, h["vocab_size"] - 1)
         if not lo <= h[name] <= hi:
             return err(f"header field {name} = {h[name]} is out of range [{lo}, {hi}]; corrupt file?")
     if h["n_heads"] % h["n_kv_heads"]:
         return err(f"n_heads ({h['n_heads']}) is not a multiple of n_kv_heads ({h['n_kv_heads']})")
     if h["head_dim"] % 2:
         return err(f"head_dim ({h['head_dim']}) must be even for RoPE")
+    if mla(h) and h["n_kv_heads"] != 1:
+        return err("an MLA model has one KV head (the latent all query heads share), the header says "
+                   f"n_kv_heads = {h['n_kv_heads']}")
+    if h["kv_rope_dim"] % 2:
+        return err(f"kv_rope_dim ({h['kv_rope_dim']}) must be even for RoPE")
     grouped = h["dtype"] if h["dtype"] else h["embedding_dtype"]  # a quantized dtype, if any
     if grouped and h["group_size"] != 32:
         return err(f"{DTYPE_NAMES[grouped]} group_size is {h['group_size']}; this engine reads groups of 32")
@@ -161,6 +177,12 @@ def expected_error(path, raw):
     end = layout_end(h)
     if end != size:
         return err(f"the header implies {end} bytes of file, the file has {size}; corrupt or truncated")
+    for name, shape, off, _ in testlib.tensor_layout(h) if mla(h) else []:
+        if name.endswith("rope_pairs"):
+            for j, i in enumerate(struct.unpack_from(f"<{shape[0]}i", raw, off)):
+                if not 0 <= i < h["head_dim"] // 2:
+                    return err(f"layer {name.split('.')[1]}: rope_pairs[{j}] = {i} is not a pair of a head "
+                               f"(0 .. {h['head_dim'] // 2 - 1}); corrupt file?")
     reason = tokenizer_error(h["tokenizer_kind"], raw[to:to + tb])
     if reason:
         return err(f"bad tokenizer section: {reason}")
@@ -182,6 +204,8 @@ def nonfinite_error(raw, h, err):
     """The loader's finite check: the first NaN/Inf f32 value or float16 scale, in file order."""
     for name, shape, off, _ in testlib.tensor_layout(h):
         n = int(np.prod(shape))
+        if name.endswith("rope_pairs"):  # MLA's int32 vector: range-checked before
+            continue
         dtype = testlib.tensor_dtype(h, name)
         if dtype and len(shape) == 2:
             rows, cols = shape
@@ -299,6 +323,11 @@ def build_bases():
                           "--n-kv-heads", "2", *SMALL)
     BASES["q8"] = export("q8", "--dim", "32", "--hidden-dim", "64", "--n-layers", "1", "--n-heads", "2",
                          "--n-kv-heads", "1", "--untied", "--rope-scaling", "llama3", "--dtype", "q8_0", *SMALL)
+    BASES["mla"] = export("mla", "--dim", "32", "--hidden-dim", "32", "--n-layers", "2", "--n-heads", "4",
+                          "--head-dim", "8", "--kv-latent-dim", "12", "--kv-rope-dim", "4", *SMALL)
+    BASES["mla_q8"] = export("mla_q8", "--dim", "64", "--hidden-dim", "32", "--n-layers", "1", "--n-heads", "2",
+                             "--head-dim", "32", "--kv-latent-dim", "32", "--kv-rope-dim", "6", "--untied",
+                             "--dtype", "q8_0", *SMALL)
     # q4_0 matrices (the default q8_0 embedding and classifier), every row ending in a short group
     BASES["q4"] = export("q4", "--dim", "40", "--hidden-dim", "44", "--n-layers", "1", "--n-heads", "2",
                          "--n-kv-heads", "1", "--untied", "--dtype", "q4_0", *SMALL)
@@ -344,8 +373,7 @@ def header_cases():
     h = header_of(raw)
     cases = []  # (name, bytes)
     for name, lo, hi in RANGES:
-        hi = h["vocab_size"] - 1 if hi is None else h[hi] if isinstance(hi, str) else hi
-        lo = h[lo] if isinstance(lo, str) else lo
+        lo, hi = bound(h, lo), bound(h, hi, h["vocab_size"] - 1)
         values = {"zero": 0, "minus_1": -1, "int_max": INT_MAX, "int_min": INT_MIN, "below_range": lo - 1,
                   "above_range": hi + 1}
         for label, v in values.items():
@@ -393,12 +421,39 @@ def header_cases():
     cases.append(("header_q8_embedding_dtype_f32", with_field(q8, "embedding_dtype", 0)))
     cases.append(("header_l2c_tokenizer_kind_llama3", with_field(l2c, "tokenizer_kind", 2)))
     cases.append(("header_l2c_bos_id_512", with_field(l2c, "bos_id", 512)))
+    cases += mla_header_cases()
     legacy = struct.pack("<7i", 288, 768, 6, 6, 6, 32000, 256) + bytes(4000)
     cases.append(("llama2c_checkpoint_says_how_to_convert", legacy))
     cases.append(("zeros", bytes(4096)))
     cases.append(("text_file", b"The quick brown fox jumps over the lazy dog.\n" * 20))
     for name, data in cases:
         run_case(name, data)
+
+
+def mla_header_cases():
+    """MLA's fields and tensors: the attention kind flipped either way, its
+    sizes out of range or inconsistent with the file, rope_pairs outside a head."""
+    gqa, m, m8 = BASES["f32"], BASES["mla"], BASES["mla_q8"]
+    cases = [("mla_header_gqa_file_says_mla", with_field(gqa, "attention", 1)),
+             ("mla_header_gqa_file_says_mla_with_sizes", with_field(with_field(with_field(gqa, "attention", 1),
+                                                                   "kv_latent_dim", 8), "kv_rope_dim", 4)),
+             ("mla_header_gqa_file_with_latent", with_field(gqa, "kv_latent_dim", 8)),
+             ("mla_header_says_gqa", with_field(m, "attention", 0)),
+             ("mla_header_attention_2", with_field(m, "attention", 2))]
+    for name, vals in [("n_kv_heads", [2, 4, 0]), ("kv_latent_dim", [0, 11, 13, 65536, 65537, -1]),
+                       ("kv_rope_dim", [0, 2, 3, 6, 4096, 4097, 4098]), ("head_dim", [6, 10]), ("n_heads", [2, 8])]:
+        for v in vals:
+            cases.append((f"mla_header_{name}_{v}".replace("-", "minus_"), with_field(m, name, v)))
+    for name, v in [("kv_latent_dim", 48), ("kv_latent_dim", 16), ("head_dim", 16), ("kv_rope_dim", 8)]:
+        cases.append((f"mla_q8_header_{name}_{v}", with_field(m8, name, v)))
+    for base, raw in [("mla", m), ("mla_q8", m8)]:  # rope_pairs: int32 pair indices of a head
+        h = header_of(raw)
+        layout = [(n, off) for n, _s, off, _b in testlib.tensor_layout(h) if n.endswith("rope_pairs")]
+        name, off = layout[-1]
+        for j, v in [(0, -1), (0, h["head_dim"] // 2), (h["kv_rope_dim"] // 2 - 1, INT_MAX), (0, INT_MIN)]:
+            cases.append((f"{base}_{name}_{j}_set_to_{v}".replace("-", "minus_"), put(raw, off + 4 * j, "<i", v)))
+        cases.append((f"{base}_{name}_last_pair_loads", put(raw, off, "<i", h["head_dim"] // 2 - 1)))
+    return cases
 
 
 def token_offsets(raw):
@@ -493,6 +548,11 @@ def nonfinite_cases():
              ("q8_scale_w2_inf", with_q8_scale(q8, "layers.0.w2", 5, 1, "inf")),
              ("q8_scale_classifier_minus_inf", with_q8_scale(q8, "classifier", 260, 0, "-inf")),
              ("q8_scale_embedding_inf", with_q8_scale(q8, "token_embedding", 0, 0, "inf")),
+             ("mla_wq_rope_nan", with_f32(BASES["mla"], "layers.0.wq_rope", 17, "nan")),
+             ("mla_wkv_a_inf", with_f32(BASES["mla"], "layers.1.wkv_a", 15 * 32 + 3, "inf")),
+             ("mla_wk_b_minus_inf", with_f32(BASES["mla"], "layers.1.wk_b", 47 * 8 + 7, "-inf")),
+             ("mla_q8_scale_wk_b_nan", with_q8_scale(BASES["mla_q8"], "layers.0.wk_b", 63, 0, "nan")),
+             ("mla_q8_scale_wv_b_inf", with_q8_scale(BASES["mla_q8"], "layers.0.wv_b", 0, 0, "inf")),
              ("q4_scale_w2_short_group_nan", with_q8_scale(BASES["q4"], "layers.0.w2", 39, 1, "nan")),
              ("q4_scale_w1_inf", with_q8_scale(BASES["q4"], "layers.0.w1", 43, 0, "inf")),
              ("q4_model_q8_scale_classifier_nan", with_q8_scale(BASES["q4"], "classifier", 100, 1, "nan"))]
@@ -542,7 +602,7 @@ if not os.access(testlib.RUN, os.X_OK):
     T.fail("malformed_setup", f"{testlib.RUN} is not built")
 else:
     T.run("malformed_setup", build_bases)  # a failure prints its FAIL line
-    if len(BASES) == 4:
+    if len(BASES) == 6:
         self_check()
         for fn in (truncation_cases, header_cases, tokenizer_cases, nonfinite_cases, overflow_cases, fuzz_inputs):
             T.run(fn.__name__, fn)

@@ -189,11 +189,16 @@ def tensor_layout(h):
     """[(name, shape, offset, nbytes)] as model.h places the tensors."""
     d, hid, V, hd = h["dim"], h["hidden_dim"], h["vocab_size"], h["head_dim"]
     q, kv = h["n_heads"] * hd, h["n_kv_heads"] * hd
+    dc, dr = h.get("kv_latent_dim", 0), h.get("kv_rope_dim", 0)
+    if h.get("attention", 0) == 1:  # MLA: rope_pairs (int32), q_C, q_R, [W_DKV; W_KR], W_UK^T and W_UV per head
+        attention = [("rope_pairs", (dr // 2,)), ("wq", (q, d)), ("wq_rope", (h["n_heads"] * dr, d)),
+                     ("wkv_a", (dc + dr, d)), ("wk_b", (h["n_heads"] * dc, hd)), ("wv_b", (q, dc))]
+    else:
+        attention = [("wq", (q, d)), ("wk", (kv, d)), ("wv", (kv, d))]
     names = [("token_embedding", (V, d))]
     for l in range(h["n_layers"]):
-        names += [(f"layers.{l}.{n}", s) for n, s in [
-            ("attn_norm", (d,)), ("wq", (q, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, q)),
-            ("ffn_norm", (d,)), ("w1", (hid, d)), ("w2", (d, hid)), ("w3", (hid, d))]]
+        names += [(f"layers.{l}.{n}", s) for n, s in [("attn_norm", (d,))] + attention + [
+            ("wo", (d, q)), ("ffn_norm", (d,)), ("w1", (hid, d)), ("w2", (d, hid)), ("w3", (hid, d))]]
     names.append(("final_norm", (d,)))
     if not h["tied_classifier"]:
         names.append(("classifier", (V, d)))
@@ -289,8 +294,8 @@ def read_tensors(path):
             with np.errstate(invalid="ignore"):  # a corrupt (inf, NaN) scale times q = 0
                 deq = q.reshape(rows, -1, Q8_GROUP).astype(np.float32) * scale.astype(np.float32)[:, :, None]
             out[name] = np.ascontiguousarray(deq.reshape(rows, -1)[:, :cols])
-        else:
-            out[name] = data[off:off + 4 * n].view("<f4").reshape(shape)
+        else:  # f32; MLA's rope_pairs int32
+            out[name] = data[off:off + 4 * n].view("<i4" if name.endswith("rope_pairs") else "<f4").reshape(shape)
     return h, out
 
 
