@@ -740,15 +740,19 @@ static void quantize_q8_row(uint8_t *row, const float *x, int n) {
 // On stories260K's weights: 6.8 % less squared error than GGML's rule.
 static const float Q4_DIVISORS[] = {-8.0f, -7.5f, -7.0f, 7.0f, 7.5f};
 
-static float q4_round_with(const float *x, float d, int8_t *q) { // q for scale d; returns the squared error
-    float inv = d != 0 ? 1.0f / d : 0, err = 0;
+// The group x rounded with scale d (to nearest even, clamped to [-8, 7]) into q.
+static void q4_round_with(const float *x, float d, int8_t *q) {
+    float inv = d != 0 ? 1.0f / d : 0;
     for (int i = 0; i < Q8_GROUP; i++) {
         float v = rintf(x[i] * inv);
         v = v > 7.0f ? 7.0f : v < -8.0f ? -8.0f : v;
         q[i] = (int8_t)(v == v ? (int)v : 0);
-        float e = x[i] - q[i] * d;
-        err += e * e;
     }
+}
+
+static float q4_error(const float *x, const int8_t *q, float d) { // squared error of q * d against x
+    float err = 0;
+    for (int i = 0; i < Q8_GROUP; i++) err += (x[i] - q[i] * d) * (x[i] - q[i] * d);
     return err;
 }
 
@@ -760,17 +764,14 @@ static uint16_t quantize_q4_group(const float *x, int8_t *q) {
     memset(q, 0, Q8_GROUP);
     for (size_t c = 0; c < sizeof Q4_DIVISORS / sizeof Q4_DIVISORS[0]; c++) {
         int8_t t[Q8_GROUP];
-        uint16_t h[2];
-        h[0] = f32_to_f16(m / Q4_DIVISORS[c]);
+        uint16_t h[2] = {f32_to_f16(m / Q4_DIVISORS[c])};
         q4_round_with(x, f16_to_f32(h[0]), t);
-        float xq = 0, qq = 0;
+        float xq = 0, qq = 0; // the least-squares scale for these q: sum x q / sum q^2
         for (int i = 0; i < Q8_GROUP; i++) { xq += x[i] * t[i]; qq += (float)(t[i] * t[i]); }
         h[1] = f32_to_f16(qq > 0 ? xq / qq : 0);
         for (int k = 0; k < 2; k++) {
-            int8_t u[Q8_GROUP];
-            float err = 0, d = f16_to_f32(h[k]);
-            for (int i = 0; i < Q8_GROUP; i++) { u[i] = t[i]; err += (x[i] - t[i] * d) * (x[i] - t[i] * d); }
-            if (err < best) { best = err; best_h = h[k]; memcpy(q, u, Q8_GROUP); }
+            float err = q4_error(x, t, f16_to_f32(h[k]));
+            if (err < best) { best = err; best_h = h[k]; memcpy(q, t, Q8_GROUP); }
         }
     }
     return best_h;

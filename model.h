@@ -104,12 +104,16 @@
                 clamped to [-8, 7], then scale refit by least squares to
                 sum x q / sum q^2 (rounded to float16); the scale of the
                 smallest squared error wins (GGML: scale = m / -8 only; the
-                search leaves 6.8 % less squared error on stories260K).
+                search leaves 6.8 % less squared error on stories260K's
+                weights, perplexity 9.137 instead of 9.224).
      embedding_dtype: export.py stores token_embedding and the classifier
-                in q8_0 when the matrices are q4_0 (measured in README.md:
-                on the tiny models 4 bits there cost as much perplexity as
-                in all other matrices together, for under 10 % of the file
-                bytes at the 1B shape), else in dtype; any DTYPE_* loads.
+                in q8_0 when the matrices are q4_0, else in dtype; any
+                DTYPE_* loads. Measured (experiments/quant_quality.md): a
+                4-bit embedding/classifier adds 26 % to stories260K's KL from
+                f32 (0.186 -> 0.234 nats/token; aidreams260K 0.063 -> 0.073)
+                and saves 16 % of a Llama-3.2-1B-shape file (827 -> 696 MB),
+                the classifier being the most sensitive matrix (llama.cpp
+                keeps it at 6-8 bits too).
 
    Multi-head latent attention (attention = ATTENTION_MLA; DeepSeek-V2,
    section 2.1, without the query's compression)

@@ -44,7 +44,7 @@ incomplete one, is exported again); results go there as JSON. ./run is copied
 before use, since others may rebuild it meanwhile. Python 3 standard library
 only; export/export.py runs under the first python3 that can import numpy.
 
-usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0|q4_0]
+usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0|q4_0|q4_0-e4]
                               [--kv-types f32,f16,q8_0]
                               [--wait-idle SECONDS] [--report RESULTS.json]
 """
@@ -290,7 +290,10 @@ def repeat(runs, fn, what):
 
 # ----------------------------------------------------------------------------
 # Models: <cache>/llama1b-{dtype}.bin (8 KV heads, the preset) and
-# <cache>/llama1b-kv{K}-{dtype}.bin for other KV head counts.
+# <cache>/llama1b-kv{K}-{dtype}.bin for other KV head counts. A weights name
+# is an export.py --dtype, or one of WEIGHTS_FLAGS: another choice of flags.
+WEIGHTS_FLAGS = {"q4_0-e4": ["--dtype", "q4_0", "--embedding-dtype", "q4_0"]}  # q4_0 embedding/classifier too
+WEIGHTS = ("f32", "q8_0", "q4_0", "q4_0-e4")
 
 
 def numpy_python():
@@ -363,7 +366,7 @@ def ensure_model(args, dtype, kv=8):
         return None
     tokenizer = os.path.join(args.shared, "models", "llama3-tokenizer.json")
     cmd = [python, os.path.join(ROOT, "export", "export.py"), path, "--random", "--preset", "llama3.2-1b",
-           "--tokenizer", tokenizer, "--dtype", dtype]
+           "--tokenizer", tokenizer] + WEIGHTS_FLAGS.get(dtype, ["--dtype", dtype])
     if kv == MLA:
         cmd += ["--kv-latent-dim", "512", "--kv-rope-dim", "64"]
     elif kv != 8:
@@ -711,7 +714,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
     ap.add_argument("--threads", type=int, default=2, help="threads for ./run and the microbenchmarks (default 2)")
     ap.add_argument("--skip-depth", action="store_true", help="skip the decode-at-depth test")
-    ap.add_argument("--only", choices=("f32", "q8_0", "q4_0"), help="benchmark only these weights")
+    ap.add_argument("--only", choices=WEIGHTS, help="benchmark only these weights")
     ap.add_argument("--depth-weights", choices=("both", "f32", "q8_0"), default="both",
                     help="weights of the depth-test models (default: both)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 3, --quick 1)")
@@ -763,7 +766,7 @@ def bench_all(args, t0):
     log("machine: %.1f GB/s, %.0f GFLOP/s %s" % (res["machine"]["bandwidth_gbs"], res["machine"]["fma_peak_gflops"],
                                                   res["machine"]["vector_unit"]))
 
-    dtypes = [args.only] if args.only else ["f32", "q8_0", "q4_0"]
+    dtypes = [args.only] if args.only else list(WEIGHTS)
     first = ensure_model(args, dtypes[0])
     if not first:
         sys.exit("bench: cannot make the %s model" % dtypes[0])

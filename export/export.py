@@ -4,7 +4,7 @@ tokenizer section, weights; every tensor 64-byte aligned).
 
 Four sources:
 
-  python3 export/export.py OUT.bin --hf HF_DIR [--dtype f32|q8_0]
+  python3 export/export.py OUT.bin --hf HF_DIR [--dtype f32|q8_0|q4_0] [--embedding-dtype T]
       A Hugging Face Llama 3.x directory: config.json, model.safetensors (or
       shards listed in model.safetensors.index.json) and tokenizer.json.
   python3 export/export.py OUT.bin --gguf MODEL.gguf [--dtype f32|q8_0]
@@ -15,7 +15,7 @@ Four sources:
       written as --dtype (default q8_0 for a quantized file, else f32).
   python3 export/export.py OUT.bin --llama2c MODEL.bin --tokenizer TOK.bin
       A legacy llama2.c checkpoint and its tokenizer.bin. Needs no numpy
-      (unless --dtype q8_0).
+      (unless --dtype q8_0 or q4_0).
   python3 export/export.py OUT.bin --random [--preset llama3.2-1b] [--dim N ...]
       Random weights of any shape, e.g. the Llama-3.2-1B shape for benchmarks.
 
@@ -54,7 +54,14 @@ stored as blocks of up to 32 groups of 32 values, a block being its int8
 values (interleaved 4 at a time across chunks of 16 groups) then its float16
 scales (scale = max|x| / 127 rounded to float16; an export whose scale would
 overflow float16 is refused); rows follow each other with no padding,
-cols * 17 / 16 bytes each. Norm vectors stay f32.
+cols * 17 / 16 bytes each. With --dtype q4_0 the same groups hold 4-bit
+values (q in [-8, 7], GGML's Q4_0; the scale chosen by a small search,
+quantize_q4_0), two of q8_0's interleaved rows per byte row, 18 bytes a group;
+the token embedding and classifier stay q8_0 unless --embedding-dtype says
+otherwise. A row whose length is not a multiple of 32 ends with a short group,
+zero-padded. Norm vectors stay f32. The layout is kept apart from the rounding:
+q8_0_rows(q, scale) and q4_0_rows(q, scale) take integer values and float16
+scales (a GGUF Q8_0 / Q4_0 tensor repacks through them bit-exactly).
 """
 import argparse
 import json
@@ -1160,9 +1167,10 @@ def tensor_dtype(name, dtype, embedding_dtype):
 
 def default_embedding_dtype(dtype):
     """The rule for the token embedding and the classifier: q4_0 models keep
-    them at q8_0 (measured on stories260K and aidreams260K, README: 4 bits
-    there cost more perplexity than in all the other matrices together);
-    f32 and q8_0 models store them as the other matrices."""
+    them at q8_0 (experiments/quant_quality.md: 4 bits there add 26 % to
+    stories260K's KL from f32, 16 % to aidreams260K's, for 16 % fewer bytes
+    of a Llama-3.2-1B-shape file); f32 and q8_0 models store them as the
+    other matrices."""
     return DTYPE_Q8_0 if dtype == DTYPE_Q4_0 else dtype
 
 
