@@ -19,7 +19,7 @@ PYTHON  ?= $(shell for p in python3 /usr/bin/python3 python; do \
              $$p -c 'import numpy' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 
 ENGINE_SRC := run.c tokenizer.c
-ENGINE_HDR := kernels.h model.h pool.h tokenizer.h unicode_tables.h
+ENGINE_HDR := kernels.h matmul.h model.h pool.h tokenizer.h unicode_tables.h
 C_TESTS    := $(patsubst %.c,%,$(wildcard tests/test_*.c))
 
 .PHONY: all demo test bench clean
