@@ -115,7 +115,7 @@ run-asan: $(ENGINE_SRC) $(ENGINE_HDR)
 run-tsan: $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(SAN_CFLAGS) $(TSAN_FLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
 
-test-asan test-tsan: test-%: run-%
+test-asan test-tsan: test-%: run-% run  # ./run: export.py --calib tokenizes with it
 	@$(FIND_PYTHON)
 	$(MAKE) -B tests/logits $(C_TESTS) CFLAGS="$(SAN_CFLAGS) $(if $(filter asan,$*),$(ASAN_FLAGS),$(TSAN_FLAGS))"
 	@$(FIND_PYTHON); $(SAN_ENV) RUN=./run-$* PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh; \
