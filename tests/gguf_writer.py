@@ -56,9 +56,21 @@ def gguf_value(vtype, value):
     return struct.pack("<" + SCALAR[vtype], value)
 
 
+def tensor_nbytes(tname, shape):
+    """Bytes of a tensor of this ggml type and shape (whole blocks)."""
+    n = 1
+    for d in shape:
+        n *= d
+    per, size = BLOCK[tname]
+    return n // per * size
+
+
 def write_gguf(path, meta, tensors, version=3, alignment=None):
     """meta: [(key, type, value)]; tensors: [(name, type name, shape (rows, cols)
-    or (n,), raw bytes)]. alignment: written as general.alignment when given."""
+    or (n,), raw)], raw: the bytes, or a function returning them, called once
+    when the tensor is written (so a big model streams tensor by tensor; its
+    size comes from shape and type). alignment: written as general.alignment
+    when given."""
     align = alignment or 32
     if alignment is not None:
         meta = list(meta) + [("general.alignment", UINT32, alignment)]
@@ -71,8 +83,9 @@ def write_gguf(path, meta, tensors, version=3, alignment=None):
         marks["kv"].append({"key": k, "start": pos, "type": key_end, "value": key_end + 4})
         head.append(entry)
         pos += len(entry)
-    offset, data = 0, []
+    offset, sizes = 0, []
     for name, tname, shape, raw in tensors:
+        nbytes = tensor_nbytes(tname, shape) if callable(raw) else len(raw)
         dims = list(reversed(shape))
         info = (gguf_string(name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
                 + struct.pack("<IQ", GGML[tname], offset))
@@ -81,10 +94,9 @@ def write_gguf(path, meta, tensors, version=3, alignment=None):
                                      "type": n_dims_at + 4 + 8 * len(dims), "offset": n_dims_at + 8 + 8 * len(dims)})
         head.append(info)
         pos += len(info)
-        marks["tensor"].append({"name": name, "offset": offset, "bytes": len(raw)})
-        pad = -len(raw) % align
-        data.append(raw + bytes(pad))
-        offset += len(raw) + pad
+        marks["tensor"].append({"name": name, "offset": offset, "bytes": nbytes})
+        sizes.append(nbytes)
+        offset += nbytes + -nbytes % align
     marks["infos_end"] = pos
     head = b"".join(head)
     head += bytes(-len(head) % align)
@@ -93,7 +105,12 @@ def write_gguf(path, meta, tensors, version=3, alignment=None):
         t["start"] = len(head) + t["offset"]
     with open(path, "wb") as f:
         f.write(head)
-        f.write(b"".join(data))
+        for (name, _, _, raw), nbytes in zip(tensors, sizes):
+            data = raw() if callable(raw) else raw
+            if len(data) != nbytes:
+                raise ValueError(f"{name}: {len(data)} bytes, its shape and type make {nbytes}")
+            f.write(data)
+            f.write(bytes(-nbytes % align))
     return marks
 
 

@@ -168,6 +168,20 @@ def other_types():
     T.check("gguf_version_2_with_alignment_64_reads_as_version_3",
             same_file(export_ok(path("small_v2.bin"), "--gguf", path("small_v2.gguf")),
                       export_ok(path("small_v3.bin"), "--gguf", g8)), "")
+    # The writer streams tensors given as functions (bench/vs_llamacpp.py's 1B GGUF): the same bytes
+    # as the tensors given whole, padding included; a function returning the wrong size is refused
+    gw.write_gguf(path("small_v2_lazy.gguf"), meta, [(n, t, s, lambda r=r: r) for n, t, s, r in tensors],
+                  version=2, alignment=64)
+    T.check("gguf_writer_streams_tensors_given_as_functions",
+            same_file(path("small_v2_lazy.gguf"), path("small_v2.gguf")), "")
+    n, t, s, r = tensors[-1]
+    try:
+        gw.write_gguf(path("short.gguf"), meta, tensors[:-1] + [(n, t, s, lambda: r[:-1])])
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    T.check("gguf_writer_refuses_a_tensor_of_the_wrong_size",
+            refused == f"{n}: {len(r) - 1} bytes, its shape and type make {len(r)}", refused)
 
 
 def real_llama_rope_scaling():
