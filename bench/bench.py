@@ -212,10 +212,10 @@ PREFILL_RE = re.compile(r"^prefill: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 DECODE_RE = re.compile(r"^decode: (\d+) tokens, ([0-9.]+) tok/s$", re.M)
 
 
-def generate(model, threads, n, prompt=None, prompt_file=None, context=None):
-    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads` run -> dict, or None on failure."""
+def generate(model, threads, n, prompt=None, prompt_file=None, context=None, extra=()):
+    """One `./run MODEL -i/-f PROMPT -n N -t 0 -T threads [extra]` run -> dict, or None on failure."""
     cmd = [RUN, model] + (["-f", prompt_file] if prompt_file else ["-i", prompt])
-    cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else [])
+    cmd += ["-n", str(n), "-t", "0", "-T", str(threads)] + (["-c", str(context)] if context else []) + list(extra)
     quiet_machine()
     r = run_child(cmd)
     pre, dec = PREFILL_RE.search(r["stderr"]), DECODE_RE.search(r["stderr"])
