@@ -417,7 +417,7 @@ def main():
         try:
             with open(args.report) as f:
                 print(report(json.load(f)))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             fail("%s: not a results file of vs_llamacpp.py (%s)" % (args.report, e))
         return
     if not args.llama_bench:
