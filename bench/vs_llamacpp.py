@@ -24,8 +24,11 @@ Missing files are made once into ${XDG_CACHE_HOME:-~/.cache}/l3bench/peer/
 (--cache): a few minutes; llama-quantize is looked for next to llama-bench
 unless --llama-quantize says where it is.
 
-Measured in interleaved rounds (--rounds, default 3; each round: bandwidth and
-FMA peak, then for each pair: ours, theirs), medians over the rounds:
+Measured in interleaved rounds (each round: bandwidth and FMA peak, then for each
+pair: ours, theirs) until each pair has --rounds (default 3) quiet ones: rounds in
+which other programs used more than --max-others (default 25 %) of the machine
+during one of the pair's runs are made again (up to --retries more, default
+--rounds) and left out while quiet ones exist; medians over the quiet rounds:
   ours    decode: ./run -T 2 -t 0 on a short prompt, then 64 decoded tokens
           (the "decode:" line: tok/s over those 64); prefill: ./run on a
           128-token prompt (BOS included) cut from prose.txt (the "prefill:" line),
@@ -35,15 +38,16 @@ FMA peak, then for each pair: ours, theirs), medians over the rounds:
           each after its own warm-up run; llama.cpp's KV cache is f16 (its
           default), ours f32 (ours): at these depths it is < 0.1 % of the bytes.
   machine bench/bandwidth (read GB/s) and bench/fma_peak (f32 GFLOP/s) in each
-          round; % roofline = decode tok/s x bytes of weights per token / the
-          round's bandwidth (ours: -m info's weight_bytes; theirs: llama-bench's
-          model_size), % FMA peak = prefill tok/s x 2 x matmul params / FMA peak.
+          round, the best of the rounds kept (other programs only lower them);
+          % roofline = decode tok/s x bytes of weights per token / bandwidth
+          (ours: -m info's weight_bytes; theirs: llama-bench's model_size),
+          % FMA peak = prefill tok/s x 2 x matmul params / FMA peak.
   ratio   ours / theirs within each round (the two ran seconds apart), median
           over the rounds, with its range.
 
 usage: python3 bench/vs_llamacpp.py --llama-bench PATH [--llama-quantize PATH]
                                     [--pairs q8_0,q4_0,q4_0-e4] [--rounds 3] [--threads 2]
-                                    [--cache DIR] [--wait-idle SECONDS]
+                                    [--max-others 0.25] [--retries N] [--cache DIR] [--wait-idle SECONDS]
        python3 bench/vs_llamacpp.py --report RESULTS.json
 Python 3 standard library only (the GGUF writer and the exporter run under the
 first python3 that can import numpy). Results: <cache>/vs-llamacpp-DATE.json.
@@ -264,15 +268,22 @@ def measure(args, files):
     for gguf, bin_ in files.values():
         B.level_page_cache(gguf)
         B.level_page_cache(bin_)
-    for i in range(args.rounds):
-        B.log("round %d/%d: bandwidth and FMA peak" % (i + 1, args.rounds))
+    # Rounds until each pair has args.rounds quiet ones (no run of it disturbed by other programs
+    # beyond --max-others), at most args.retries more than args.rounds.
+    tries = args.rounds + (args.rounds if args.retries is None else args.retries)
+    i = 0
+    while i < tries and min(sum(map(quiet_sample, samples[p])) for p in files) < args.rounds:
+        B.log("round %d (at most %d): bandwidth and FMA peak" % (i + 1, tries))
         machine.append(B.measure_machine(args.threads, 1))
         for p, (gguf, bin_) in files.items():
-            B.log("round %d/%d: %s ours" % (i + 1, args.rounds, p))
+            if sum(map(quiet_sample, samples[p])) >= args.rounds:
+                continue
+            B.log("round %d: %s ours" % (i + 1, p))
             o = ours(bin_, args.threads, decode_prompt, prompt_file)
-            B.log("round %d/%d: %s llama.cpp" % (i + 1, args.rounds, p))
+            B.log("round %d: %s llama.cpp" % (i + 1, p))
             t = llama_bench(args, gguf)
-            samples[p].append({"ours": o, "theirs": t})
+            samples[p].append({"round": i, "ours": o, "theirs": t})
+        i += 1
     return machine, samples, infos, check, {"decode_prompt_tokens": decode_prompt[1],
                                             "prefill_prompt_tokens": prompt_file[1]}
 
@@ -281,30 +292,46 @@ def measure(args, files):
 # Summary and report
 
 
+def sample_runs(r):
+    return [r["ours"]["decode"], r["ours"]["prefill"], r["theirs"]] if r["ours"] and r["theirs"] else []
+
+
+def quiet_sample(r):
+    """Both engines measured, and no run disturbed by other programs beyond --max-others."""
+    runs = sample_runs(r)
+    return bool(runs) and all(B.is_quiet(x) for x in runs)
+
+
 def max_others(runs):
     xs = [r["others"] for r in runs if r.get("others") is not None]
     return max(xs) if xs else None
 
 
 def summarize(res):
-    """Per pair: the medians, and the ours/theirs ratios of each round."""
+    """Per pair: the medians over its quiet rounds (all rounds if none was quiet), and the
+    ours/theirs ratios of each of those rounds."""
+    B.MAX_OTHERS = res["args"].get("max_others", B.MAX_OTHERS)
     med = B.median
-    bw = [m["bandwidth_gbs"] for m in res["machine"]]
-    fma = [m["fma_peak_gflops"] for m in res["machine"]]
+    # ceilings: other programs only lower them, so the best of the rounds is the closest to the hardware
+    bw = max(m["bandwidth_gbs"] for m in res["machine"])
+    fma = max(m["fma_peak_gflops"] for m in res["machine"])
     out = {}
     for p, rounds in res["samples"].items():
         info = res["infos"][p]
+        for j, r in enumerate(rounds):
+            r.setdefault("round", j)
         ok = [r for r in rounds if r["ours"] and r["theirs"] and "pp" in r["theirs"] and "tg" in r["theirs"]]
         if not ok:
             out[p] = None
             continue
+        n_ok = len(ok)
+        ok = [r for r in ok if quiet_sample(r)] or ok  # the quiet rounds, if there are any
         od = [r["ours"]["decode"]["forward_tps"] for r in ok]
         op = [r["ours"]["prefill"]["prefill_tps"] for r in ok]
         td = [r["theirs"]["tg"]["avg_ts"] for r in ok]
         tp = [r["theirs"]["pp"]["avg_ts"] for r in ok]
-        idx = [i for i, r in enumerate(rounds) if r in ok]
         theirs_bytes = ok[0]["theirs"]["tg"].get("model_size")
-        s = {"rounds": len(ok),
+        s = {"rounds": len(ok), "rounds_measured": n_ok, "quiet": quiet_sample(ok[0]),
              "ours_decode": od, "ours_prefill": op, "theirs_decode": td, "theirs_prefill": tp,
              "decode_ratio": [a / b for a, b in zip(od, td)], "prefill_ratio": [a / b for a, b in zip(op, tp)],
              "ours_weight_bytes": info["weight_bytes"], "theirs_model_size": theirs_bytes,
@@ -312,11 +339,11 @@ def summarize(res):
              "theirs_model_type": ok[0]["theirs"]["tg"].get("model_type"),
              "ours_others": max_others([r["ours"]["decode"] for r in ok] + [r["ours"]["prefill"] for r in ok]),
              "theirs_others": max_others([r["theirs"] for r in ok])}
-        s["ours_roofline"] = med([100 * t * info["weight_bytes"] / (bw[i] * 1e9) for t, i in zip(od, idx)])
-        s["ours_fma"] = med([100 * t * 2 * info["matmul_params"] / (fma[i] * 1e9) for t, i in zip(op, idx)])
+        s["ours_roofline"] = 100 * med(od) * info["weight_bytes"] / (bw * 1e9)
+        s["ours_fma"] = 100 * med(op) * 2 * info["matmul_params"] / (fma * 1e9)
         if theirs_bytes:
-            s["theirs_roofline"] = med([100 * t * theirs_bytes / (bw[i] * 1e9) for t, i in zip(td, idx)])
-        s["theirs_fma"] = med([100 * t * 2 * info["matmul_params"] / (fma[i] * 1e9) for t, i in zip(tp, idx)])
+            s["theirs_roofline"] = 100 * med(td) * theirs_bytes / (bw * 1e9)
+        s["theirs_fma"] = 100 * med(tp) * 2 * info["matmul_params"] / (fma * 1e9)
         out[p] = s
     return out
 
@@ -334,14 +361,15 @@ OUR_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0, embedding q8_0", "q4_0-e4": "q4_0, e
 def report(res):
     summ = summarize(res)
     m = res["machine"]
-    lines = ["## this engine vs llama.cpp (%d threads, %d interleaved rounds, medians (range))"
-             % (res["args"]["threads"], res["args"]["rounds"]), "",
-             "read bandwidth %s GB/s, f32 FMA peak %s GFLOP/s (%s), one measurement per round; "
+    lines = ["## this engine vs llama.cpp (%d threads; interleaved rounds, medians (range) over the quiet ones)"
+             % res["args"]["threads"], "",
+             "read bandwidth %s GB/s, f32 FMA peak %s GFLOP/s (%s): the best (all) of the rounds; "
              "load average at start %s; llama.cpp: %s" % (
-                 spread([x["bandwidth_gbs"] for x in m]), spread([x["fma_peak_gflops"] for x in m], "%.0f"),
+                 "%.1f (%s)" % (max(x["bandwidth_gbs"] for x in m), " ".join("%.1f" % x["bandwidth_gbs"] for x in m)),
+                 "%.0f (%s)" % (max(x["fma_peak_gflops"] for x in m), " ".join("%.0f" % x["fma_peak_gflops"] for x in m)),
                  m[0]["vector_unit"], " ".join("%.2f" % x for x in res["loadavg"]), res.get("llama_version", "?")), "",
              "| engine | weights | MiB read per token | decode tok/s | %% roofline | prefill tok/s (%d tokens) "
-             "| %% FMA peak | ours / theirs decode | ours / theirs prefill | others |" % PREFILL_TOKENS,
+             "| %% FMA peak | ours / theirs decode | ours / theirs prefill | others (rounds used/made) |" % PREFILL_TOKENS,
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p, s in summ.items():
         if not s:
@@ -354,7 +382,8 @@ def report(res):
         lines.append("| this engine | %s | %.0f | %s | %.0f %% | %s | %.0f %% | **%s** | **%s** | %s |" % (
             OUR_TYPES[p], s["ours_weight_bytes"] / B.MIB, spread(s["ours_decode"]), s["ours_roofline"],
             spread(s["ours_prefill"], "%.0f"), s["ours_fma"], spread(s["decode_ratio"], "%.2f"),
-            spread(s["prefill_ratio"], "%.2f"), B.fmt(s["ours_others"] and 100 * s["ours_others"], "%.0f %%")))
+            spread(s["prefill_ratio"], "%.2f"), B.fmt(s["ours_others"] and 100 * s["ours_others"], "%.0f %%")
+            + " (%d/%d%s)" % (s["rounds"], s["rounds_measured"], "" if s["quiet"] else ", none quiet")))
     checks = []
     if summ.get("q4_0"):
         checks.append(("q4_0 decode >= 1.5x llama.cpp Q4_0's tg64", B.median(summ["q4_0"]["decode_ratio"]), 1.5))
@@ -374,10 +403,11 @@ def report(res):
               % (DECODE_TOKENS, t.get("decode_prompt_tokens", 0), t.get("prefill_prompt_tokens", "?"),
                  DECODE_TOKENS, PREFILL_TOKENS),
               "- MiB read per token: ours -m info's weight_bytes, llama.cpp's model_size (the tensors); %% roofline = "
-              "decode tok/s x those bytes / the round's bandwidth; %% FMA peak = prefill tok/s x 2 x %.4g / the round's "
-              "FMA peak." % next((s["matmul_params"] for s in summ.values() if s), 0),
-              "- ratios: ours / theirs within each round (seconds apart), median (range) over the rounds; others = the "
-              "most CPU other programs used during any of these runs (% of all cores).",
+              "decode tok/s x those bytes / the bandwidth; %% FMA peak = prefill tok/s x 2 x %.4g / the FMA peak." % next((s["matmul_params"] for s in summ.values() if s), 0),
+              "- ratios: ours / theirs within each round (seconds apart), median (range) over the rounds used; others = the "
+              "most CPU other programs used during any of the runs used (%% of all cores); a round where any run of a "
+              "pair saw more than %.0f %% is noisy: left out while quiet ones exist, and made again (--retries)." %
+              (100 * B.MAX_OTHERS),
               "", "took %.0f s; ./run at %s%s" % (res["elapsed_s"], (res["git"].get("commit") or "?")[:7],
                                                   " + uncommitted changes" if res["git"].get("dirty") else "")]
     return "\n".join(lines)
@@ -399,7 +429,11 @@ def main():
     ap.add_argument("--llama-quantize", metavar="PATH", help="llama.cpp's llama-quantize (default: next to llama-bench)")
     ap.add_argument("--pairs", default="q8_0,q4_0,q4_0-e4", help="comma-separated, of %s (default %%(default)s)"
                     % ", ".join(PAIRS))
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3, help="quiet interleaved rounds wanted (default %(default)s)")
+    ap.add_argument("--max-others", type=float, default=B.MAX_OTHERS, metavar="FRACTION",
+                    help="a round is noisy if other programs used more than this fraction of all cores during one "
+                    "of its runs (default %(default)s): left out of the medians while quiet ones exist")
+    ap.add_argument("--retries", type=int, help="extra rounds to replace noisy ones (default: as many as --rounds)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines (default %(default)s)")
     ap.add_argument("--cache", default=cache_default, help="models and results (default %(default)s)")
     ap.add_argument("--shared", default=os.environ.get("SHARED") or os.path.join(ROOT, "..", "shared"))
@@ -431,7 +465,7 @@ def main():
         fail("--rounds and --threads must be at least 1")
     args.llama_bench = os.path.abspath(args.llama_bench)
     B.VERBOSE = B.VERBOSE or args.verbose
-    B.WAIT_IDLE = args.wait_idle
+    B.WAIT_IDLE, B.MAX_OTHERS = args.wait_idle, args.max_others
     os.makedirs(args.cache, exist_ok=True)
     t0 = time.time()
     B.build(os.environ.get("CC", "cc"))
