@@ -50,7 +50,8 @@ usage: python3 bench/vs_llamacpp.py --llama-bench PATH [--llama-quantize PATH]
                                     [--max-others 0.25] [--retries N] [--cache DIR] [--wait-idle SECONDS]
        python3 bench/vs_llamacpp.py --report RESULTS.json
 Python 3 standard library only (the GGUF writer and the exporter run under the
-first python3 that can import numpy). Results: <cache>/vs-llamacpp-DATE.json.
+first python3 that can import numpy). Results: <cache>/vs-llamacpp-DATE.json,
+written after each round.
 """
 import argparse
 import json
@@ -251,9 +252,10 @@ def same_output(args, files, prompt):
     return out
 
 
-def measure(args, files):
-    machine, samples = [], {p: [] for p in files}
-    infos = {p: B.model_info(files[p][1]) for p in files}
+def measure(args, files, res, save):
+    """Fills res (machine, samples, infos, same_output, prompts), calling save() after each round."""
+    machine, samples = res["machine"], res["samples"] = [], {p: [] for p in files}
+    infos = res["infos"] = {p: B.model_info(files[p][1]) for p in files}
     if None in infos.values():
         fail("./run -m info failed on one of %s" % [f[1] for f in files.values()])
     first = files[next(iter(files))][1]
@@ -263,8 +265,9 @@ def measure(args, files):
     with open(short, "w") as f:
         f.write(B.SHORT_PROMPT)
     decode_prompt = (B.SHORT_PROMPT, prompts.count(short))
+    res["prompts"] = {"decode_prompt_tokens": decode_prompt[1], "prefill_prompt_tokens": prompt_file[1]}
     B.log("the same-output check")
-    check = same_output(args, files, B.SHORT_PROMPT)
+    res["same_output"] = same_output(args, files, B.SHORT_PROMPT)
     for gguf, bin_ in files.values():
         B.level_page_cache(gguf)
         B.level_page_cache(bin_)
@@ -284,8 +287,7 @@ def measure(args, files):
             t = llama_bench(args, gguf)
             samples[p].append({"round": i, "ours": o, "theirs": t})
         i += 1
-    return machine, samples, infos, check, {"decode_prompt_tokens": decode_prompt[1],
-                                            "prefill_prompt_tokens": prompt_file[1]}
+        save()
 
 
 # ----------------------------------------------------------------------------
@@ -471,18 +473,22 @@ def main():
     B.build(os.environ.get("CC", "cc"))
     B.RUN = os.path.join(args.cache, "run.%d" % os.getpid())  # a copy: others rebuild ./run meanwhile
     shutil.copy2(os.path.join(ROOT, "run"), B.RUN)
+    path = os.path.join(args.cache, "vs-llamacpp-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+
+    def save():  # after each round, so that an interrupted run keeps what it measured (--report reads it)
+        res["elapsed_s"] = time.time() - t0
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
     try:
         files = ensure_files(args, pairs)
         res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": B.git_state(), "loadavg": os.getloadavg(),
                "args": vars(args), "llama_version": llama_version(args.llama_bench), "files": files}
-        res["machine"], res["samples"], res["infos"], res["same_output"], res["prompts"] = measure(args, files)
+        measure(args, files, res, save)
     finally:
         os.remove(B.RUN)
-    res["elapsed_s"] = time.time() - t0
     res["summary"] = summarize(res)
-    path = os.path.join(args.cache, "vs-llamacpp-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    save()
     print(report(res))
     print("\nresults: %s" % path)
 
