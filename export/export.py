@@ -948,6 +948,27 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr, balance=1.0):
 
 MLA_BALANCES = (0.5, 1.0, 2.0)  # the keys' weights in the latent's PCA tried per layer
 MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are compared on
+MLA_REFIT_KEYS = int(os.environ.get("MLA_REFIT_KEYS", "1"))
+MLA_REFIT_VALUES = int(os.environ.get("MLA_REFIT_VALUES", "1"))
+MLA_REFIT_WINDOWS = int(os.environ.get("MLA_REFIT_WINDOWS", "1000"))
+MLA_KEY_STRIDE = int(os.environ.get("MLA_KEY_STRIDE", "4"))
+MLA_RIDGE = float(os.environ.get("MLA_RIDGE", "1e-3"))
+
+
+def rope_pairs_turn(x, pos, f):
+    """x (T, ..., 2 * len(f)) with pair j of row t turned by the angle pos[t] * f[j] (file convention)."""
+    ang = (pos[:, None] * f[None, :]).reshape((len(pos),) + (1,) * (x.ndim - 2) + (len(f),))
+    cos, sin = np.cos(ang), np.sin(ang)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    y = np.empty_like(x)
+    y[..., 0::2], y[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    return y
+
+
+def ridge_solve(G, b, u0, ridge):
+    """argmin_u u^T G u - 2 b^T u + ridge * mean(diag G) * |u - u0|^2."""
+    lam = ridge * max(float(np.mean(np.diag(G))), 1e-30)
+    return np.linalg.solve(G + lam * np.eye(len(G)), b + lam * u0)
 
 
 def calibrate_layers(c, weights, ids_list, convert):
@@ -961,20 +982,12 @@ def calibrate_layers(c, weights, ids_list, convert):
     see (sequential calibration; stories260K on the first 100 KB of the
     held-out half of tinystories-valid: --mla 32 15.6 -> 15.5, --mla 16
     67.1 -> 61.5, against calibrating every layer on the source's inputs)."""
-    H, hd = c.n_heads, c.head_dim
+    H, hd, G = c.n_heads, c.head_dim, c.n_kv_heads
     freq = rope_frequencies(c).astype(np.float32)
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
 
     def rmsnorm(x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * w
-
-    def rope(x, pos, f):  # x (T, heads, 2 * len(f)): pair j turned by pos * f[j]
-        ang = pos[:, None] * f[None, :]
-        cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        y = np.empty_like(x)
-        y[..., 0::2], y[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
-        return y
 
     def softmax_causal(scores):
         T = scores.shape[-1]
@@ -982,24 +995,33 @@ def calibrate_layers(c, weights, ids_list, convert):
         e = np.exp(scores - scores.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    def mla(t, h, pos):  # the converted layer's attention (absorbed), (T, H * hd)
+    def mla_parts(t, h, pos):  # the converted layer (absorbed): attention (H, T, T), latent (T, dc), rotated k_R (T, dr)
         T, dc, dr = len(h), t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
         f = freq[t["rope_pairs"]]
         kv = h @ t["wkv_a"].T
-        lat, kr = kv[:, :dc], rope(kv[:, None, dc:], pos, f)[:, 0]
-        q_lat = np.einsum("hcd,thd->thc", t["wk_b"].reshape(H, dc, hd), (h @ t["wq"].T).reshape(T, H, hd))
-        q_r = rope((h @ t["wq_rope"].T).reshape(T, H, dr), pos, f)
-        att = softmax_causal((np.einsum("thc,sc->hts", q_lat, lat) + np.einsum("thr,sr->hts", q_r, kr))
-                             / np.float32(np.sqrt(hd + dr)))
-        return np.einsum("hdc,thc->thd", t["wv_b"].reshape(H, hd, dc), np.einsum("hts,sc->thc", att, lat)).reshape(T, -1)
+        lat, kr = kv[:, :dc], rope_pairs_turn(kv[:, dc:], pos, f)
+        q = (h @ t["wq"].T).reshape(T, H, 1, hd)
+        q_lat = (q @ t["wk_b"].reshape(H, dc, hd).transpose(0, 2, 1))[:, :, 0].transpose(1, 0, 2)  # (H, T, dc)
+        q_r = rope_pairs_turn((h @ t["wq_rope"].T).reshape(T, H, dr), pos, f).transpose(1, 0, 2)  # (H, T, dr)
+        att = softmax_causal((q_lat @ lat.T + q_r @ kr.T) / np.float32(np.sqrt(hd + dr)))
+        return att, lat, kr
 
-    def gqa(p, h, pos):  # the source layer's attention, (T, H * hd)
-        T, G = len(h), c.n_kv_heads
-        q = rope((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
-        k = np.repeat(rope((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
+    def mla(t, h, pos):  # the converted layer's attention output (T, H * hd)
+        att, lat, _ = mla_parts(t, h, pos)
+        dc = lat.shape[1]
+        return ((att @ lat) @ t["wv_b"].reshape(H, hd, dc).transpose(0, 2, 1)).transpose(1, 0, 2).reshape(len(h), -1)
+
+    def gqa_parts(p, h, pos):  # the source layer: logits (H, T, T), attention (H, T, T), output (T, H, hd)
+        T = len(h)
+        q = rope_pairs_turn((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
+        k = np.repeat(rope_pairs_turn((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
         v = np.repeat((h @ weights[p + "wv"].T).reshape(T, G, hd), H // G, axis=1)
-        att = softmax_causal(np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)))
-        return np.einsum("hts,shd->thd", att, v).reshape(T, -1)
+        s = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0) / np.float32(np.sqrt(hd))
+        att = softmax_causal(s)
+        return s, att, (att @ v.transpose(1, 0, 2)).transpose(1, 0, 2)
+
+    def gqa(p, h, pos):
+        return gqa_parts(p, h, pos)[2].reshape(len(h), -1)
 
     f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
     xs = [weights["token_embedding"][ids] for ids in ids_list]
@@ -1014,7 +1036,14 @@ def calibrate_layers(c, weights, ids_list, convert):
             err = [sum(float(np.sum(((mla(f32(t), h, pos) - w) @ weights[p + "wo"].T) ** 2))
                        for (h, pos), w in zip(check, want)) for t in candidates]
             candidates = [candidates[int(np.argmin(err))]]
-        out[l] = candidates[0]
+        t = candidates[0]
+        fit = hs[:MLA_REFIT_WINDOWS]
+        if MLA_REFIT_KEYS:
+            t = refit_keys(c, t, weights[p + "wq"], fit, freq, lambda h, pos: gqa_parts(p, h, pos)[:2])
+        if MLA_REFIT_VALUES:
+            t = refit_values(c, t, weights[p + "wo"], fit, lambda h, pos: mla_parts(f32(t), h, pos),
+                             lambda h, pos: gqa_parts(p, h, pos)[2])
+        out[l] = t
         t = f32(out[l])
         for i, h in enumerate(hs):
             x = xs[i] + mla(t, h, np.arange(len(h), dtype=np.float32)) @ weights[p + "wo"].T
@@ -1022,6 +1051,85 @@ def calibrate_layers(c, weights, ids_list, convert):
             a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
             xs[i] = x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
     return out
+
+
+def refit_keys(c, t, Wq, hs, freq, source):
+    """t with each head's key side refitted: head h's score of position p from
+    query t is q_t^T B_h z_tp / sqrt(head_dim + dr), q_t = wq_h x_t (no RoPE),
+    z_tp = [c_p; R(p - t) k_R,p]: B_h's first dc columns are W_UK_h (wk_b),
+    the others map q_t to the RoPE query (wq_rope_h = B_h,R^T wq_h). B_h
+    minimizes, by ridge least squares, the source's attention-weighted
+    variance of the score error, sum_t sum_p a*_tp (e_tp - mean_p' a*_tp' e_tp')^2,
+    the second-order term of KL(a*_t || a_t) (what the softmax sees of the
+    scores; the idea of fitting to activations, not weights, as ASVD / SVD-LLM)."""
+    H, hd = c.n_heads, c.head_dim
+    dc, dr = t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
+    Z, sig = dc + dr, np.sqrt(hd + dr)
+    f = freq[t["rope_pairs"]].astype(np.float64)
+    Gm = np.zeros((H, hd * hd, Z * Z))
+    bv = np.zeros((H, hd, Z))
+    for w, h in enumerate(hs):
+        T = len(h)
+        pos = np.arange(T, dtype=np.float64)
+        rows = np.arange(w % MLA_KEY_STRIDE, T, MLA_KEY_STRIDE)             # the queries t fitted on
+        s_star, a_star = source(h, pos.astype(np.float32))
+        a = a_star[:, rows]                                                 # (H, R, T)
+        s = np.where(a > 0, s_star[:, rows], 0)
+        h = h.astype(np.float64)
+        kv = h @ t["wkv_a"].T
+        zt = np.concatenate([kv[:, :dc], rope_pairs_turn(kv[:, dc:], pos, f)], axis=1)   # (T, Z): [c_p; R(p) k_R,p]
+        zz = (zt[:, :, None] * zt[:, None, :]).reshape(T, Z * Z).astype(np.float32)
+        R = len(rows)
+        zbar = (a @ zt.astype(np.float32)).astype(np.float64).transpose(1, 0, 2)       # (R, H, Z)
+        S = (a.reshape(H * R, T) @ zz).astype(np.float64).reshape(H, R, Z, Z).transpose(1, 0, 2, 3)
+        S -= zbar[..., :, None] * zbar[..., None, :]
+        r = ((a * (s - np.sum(a * s, -1, keepdims=True))) @ zt.astype(np.float32)).astype(np.float64).transpose(1, 0, 2)
+        # z_tp = D_t zt_p, D_t = diag(I, R(-t)): rotate S's rows and columns, and r
+        back = -pos[rows]
+        S[..., dc:] = rope_pairs_turn(S[..., dc:], back, f)
+        S = S.transpose(0, 1, 3, 2).copy()
+        S[..., dc:] = rope_pairs_turn(S[..., dc:], back, f)
+        r[..., dc:] = rope_pairs_turn(r[..., dc:], back, f)
+        q = (h[rows] @ Wq.T).reshape(R, H, hd).transpose(1, 0, 2)          # (H, R, hd)
+        qq = (q[..., :, None] * q[..., None, :]).reshape(H, R, hd * hd)
+        Gm += qq.transpose(0, 2, 1) @ S.transpose(1, 0, 2, 3).reshape(H, R, Z * Z) / sig ** 2
+        bv += q.transpose(0, 2, 1) @ r.transpose(1, 0, 2) / sig
+    wk_b = t["wk_b"].reshape(H, dc, hd).copy()
+    wq_rope = t["wq_rope"].reshape(H, dr, -1).copy()
+    for k in range(H):
+        Wq_h = Wq[k * hd:(k + 1) * hd]
+        B0 = np.concatenate([wk_b[k].T, (wq_rope[k] @ np.linalg.pinv(Wq_h)).T], axis=1)   # (hd, Z)
+        Gk = Gm[k].reshape(hd, hd, Z, Z).transpose(0, 2, 1, 3).reshape(hd * Z, hd * Z)
+        B = ridge_solve(Gk, bv[k].reshape(-1), B0.reshape(-1), MLA_RIDGE).reshape(hd, Z)
+        wk_b[k], wq_rope[k] = B[:, :dc].T, B[:, dc:].T @ Wq_h
+    return dict(t, wk_b=wk_b.reshape(H * dc, hd), wq_rope=wq_rope.reshape(H * dr, -1))
+
+
+def refit_values(c, t, Wo, hs, model, source):
+    """t with the value up-projections W_UV_h (wv_b) refitted by ridge least
+    squares so that the layer's attention output through wo, sum_h wo_h W_UV_h
+    (sum_p a_tp c_p), is nearest the source's on calibration text, with the
+    converted layer's own attention a (the attention-weighted value
+    statistics, and the heads' outputs fitted jointly: output-aware, as
+    SVD-LLM / Palu)."""
+    H, hd = c.n_heads, c.head_dim
+    dc = t["wk_b"].shape[0] // H
+    Wo = Wo.astype(np.float64)
+    n = H * dc
+    OO, OY = np.zeros((n, n)), np.zeros((n, Wo.shape[0]))
+    for h in hs:
+        pos = np.arange(len(h), dtype=np.float32)
+        att, lat, _ = model(h, pos)
+        ob = (att @ lat).transpose(1, 0, 2).reshape(len(h), n).astype(np.float64)
+        y = source(h, pos).reshape(len(h), -1).astype(np.float64) @ Wo.T                 # (T, dim)
+        OO += ob.T @ ob
+        OY += ob.T @ y
+    WoWo = Wo.T @ Wo                                                                        # (H hd, H hd)
+    # unknown u[(h, i, a)] = W_UV_h[i, a]; normal matrix (wo_h^T wo_h')[i, j] OO[(h, a), (h', b)]
+    Gm = np.einsum("hiHj,haHb->hiaHjb", WoWo.reshape(H, hd, H, hd), OO.reshape(H, dc, H, dc)).reshape(H * hd * dc, -1)
+    b = np.einsum("dhi,had->hia", Wo.reshape(-1, H, hd), OY.reshape(H, dc, -1))  # sum_t (wo_h^T y_t)_i ob_h,a
+    u = ridge_solve(Gm, b.reshape(-1), t["wv_b"].reshape(H, hd, dc).reshape(-1), MLA_RIDGE)
+    return dict(t, wv_b=u.reshape(H * hd, dc))
 
 
 def calibration_ids(c, source_blocks_of, section, calib_path):
