@@ -951,8 +951,11 @@ MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are c
 MLA_REFIT_KEYS = int(os.environ.get("MLA_REFIT_KEYS", "1"))
 MLA_REFIT_VALUES = int(os.environ.get("MLA_REFIT_VALUES", "1"))
 MLA_REFIT_WINDOWS = int(os.environ.get("MLA_REFIT_WINDOWS", "1000"))
-MLA_KEY_STRIDE = int(os.environ.get("MLA_KEY_STRIDE", "4"))
-MLA_RIDGE = float(os.environ.get("MLA_RIDGE", "1e-3"))
+MLA_KEY_WORK = int(float(os.environ.get("MLA_KEY_WORK", "2e10")))
+MLA_REFIT_MAX_UNKNOWNS = 4096  # a refit with more unknowns per system: keys kept, values by sweeps over the heads
+MLA_VALUE_SWEEPS = 12
+MLA_RIDGE = float(os.environ.get("MLA_RIDGE", "1e-5"))
+MLA_FEEDBACK = float(os.environ.get("MLA_FEEDBACK", "0"))
 
 
 def rope_pairs_turn(x, pos, f):
@@ -1025,7 +1028,13 @@ def calibrate_layers(c, weights, ids_list, convert):
 
     f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
     xs = [weights["token_embedding"][ids] for ids in ids_list]
+    xsrc = [x.copy() for x in xs]   # the source model's own residual stream
     out = {}
+
+    def ffn(p, x):
+        g = rmsnorm(x, weights[p + "ffn_norm"])
+        a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
+        return x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
     for l in range(c.n_layers):
         p = f"layers.{l}."
         hs = [rmsnorm(x, weights[p + "attn_norm"]) for x in xs]
@@ -1041,15 +1050,20 @@ def calibrate_layers(c, weights, ids_list, convert):
         if MLA_REFIT_KEYS:
             t = refit_keys(c, t, weights[p + "wq"], fit, freq, lambda h, pos: gqa_parts(p, h, pos)[:2])
         if MLA_REFIT_VALUES:
-            t = refit_values(c, t, weights[p + "wo"], fit, lambda h, pos: mla_parts(f32(t), h, pos),
-                             lambda h, pos: gqa_parts(p, h, pos)[2])
+            def target(i, h, pos):
+                y = gqa(p, h, pos) @ weights[p + "wo"].T
+                if MLA_FEEDBACK:
+                    hsrc = rmsnorm(xsrc[i], weights[p + "attn_norm"])
+                    y = y + MLA_FEEDBACK * (xsrc[i] + gqa(p, hsrc, pos) @ weights[p + "wo"].T - xs[i] - y)
+                return y
+            t = refit_values(c, t, weights[p + "wo"], fit, lambda h, pos: mla_parts(f32(t), h, pos), target)
         out[l] = t
         t = f32(out[l])
         for i, h in enumerate(hs):
-            x = xs[i] + mla(t, h, np.arange(len(h), dtype=np.float32)) @ weights[p + "wo"].T
-            g = rmsnorm(x, weights[p + "ffn_norm"])
-            a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
-            xs[i] = x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
+            pos = np.arange(len(h), dtype=np.float32)
+            xs[i] = ffn(p, xs[i] + mla(t, h, pos) @ weights[p + "wo"].T)
+            if MLA_FEEDBACK:
+                xsrc[i] = ffn(p, xsrc[i] + gqa(p, rmsnorm(xsrc[i], weights[p + "attn_norm"]), pos) @ weights[p + "wo"].T)
     return out
 
 
@@ -1065,13 +1079,17 @@ def refit_keys(c, t, Wq, hs, freq, source):
     H, hd = c.n_heads, c.head_dim
     dc, dr = t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
     Z, sig = dc + dr, np.sqrt(hd + dr)
+    if hd * Z > MLA_REFIT_MAX_UNKNOWNS:
+        return t
     f = freq[t["rope_pairs"]].astype(np.float64)
+    work = H * sum(len(h) ** 2 for h in hs) * Z * Z          # multiply-adds of the weighted sums over all queries
+    stride = max(1, -(-work // MLA_KEY_WORK))
     Gm = np.zeros((H, hd * hd, Z * Z))
     bv = np.zeros((H, hd, Z))
     for w, h in enumerate(hs):
         T = len(h)
         pos = np.arange(T, dtype=np.float64)
-        rows = np.arange(w % MLA_KEY_STRIDE, T, MLA_KEY_STRIDE)             # the queries t fitted on
+        rows = np.arange(w % stride, T, stride)                             # the queries t fitted on
         s_star, a_star = source(h, pos.astype(np.float32))
         a = a_star[:, rows]                                                 # (H, R, T)
         s = np.where(a > 0, s_star[:, rows], 0)
@@ -1105,7 +1123,7 @@ def refit_keys(c, t, Wq, hs, freq, source):
     return dict(t, wk_b=wk_b.reshape(H * dc, hd), wq_rope=wq_rope.reshape(H * dr, -1))
 
 
-def refit_values(c, t, Wo, hs, model, source):
+def refit_values(c, t, Wo, hs, model, target):
     """t with the value up-projections W_UV_h (wv_b) refitted by ridge least
     squares so that the layer's attention output through wo, sum_h wo_h W_UV_h
     (sum_p a_tp c_p), is nearest the source's on calibration text, with the
@@ -1117,16 +1135,28 @@ def refit_values(c, t, Wo, hs, model, source):
     Wo = Wo.astype(np.float64)
     n = H * dc
     OO, OY = np.zeros((n, n)), np.zeros((n, Wo.shape[0]))
-    for h in hs:
+    for i, h in enumerate(hs):
         pos = np.arange(len(h), dtype=np.float32)
         att, lat, _ = model(h, pos)
         ob = (att @ lat).transpose(1, 0, 2).reshape(len(h), n).astype(np.float64)
-        y = source(h, pos).reshape(len(h), -1).astype(np.float64) @ Wo.T                 # (T, dim)
+        y = target(i, h, pos).astype(np.float64)                                           # (T, dim)
         OO += ob.T @ ob
         OY += ob.T @ y
-    WoWo = Wo.T @ Wo                                                                        # (H hd, H hd)
+    WoWo = (Wo.T @ Wo).reshape(H, hd, H, hd)                                               # (H hd, H hd)
+    if H * hd * dc > MLA_REFIT_MAX_UNKNOWNS:  # too many for one system: sweeps over the heads, each solved given the others
+        W = t["wv_b"].reshape(H, hd, dc).astype(np.float64)
+        OO4 = OO.reshape(H, dc, H, dc)
+        for _ in range(MLA_VALUE_SWEEPS):
+            for h in range(H):
+                M = Wo[:, h * hd:(h + 1) * hd].T @ OY[h * dc:(h + 1) * dc].T - sum(
+                    WoWo[h, :, k] @ W[k] @ OO4[k, :, h] for k in range(H) if k != h)
+                L, R = WoWo[h, :, h], OO4[h, :, h]
+                L = L + MLA_RIDGE * np.mean(np.diag(L)) * np.eye(hd)
+                R = R + MLA_RIDGE * max(np.mean(np.diag(R)), 1e-30) * np.eye(dc)
+                W[h] = np.linalg.solve(L, np.linalg.solve(R, M.T).T)
+        return dict(t, wv_b=W.reshape(H * hd, dc))
     # unknown u[(h, i, a)] = W_UV_h[i, a]; normal matrix (wo_h^T wo_h')[i, j] OO[(h, a), (h', b)]
-    Gm = np.einsum("hiHj,haHb->hiaHjb", WoWo.reshape(H, hd, H, hd), OO.reshape(H, dc, H, dc)).reshape(H * hd * dc, -1)
+    Gm = np.einsum("hiHj,haHb->hiaHjb", WoWo, OO.reshape(H, dc, H, dc)).reshape(H * hd * dc, -1)
     b = np.einsum("dhi,had->hia", Wo.reshape(-1, H, hd), OY.reshape(H, dc, -1))  # sum_t (wo_h^T y_t)_i ob_h,a
     u = ridge_solve(Gm, b.reshape(-1), t["wv_b"].reshape(H, hd, dc).reshape(-1), MLA_RIDGE)
     return dict(t, wv_b=u.reshape(H * hd, dc))
