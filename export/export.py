@@ -788,6 +788,19 @@ def apply_kv_heads(c, blocks_of, K):
 #     attention output nearest the source's on calibration text). Then K_nope ~ L_K^-1 P_K c / a and V ~ L_V^-1 P_V c,
 #     so W_UK_h^T = P_K^T L_K^-1 N_h / a (N_h: query head h's mixed no-RoPE
 #     components) and W_UV_h = L_V,g^-1 (P_V's rows of head g = g(h)).
+#  4. With the cache's projections W_DKV and W_KR fixed, what reads them is
+#     refitted by ridge least squares on the calibration activations
+#     (closed form, refit_keys and refit_values): each head's W_UK_h and RoPE
+#     query (a map of its own query, so any mix of the mixed pairs' queries)
+#     to the source's scores, the error weighted by the source's attention
+#     (the second-order term of the KL divergence of the attention rows);
+#     then every W_UV_h, jointly through wo, to the source layer's attention
+#     output, with the converted layer's own attention weights. The idea of
+#     fitting low-rank factors to what the activations make of them rather
+#     than to the weights is ASVD's, SVD-LLM's and Palu's. (stories260K
+#     --mla 32: perplexity 15.75 -> 14.79 with W_UV refitted, 14.45 with the
+#     key side, 13.34 with both; with both, fewer RoPE numbers pay: see
+#     parse_mla.)
 # The query keeps wq as its no-RoPE part, and the engine's score scale
 # 1 / sqrt(head_dim + kv_rope_dim) is turned back into the source's
 # 1 / sqrt(head_dim) by the factor sqrt((head_dim + kv_rope_dim) / head_dim)
@@ -822,9 +835,12 @@ def parse_mla(spec, c, kv_heads, calib, rope_dim):
         return full // 2, full // 2, True
     if calib is None:
         raise ExportError(f"--mla {n} is lossy (full is {full}): it needs calibration text, --calib TEXT.txt")
-    if rope_dim is None:  # default: half of N (measured best on stories260K: --mla 32 with 8 / 12 / 16 / 20
-        # RoPE numbers, perplexity 31.3 / 18.1 / 18.5 / 29.9 before weighting the PCA; --mla 16: 4 / 8 -> 106 / 72)
-        rope_dim = max(2, min(c.n_kv_heads * c.head_dim, n // 2 // 2 * 2))
+    if rope_dim is None:  # default: 3/8 of N from the keys' width (n_kv_heads x head_dim) up, half below it.
+        # Measured on stories260K (keys 32 wide; perplexity on the held-out half of tinystories-valid, with
+        # the refits): --mla 48 with 12 / 18 / 24 RoPE numbers 9.96 / 9.46 / 9.96; --mla 32 with 8 / 10 / 12 /
+        # 14 / 16: 17.7 / 17.7 / 12.3 / 12.8 / 13.3; --mla 24 with 8 / 12: 24.8 / 21.0; --mla 16 with 6 / 8: 62.7 / 51.2
+        share = 3 / 8 if n >= c.n_kv_heads * c.head_dim else 1 / 2
+        rope_dim = max(2, min(c.n_kv_heads * c.head_dim, int(n * share / 2 + 0.5) * 2))
     if rope_dim % 2 or not 2 <= rope_dim < n or rope_dim > c.n_kv_heads * c.head_dim:
         raise ExportError(f"--mla-rope-dim {rope_dim} must be even, at least 2, less than N ({n}) and at most "
                           f"n_kv_heads x head_dim ({c.n_kv_heads * c.head_dim})")
@@ -948,14 +964,12 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr, balance=1.0):
 
 MLA_BALANCES = (0.5, 1.0, 2.0)  # the keys' weights in the latent's PCA tried per layer
 MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are compared on
-MLA_REFIT_KEYS = int(os.environ.get("MLA_REFIT_KEYS", "1"))
-MLA_REFIT_VALUES = int(os.environ.get("MLA_REFIT_VALUES", "1"))
-MLA_REFIT_WINDOWS = int(os.environ.get("MLA_REFIT_WINDOWS", "1000"))
-MLA_KEY_WORK = int(float(os.environ.get("MLA_KEY_WORK", "2e10")))
-MLA_REFIT_MAX_UNKNOWNS = 4096  # a refit with more unknowns per system: keys kept, values by sweeps over the heads
+MLA_KEY_WORK = 2e10             # multiply-adds per layer the key refit's weighted sums may take: queries subsampled
+                                # beyond (stories260K --mla 32: 2e9 -> 2e10, perplexity 13.05 -> 12.32)
+MLA_REFIT_MAX_UNKNOWNS = 4096   # a refit with more unknowns per system: keys kept, values by sweeps over the heads
 MLA_VALUE_SWEEPS = 12
-MLA_RIDGE = float(os.environ.get("MLA_RIDGE", "1e-5"))
-MLA_FEEDBACK = float(os.environ.get("MLA_FEEDBACK", "0"))
+MLA_RIDGE = 1e-5                # the refits' ridge, relative to the normal matrix's mean diagonal (stories260K
+                                # --mla 32: 1e-2 / 1e-3 / 1e-5 -> perplexity 13.59 / 13.44 / 13.34)
 
 
 def rope_pairs_turn(x, pos, f):
@@ -1028,7 +1042,6 @@ def calibrate_layers(c, weights, ids_list, convert):
 
     f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
     xs = [weights["token_embedding"][ids] for ids in ids_list]
-    xsrc = [x.copy() for x in xs]   # the source model's own residual stream
     out = {}
 
     def ffn(p, x):
@@ -1046,24 +1059,14 @@ def calibrate_layers(c, weights, ids_list, convert):
                        for (h, pos), w in zip(check, want)) for t in candidates]
             candidates = [candidates[int(np.argmin(err))]]
         t = candidates[0]
-        fit = hs[:MLA_REFIT_WINDOWS]
-        if MLA_REFIT_KEYS:
-            t = refit_keys(c, t, weights[p + "wq"], fit, freq, lambda h, pos: gqa_parts(p, h, pos)[:2])
-        if MLA_REFIT_VALUES:
-            def target(i, h, pos):
-                y = gqa(p, h, pos) @ weights[p + "wo"].T
-                if MLA_FEEDBACK:
-                    hsrc = rmsnorm(xsrc[i], weights[p + "attn_norm"])
-                    y = y + MLA_FEEDBACK * (xsrc[i] + gqa(p, hsrc, pos) @ weights[p + "wo"].T - xs[i] - y)
-                return y
-            t = refit_values(c, t, weights[p + "wo"], fit, lambda h, pos: mla_parts(f32(t), h, pos), target)
+        t = refit_keys(c, t, weights[p + "wq"], hs, freq, lambda h, pos: gqa_parts(p, h, pos)[:2])
+        t = refit_values(c, t, weights[p + "wo"], hs, lambda h, pos: mla_parts(f32(t), h, pos),
+                         lambda i, h, pos: gqa(p, h, pos) @ weights[p + "wo"].T)
         out[l] = t
         t = f32(out[l])
         for i, h in enumerate(hs):
             pos = np.arange(len(h), dtype=np.float32)
             xs[i] = ffn(p, xs[i] + mla(t, h, pos) @ weights[p + "wo"].T)
-            if MLA_FEEDBACK:
-                xsrc[i] = ffn(p, xsrc[i] + gqa(p, rmsnorm(xsrc[i], weights[p + "attn_norm"]), pos) @ weights[p + "wo"].T)
     return out
 
 
@@ -1083,7 +1086,7 @@ def refit_keys(c, t, Wq, hs, freq, source):
         return t
     f = freq[t["rope_pairs"]].astype(np.float64)
     work = H * sum(len(h) ** 2 for h in hs) * Z * Z          # multiply-adds of the weighted sums over all queries
-    stride = max(1, -(-work // MLA_KEY_WORK))
+    stride = max(1, int(np.ceil(work / MLA_KEY_WORK)))
     Gm = np.zeros((H, hd * hd, Z * Z))
     bv = np.zeros((H, hd, Z))
     for w, h in enumerate(hs):
@@ -1097,21 +1100,21 @@ def refit_keys(c, t, Wq, hs, freq, source):
         kv = h @ t["wkv_a"].T
         zt = np.concatenate([kv[:, :dc], rope_pairs_turn(kv[:, dc:], pos, f)], axis=1)   # (T, Z): [c_p; R(p) k_R,p]
         zz = (zt[:, :, None] * zt[:, None, :]).reshape(T, Z * Z).astype(np.float32)
-        R = len(rows)
-        zbar = (a @ zt.astype(np.float32)).astype(np.float64).transpose(1, 0, 2)       # (R, H, Z)
-        S = (a.reshape(H * R, T) @ zz).astype(np.float64).reshape(H, R, Z, Z).transpose(1, 0, 2, 3)
+        R, z32 = len(rows), zt.astype(np.float32)
+        zbar = a @ z32                                                      # (H, R, Z)
+        S = (a.reshape(H * R, T) @ zz).reshape(H, R, Z, Z)                  # sum_p a_tp zt_p zt_p^T
         S -= zbar[..., :, None] * zbar[..., None, :]
-        r = ((a * (s - np.sum(a * s, -1, keepdims=True))) @ zt.astype(np.float32)).astype(np.float64).transpose(1, 0, 2)
-        # z_tp = D_t zt_p, D_t = diag(I, R(-t)): rotate S's rows and columns, and r
-        back = -pos[rows]
-        S[..., dc:] = rope_pairs_turn(S[..., dc:], back, f)
-        S = S.transpose(0, 1, 3, 2).copy()
-        S[..., dc:] = rope_pairs_turn(S[..., dc:], back, f)
-        r[..., dc:] = rope_pairs_turn(r[..., dc:], back, f)
-        q = (h[rows] @ Wq.T).reshape(R, H, hd).transpose(1, 0, 2)          # (H, R, hd)
+        r = (a * (s - np.sum(a * s, -1, keepdims=True))) @ z32              # (H, R, Z)
+        # z_tp = D_t zt_p, D_t = diag(I, R(-t)): turn S's columns, then its rows (S^T's columns), and r
+        ang = -pos[rows, None] * f[None, :]
+        cos, sin = np.cos(ang).astype(np.float32)[:, None], np.sin(ang).astype(np.float32)[:, None]
+        for x in (S, S.transpose(0, 1, 3, 2), r[:, :, None]):
+            x0, x1 = x[..., dc::2].copy(), x[..., dc + 1::2].copy()
+            x[..., dc::2], x[..., dc + 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        q = (h[rows] @ Wq.T).reshape(R, H, hd).transpose(1, 0, 2).astype(np.float32)   # (H, R, hd)
         qq = (q[..., :, None] * q[..., None, :]).reshape(H, R, hd * hd)
-        Gm += qq.transpose(0, 2, 1) @ S.transpose(1, 0, 2, 3).reshape(H, R, Z * Z) / sig ** 2
-        bv += q.transpose(0, 2, 1) @ r.transpose(1, 0, 2) / sig
+        Gm += qq.transpose(0, 2, 1) @ S.reshape(H, R, Z * Z) / sig ** 2
+        bv += q.transpose(0, 2, 1) @ r / sig
     wk_b = t["wk_b"].reshape(H, dc, hd).copy()
     wq_rope = t["wq_rope"].reshape(H, dr, -1).copy()
     for k in range(H):
@@ -1889,7 +1892,8 @@ def parse_args(argv):
                          "'full' (2 x n_kv_heads x head_dim) is exact, a smaller N needs --calib")
     ap.add_argument("--calib", metavar="TEXT.txt", help="calibration text for a lossy --mla N")
     ap.add_argument("--mla-rope-dim", type=int, metavar="R",
-                    help="of the N numbers, R form the shared RoPE key (even; default N/2)")
+                    help="of the N numbers, R form the shared RoPE key (even; default 3N/8 if N >= n_kv_heads x "
+                         "head_dim, else N/2)")
     r = ap.add_argument_group("--random options (default: the 'tiny' preset)")
     r.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for flag, typ in [("dim", int), ("hidden-dim", int), ("n-layers", int), ("n-heads", int),

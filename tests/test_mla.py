@@ -199,7 +199,7 @@ def full_is_exact_gguf():
 
 def lossy_matches_reference():
     calib = write_text("calib", TEXT * 3)
-    flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4]
+    flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4, "--max-seq-len", 64]  # short windows: the refits' cost ~ T^2
     src = export_ok(path("lossy_src.bin"), *flags)
     hs = read_header(src)
     for N, rope in [(48, None), (20, 4), (9, 2)]:
@@ -219,6 +219,14 @@ def lossy_matches_reference():
     ids = random_ids(hs, 20, 1)
     err = rel_err(engine_logits(model, ids), engine_logits(src, ids))
     T.check("mla_n_equal_to_full_is_the_exact_conversion", err <= 1e-5, f"relative error {err:.3g}")
+    # the calibrated path at full size (every key pair keeps RoPE, the latent holds every value): exact
+    # too, through the PCA and both least-squares refits
+    small = ["--random", "--seed", 4, "--dim", 32, "--n-heads", 4, "--n-kv-heads", 2, "--max-seq-len", 64]
+    src = export_ok(path("lossy_small_src.bin"), *small)
+    model = export_ok(path("lossy_full_rank.bin"), *small, "--mla", 32, "--mla-rope-dim", 16, "--calib", calib)
+    err = rel_err(engine_logits(model, ids), engine_logits(src, ids))
+    note("calibrated --mla full: engine vs source", err)
+    T.check("mla_calibrated_conversion_at_full_rank_is_exact", err <= 1e-4, f"relative error {err:.3g}")
 
 
 # ----------------------------------------------------------------------------
