@@ -992,7 +992,8 @@ def calibrate_layers(c, weights, ids_list, convert):
     """{layer: MLA tensors} converted one layer after the other: layer l by
     convert(l, X), a list of candidate conversions of which the one whose
     attention output (through wo) is nearest the source layer's on the first
-    MLA_CHECK_WINDOWS windows is kept; X (tokens, dim) float64 the normed input of its attention
+    MLA_CHECK_WINDOWS windows is kept, then its key side and values are
+    refitted to the source layer (refit_keys, refit_values); X (tokens, dim) float64 the normed input of its attention
     over the token windows in ids_list, from a numpy forward pass in float32
     (file convention: RoPE on adjacent pairs) through the layers before it
     already converted, so that each layer is fitted to the inputs it will
