@@ -426,6 +426,7 @@ static inline __attribute__((always_inline)) void row_scores_tile(float *att, si
         }
         for (int h = 0; h < nh; h++) {
             vfloat qv = *(const vfloat *)(q + h * width + d);
+            IN_REGISTER(qv);
             for (int i = 0; i < np; i++) acc[h][i] += qv * row[i];
         }
     }
