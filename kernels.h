@@ -834,6 +834,59 @@ static REFERENCE float dot_q4_scalar(const uint8_t *w, const int8_t *xq, const f
     return sum;
 }
 
+// out (R) = W x for a matrix W of R rows and only C columns: MLA's absorbed
+// key up-projection W_UK_h^T (kv_latent_dim x head_dim, 512 x 64 per head),
+// whose rows are too short for a dot product each (a horizontal sum per 64
+// multiply-adds; no SIMD path for a q8_0 row of 2 groups). W is kept
+// transposed instead (run.c, make_columns), as its C columns of R numbers,
+// `stride` apart (R rounded up to a multiple of 16: every lane load is
+// whole), and out = sum over i of x[i] x column i, R numbers along the
+// vector lanes: each weight is read once, in one stream. A quantized W keeps
+// its file's numbers: int8 values q (C, stride) (q4_0's too) and the float16
+// scale of group g of row r at scale[g * stride + r]:
+//   out[r] = sum over groups g of scale[g][r] x (sum over i in g of x[i] q[i][r]);
+// an f32 W: f (C, stride), one group. Sums over i run in order, per lane.
+static void column_matvec(float *out, const float *x, const float *f, const int8_t *q, const uint16_t *scale,
+                          int R, int C, size_t stride) {
+    const int group = q ? Q8_GROUP : C;
+    for (int r = 0; r < R; r += 4 * VEC_LEN) {
+        int nv = (R - r + VEC_LEN - 1) / VEC_LEN; // vectors of this block, 4 independent chains
+        if (nv > 4) nv = 4;
+        vfloat total[4] = {{0}, {0}, {0}, {0}};
+        for (int i0 = 0; i0 < C; i0 += group) {
+            const int i1 = i0 + group < C ? i0 + group : C;
+            vfloat acc[4] = {{0}, {0}, {0}, {0}};
+            for (int i = i0; i < i1; i++) {
+                const vfloat xi = vbroadcast(x[i]);
+                const size_t at = (size_t)i * stride + r;
+                for (int k = 0; k < nv; k++)
+                    acc[k] += xi * (q ? i8_vec((const uint8_t *)(q + at + k * VEC_LEN)) : *(const vfloat *)(f + at + k * VEC_LEN));
+            }
+            for (int k = 0; k < nv; k++)
+                total[k] += q ? acc[k] * f16_vec((const uint8_t *)(scale + (size_t)(i0 / Q8_GROUP) * stride + r + k * VEC_LEN))
+                              : acc[k];
+        }
+        for (int k = 0; k < nv; k++) {
+            const int lanes = R - r - k * VEC_LEN < VEC_LEN ? R - r - k * VEC_LEN : VEC_LEN;
+            memcpy(out + r + k * VEC_LEN, &total[k], (size_t)lanes * sizeof(float));
+        }
+    }
+}
+
+static REFERENCE void column_matvec_scalar(float *out, const float *x, const float *f, const int8_t *q,
+                                           const uint16_t *scale, int R, int C, size_t stride) {
+    const int group = q ? Q8_GROUP : C;
+    for (int r = 0; r < R; r++) {
+        float sum = 0;
+        for (int i0 = 0; i0 < C; i0 += group) {
+            float part = 0;
+            for (int i = i0; i < C && i < i0 + group; i++) part += x[i] * (q ? q[(size_t)i * stride + r] : f[(size_t)i * stride + r]);
+            sum += q ? part * f16_to_f32(scale[(size_t)(i0 / Q8_GROUP) * stride + r]) : part;
+        }
+        out[r] = sum;
+    }
+}
+
 // The SIMD paths, for whole chunks of 16 groups (a short block's last chunk,
 // if any, goes through dot_q8_groups / dot_q4_groups): AVX-512 with VNNI, or
 // AVX2 with F16C. Each is written once for both weight types: `bits` (8 or

@@ -92,6 +92,16 @@ typedef struct {
     int rows, cols;
 } Matrix;
 
+// A matrix of `heads` blocks of R rows and C columns, kept column by column
+// (kernels.h, column_matvec): MLA's W_UK_h^T, whose rows are head_dim short.
+typedef struct {
+    const float *f;        // f32: (heads, C, stride)
+    const int8_t *q;       // q8_0, q4_0: (heads, C, stride) the int8 values ...
+    const uint16_t *scale; // ... and (heads, n_groups(C), stride) float16 scales of the rows' groups
+    int heads, R, C;
+    size_t stride;         // R rounded up to 16: whole vector loads
+} Columns;
+
 typedef struct {
     const float *attn_norm; // (dim)
     Matrix wq;              // (q_dim, dim); MLA: the query's part without RoPE, q_C
@@ -101,7 +111,8 @@ typedef struct {
     const int32_t *rope_pairs; // (dr / 2) the RoPE frequency (pair of a head) of each pair of k_R
     Matrix wq_rope;         // (n_heads * dr, dim) the query's RoPE part, q_R
     Matrix wkv_a;           // (dc + dr, dim) W_DKV then W_KR: the latent c and the shared key k_R
-    Matrix wk_b;            // (n_heads * dc, head_dim) W_UK_h^T per head: absorbed into the query
+    Matrix wk_b;            // (n_heads * dc, head_dim) W_UK_h^T per head: absorbed into the query ...
+    Columns uk;             // ... and as decode reads it: transposed at load (make_columns)
     Matrix wv_b;            // (n_heads * head_dim, dc) W_UV_h per head: absorbed into the output
     Matrix wo;              // (dim, q_dim)
     const float *ffn_norm;  // (dim)
@@ -781,10 +792,10 @@ static void head_task(void *arg, int ith, int nth) {
 }
 
 // q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
-// SIMD path in dot_q8 (q4_0 alike); MLA's W_UK^T rows are head_dim long (64 in
-// Llama-3.2-1B's shape: 16384 such rows per layer), so such per-head
-// matrices are dequantized to f32 once, at load (in engine-owned memory;
-// weight_bytes counts them as f32, which decode then reads).
+// SIMD path in dot_q8 (q4_0 alike): W_UV's rows are kv_latent_dim long, and
+// when that is under 512 (small models) its per-head matrices are
+// dequantized to f32 once, at load (in engine-owned memory; weight_bytes
+// counts them as f32, which decode then reads).
 static void dequantize_short_rows(Transformer *m, Matrix *w) {
     if (!w->q || w->cols >= Q8_CHUNK * Q8_GROUP) return;
     float *f = owned_alloc(m, (size_t)w->rows * w->cols, sizeof(float), "MLA up-projections");
@@ -792,6 +803,63 @@ static void dequantize_short_rows(Transformer *m, Matrix *w) {
     w->q = NULL;
     w->dtype = DTYPE_F32;
     w->f = f;
+}
+
+// W (heads * R, C) as `heads` blocks of C columns of R numbers (Columns), in
+// engine-owned memory: MLA's W_UK^T, whose rows are head_dim long (64 in
+// Llama-3.2-1B's shape: 16384 rows per layer). The numbers are the file's:
+// the int8 values of a q8_0 or q4_0 W and its rows' scales, or f32.
+static Columns make_columns(Transformer *m, const Matrix *w, int heads) {
+    const int R = w->rows / heads, C = w->cols, G = n_groups(C);
+    Columns t = {.heads = heads, .R = R, .C = C, .stride = ((size_t)R + 15) / 16 * 16};
+    const size_t per_head = (size_t)C * t.stride;
+    if (!w->q) {
+        float *f = owned_alloc(m, heads * per_head, sizeof(float), "MLA up-projections");
+        for (int h = 0; h < heads; h++)
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < C; i++) f[h * per_head + i * t.stride + r] = w->f[((size_t)h * R + r) * C + i];
+        t.f = f;
+        return t;
+    }
+    int8_t *q = owned_alloc(m, heads * per_head, 1, "MLA up-projections");
+    uint16_t *scale = owned_alloc(m, (size_t)heads * G * t.stride, sizeof(uint16_t), "MLA up-projections");
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < G; g++) {
+                int8_t v[Q8_GROUP];
+                scale[((size_t)h * G + g) * t.stride + r] = row_group(w, h * R + r, g, v);
+                for (int i = g * Q8_GROUP; i < C && i < (g + 1) * Q8_GROUP; i++)
+                    q[h * per_head + i * t.stride + r] = v[i - g * Q8_GROUP];
+            }
+    t.q = q, t.scale = scale;
+    return t;
+}
+
+static size_t columns_bytes(const Columns *w) {
+    size_t n = (size_t)w->heads * w->C * w->stride;
+    return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->stride * sizeof(uint16_t);
+}
+
+// out (T, heads, R) = W_h x_h for every token and head h: x (T, heads, C).
+typedef struct { const Columns *w; float *out; const float *x; int items; } ColumnTask;
+
+static void column_task(void *arg, int ith, int nth) {
+    const ColumnTask *a = arg;
+    const Columns *w = a->w;
+    int lo, hi;
+    split_range(a->items, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) { // item = t * heads + h
+        size_t h = item % w->heads, at = h * w->C * w->stride;
+        column_matvec(a->out + (size_t)item * w->R, a->x + (size_t)item * w->C, w->f ? w->f + at : NULL,
+                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->stride : NULL, w->R, w->C,
+                      w->stride);
+    }
+}
+
+static void column_matmul(Transformer *m, float *out, const float *x, const Columns *w, int T) {
+    ColumnTask task = {w, out, x, T * w->heads};
+    if ((size_t)T * w->heads * w->R * w->C < SMALL_WORK) column_task(&task, 0, 1);
+    else pool_run(m->pool, column_task, &task);
 }
 
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
@@ -833,7 +901,7 @@ static void mla_attention(Transformer *m, int l, int T, int pos) {
         rope(kv + dc, 1, dr, pos + t, freq);
         cache_append(m, l, 0, pos + t, kv + dc, kv); // key tiles: k_R; value rows: c
     }
-    head_matmul(m, s->q_lat, s->q, &L->wk_b, T);                 // W_UK_h^T q_C_h
+    column_matmul(m, s->q_lat, s->q, &L->uk, T);                  // W_UK_h^T q_C_h
     attend(m, l, T, pos, s->q_rope, s->q_lat, s->o_lat, 1.0f / sqrtf((float)(c->head_dim + dr)));
     head_matmul(m, s->xb, s->o_lat, &L->wv_b, T);                // W_UV_h o_h
 }
@@ -1355,9 +1423,10 @@ static size_t weight_bytes(const Transformer *m) {
     size_t bytes = matrix_bytes(&m->w.token_embedding) + (size_t)(2 * c->n_layers + 1) * c->dim * sizeof(float);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->w.layers[l];
-        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wk_b, &L->wv_b, // GQA or MLA: the others have 0 rows
+        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wv_b, // GQA or MLA: the others have 0 rows
                                 &L->wo, &L->w1, &L->w2, &L->w3};
-        for (int i = 0; i < 11; i++) bytes += matrix_bytes(mats[i]);
+        for (int i = 0; i < 10; i++) bytes += matrix_bytes(mats[i]);
+        bytes += L->uk.C ? columns_bytes(&L->uk) : matrix_bytes(&L->wk_b); // MLA: as decode reads it
     }
     if (!m->h.tied_classifier) bytes += matrix_bytes(&m->w.classifier);
     return bytes;
@@ -1606,7 +1675,7 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
     check_weights_finite(m); // and maps every page
     if (kv_heads) set_kv_heads(m, kv_heads);
     for (int l = 0; l < m->c.n_layers && m->c.attention == ATTENTION_MLA; l++) {
-        dequantize_short_rows(m, &m->w.layers[l].wk_b);
+        m->w.layers[l].uk = make_columns(m, &m->w.layers[l].wk_b, m->c.n_heads);
         dequantize_short_rows(m, &m->w.layers[l].wv_b);
     }
     if (seq_len > m->c.max_seq_len)

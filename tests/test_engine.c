@@ -241,6 +241,55 @@ static void test_row_scores(void) {
     check(same, "row_scores_heads_together_equal_heads_one_by_one", "a result differs");
 }
 
+// MLA's W_UK^T kept column by column (make_columns, column_matvec): for
+// f32, q8_0 and q4_0 matrices of several heads, short and odd shapes, each
+// head's W_h x against the scalar reference and against dot products in
+// double of x with the rows as the file holds them (matrix_slice).
+static void test_column_matvec(void) {
+    enum { HEADS = 3, MAX_R = 520, MAX_C = 72 };
+    uint64_t rng = 23;
+    static float w[HEADS * MAX_R * MAX_C], x[HEADS * MAX_C], got[HEADS * MAX_R], ref[HEADS * MAX_R], row[MAX_C];
+    static uint8_t wq[HEADS * MAX_R * (MAX_C / Q8_GROUP + 1) * (Q8_GROUP + 2)]; // q8_0 rows of up to MAX_C
+    const int shapes[][2] = {{512, 64}, {520, 72}, {40, 8}, {7, 33}, {16, 48}, {130, 1}};
+    const int dtypes[] = {DTYPE_F32, DTYPE_Q8_0, DTYPE_Q4_0};
+    float worst_ref = 0, worst_exact = 0;
+    for (int k = 0; k < (int)(sizeof shapes / sizeof shapes[0]); k++)
+        for (int d = 0; d < 3; d++) {
+            const int R = shapes[k][0], C = shapes[k][1];
+            for (int i = 0; i < HEADS * R * C; i++) w[i] = frand(&rng);
+            for (int i = 0; i < HEADS * C; i++) x[i] = frand(&rng);
+            Matrix mw = {.f = w, .dtype = dtypes[d], .rows = HEADS * R, .cols = C};
+            if (dtypes[d] != DTYPE_F32) {
+                mw.f = NULL, mw.q = wq;
+                for (int r = 0; r < HEADS * R; r++)
+                    (dtypes[d] == DTYPE_Q8_0 ? quantize_q8_row : quantize_q4_row)(wq + r * row_bytes(&mw), w + r * C, C);
+            }
+            Transformer m;
+            memset(&m, 0, sizeof m);
+            Columns cw = make_columns(&m, &mw, HEADS);
+            for (int h = 0; h < HEADS; h++) {
+                size_t at = (size_t)h * C * cw.stride;
+                const float *f = cw.f ? cw.f + at : NULL;
+                const int8_t *q = cw.q ? cw.q + at : NULL;
+                const uint16_t *sc = cw.q ? cw.scale + (size_t)h * n_groups(C) * cw.stride : NULL;
+                column_matvec(got + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                column_matvec_scalar(ref + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                for (int r = 0; r < R; r++) {
+                    matrix_slice(&mw, h * R + r, 0, C, row);
+                    double exact = 0, mag = 0;
+                    for (int i = 0; i < C; i++) exact += (double)row[i] * x[h * C + i], mag += fabs((double)row[i] * x[h * C + i]);
+                    mag = mag > 0 ? mag : 1;
+                    worst_ref = fmaxf(worst_ref, (float)(fabs(got[h * R + r] - ref[h * R + r]) / mag));
+                    worst_exact = fmaxf(worst_exact, (float)(fabs(got[h * R + r] - exact) / mag));
+                }
+            }
+            for (int i = 0; i < m.n_owned; i++) free(m.owned[i]);
+            free(m.owned);
+        }
+    check(worst_ref < 1e-6f, "column_matvec_matches_scalar_reference", "worst relative error %g", worst_ref);
+    check(worst_exact < 1e-6f, "column_matvec_matches_the_files_rows_in_double", "worst relative error %g", worst_exact);
+}
+
 static void test_split_range_partitions_rows(void) {
     int ok = 1;
     for (int n = 0; n < 200 && ok; n += 7)
@@ -707,6 +756,7 @@ int main(void) {
     test_vexp_and_softmax();
     test_attention_kernels();
     test_row_scores();
+    test_column_matvec();
     test_kv_store_rounding();
     test_split_range_partitions_rows();
     test_matmul_paths();
