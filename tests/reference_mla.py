@@ -34,10 +34,12 @@ forward(..., q8_0_activations=True) rounds the input of every product to
 q8_0 first, as int8 kernels meeting q8_0 weights do; the products with W_UK
 and W_UV then have to be the absorbed ones (section 2.1.2: "W_UK can be
 absorbed into W_Q, and W_UV into W_O"), whose inputs are what gets rounded:
-head i's query q_C,i and its weighted sum of latents -- but only for W_UK^T
-(rows of head_dim values) or W_UV (rows of kv_latent_dim) rows of at least
-512 values: the engine dequantizes shorter q8_0 rows at load (run.c,
-dequantize_short_rows), and those products take f32 inputs.
+head i's weighted sum of latents, when W_UV's rows (kv_latent_dim values)
+are at least 512 long: the engine dequantizes shorter q8_0 rows at load
+(run.c, dequantize_short_rows), and those products take f32 inputs. The
+product with W_UK^T (rows of head_dim values) always takes f32 inputs: the
+engine keeps that matrix as its columns (run.c, make_columns) and weighs
+them by the query's f32 numbers.
 """
 import math
 import os
@@ -106,7 +108,7 @@ def mla_attention_absorbed_q8(h, W, p, x, freq):
     kv = lin(x, W[p + "wkv_a"])
     c, k_R = kv[:, :dc], rope_adjacent(kv[:, dc:], rope_freq, pos)
     int8 = lambda cols: (lambda v: reference.round_to_q8_0(v)) if cols >= 512 else (lambda v: v)
-    q_C = int8(hd)(lin(x, W[p + "wq"])).reshape(T, H, hd)
+    q_C = lin(x, W[p + "wq"]).reshape(T, H, hd)
     q_lat = np.einsum("hcd,thd->htc", W[p + "wk_b"].reshape(H, dc, hd), q_C)            # W_UK,i^T q_C,i
     q_R = rope_adjacent(lin(x, W[p + "wq_rope"]).reshape(T, H, dr).transpose(1, 0, 2), rope_freq, pos)
     scores = (q_lat @ c.T + q_R @ k_R.T) / math.sqrt(hd + dr)

@@ -104,7 +104,8 @@ def engine_matches_reference(name, flags):
 
 
 def q8_0_matches_reference(latent):
-    """latent 512: W_UV's rows are int8 (512 values), W_UK^T's (head_dim 32) dequantized at load; latent 64: both."""
+    """latent 512: W_UV's rows are int8 (512 values); latent 64: dequantized at load; W_UK^T (head_dim 32) is
+    read as its columns (f32 queries times its int8 values and scales)."""
     model = export_ok(path(f"q8_{latent}.bin"), "--random", "--seed", 9, "--dim", 64, "--n-heads", 2,
                       "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 8, "--untied", "--dtype", "q8_0")
     h, W = read_tensors(model)
