@@ -74,8 +74,10 @@ def rope_adjacent(x, freq, positions):
     return out
 
 
-def mla_attention(h, W, p, x, freq):
-    """DeepSeek-V2 MLA of the normed input x (T, dim) -> (T, dim), layer prefix p."""
+def mla_attention(h, W, p, x, freq, kv_cache=None):
+    """DeepSeek-V2 MLA of the normed input x (T, dim) -> (T, dim), layer prefix p. kv_cache (None/"f32",
+    "f16", "q8_0"): what a KV cache of that element type keeps of the cached c and k_R (each a row of its
+    own: q8_0 groups of 32 along it)."""
     T = x.shape[0]
     H, hd, dc, dr = h["n_heads"], h["head_dim"], h["kv_latent_dim"], h["kv_rope_dim"]
     W_DKV, W_KR = W[p + "wkv_a"][:dc], W[p + "wkv_a"][dc:]
@@ -83,12 +85,12 @@ def mla_attention(h, W, p, x, freq):
     W_UV = W[p + "wv_b"].reshape(H, hd, dc)                      # (H, hd, dc): v_C,i = W_UV,i c
     rope_freq = freq[W[p + "rope_pairs"]]                        # (dr / 2) the frequency of each pair of k_R
     pos = np.arange(T)
-    c = x @ W_DKV.T                                              # (T, dc)      (9)
+    c = reference.round_kv_cache(x @ W_DKV.T, kv_cache)         # (T, dc)      (9)
     k_C = np.einsum("hdc,tc->htd", W_UK, c)                      # (H, T, hd)   (10)
     v_C = np.einsum("hdc,tc->htd", W_UV, c)                      # (H, T, hd)   (11)
     q_C = (x @ W[p + "wq"].T).reshape(T, H, hd).transpose(1, 0, 2)                      # (12)
     q_R = rope_adjacent((x @ W[p + "wq_rope"].T).reshape(T, H, dr).transpose(1, 0, 2), rope_freq, pos)  # (15)
-    k_R = rope_adjacent(x @ W_KR.T, rope_freq, pos)              # (T, dr), shared by the heads   (16)
+    k_R = reference.round_kv_cache(rope_adjacent(x @ W_KR.T, rope_freq, pos), kv_cache)  # (T, dr), shared   (16)
     q = np.concatenate([q_C, q_R], axis=-1)                      # (H, T, hd + dr)   (17)
     k = np.concatenate([k_C, np.broadcast_to(k_R, (H, T, dr))], axis=-1)                  # (18)
     scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd + dr)
@@ -120,16 +122,18 @@ def mla_attention_absorbed_q8(h, W, p, x, freq):
     return lin(o, W[p + "wo"])
 
 
-def forward(h, W, ids, q8_0_activations=False):
-    """Logits (len(ids), vocab_size) of an MLA file's model for ids at positions 0, 1, ..."""
+def forward(h, W, ids, q8_0_activations=False, kv_cache=None):
+    """Logits (len(ids), vocab_size) of an MLA file's model for ids at positions 0, 1, ...; kv_cache: the
+    element type of the cache (mla_attention)."""
     W = {k: (v if v.dtype.kind == "i" else v.astype(np.float64)) for k, v in W.items()
          if not k.endswith((".q", ".scale"))}
     eps, freq = h["norm_eps"], head_frequencies(h)
     x = W["token_embedding"][np.asarray(ids)]
     for l in range(h["n_layers"]):
         p = f"layers.{l}."
-        attention = mla_attention_absorbed_q8 if q8_0_activations else mla_attention
-        x = x + attention(h, W, p, reference.rms_norm(x, W[p + "attn_norm"], eps), freq)
+        normed = reference.rms_norm(x, W[p + "attn_norm"], eps)
+        x = x + (mla_attention_absorbed_q8(h, W, p, normed, freq) if q8_0_activations
+                 else mla_attention(h, W, p, normed, freq, kv_cache))
         g = reference.rms_norm(x, W[p + "ffn_norm"], eps)
         lin = lambda v, w: reference.linear(v, w, q8_0_activations)
         x = x + lin(reference.silu(lin(g, W[p + "w1"])) * lin(g, W[p + "w3"]), W[p + "w2"])  # SwiGLU

@@ -16,6 +16,11 @@ conversion of GQA/MHA checkpoints into it.
            1e-5 relative, logits within 1e-4 of reference.py's source model;
   lossy    --mla N --calib TEXT: the file matches reference_mla, caches N
            numbers, and is a different model from the source;
+  kv       --kv-type f32 / f16 / q8_0: logits within 1e-4 of the reference
+           whose cached c and k_R are rounded as the cache keeps them (or
+           nearer it than half their distance from the exact one: a number
+           within float32 rounding of a rounding boundary may round the
+           other way), and the same logits at 1, 2 and 3 threads;
   info     attention: mla, kv_latent_dim, kv_rope_dim, kv_bytes_per_token =
            n_layers x (kv_latent_dim + kv_rope_dim) x 4;
   refuse   ./run MLA --kv-heads K; export.py --mla with --kv-heads, N above
@@ -101,6 +106,30 @@ def engine_matches_reference(name, flags):
         flat[f"layers.{l}.rope_pairs"] = np.zeros_like(W[f"layers.{l}.rope_pairs"])
     T.check(f"mla_{name}_rope_pairs_matter", rel_err(reference_mla.forward(h, flat, ids), ref) > 100 * TOL
             or h["kv_rope_dim"] == 2, "the reference does not depend on rope_pairs")
+
+
+def kv_types_match_reference(latent):
+    """--kv-type f16 / q8_0 on an MLA model: the logits against the reference whose cached c and k_R are
+    rounded as that cache keeps them; and the same logits at 1, 2 and 3 threads (-T 1 == -T 2)."""
+    model = export_ok(path(f"kv_{latent}.bin"), "--random", "--seed", 11, "--dim", 64, "--n-heads", 4,
+                      "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 32)
+    h, W = read_tensors(model)
+    ids = random_ids(h, 40, 6)
+    exact = reference_mla.forward(h, W, ids)
+    for kind in ("f32", "f16", "q8_0"):
+        ref = reference_mla.forward(h, W, ids, kv_cache=kind)
+        runs = {(block, threads): engine_logits(model, ids, "-B", block, "-T", threads, "-k", kind)
+                for block, threads in [(1, 1), (1, 2), (1, 3), (20, 2)]}
+        for (block, threads), got in runs.items():
+            err, from_exact = rel_err(got, ref), rel_err(got, exact)
+            note(f"kv {kind} latent {latent} B={block} T={threads}", err)
+            # (as test_reference.py: a cached number whose float32 value lies within rounding error of a
+            # q8_0 / f16 rounding boundary may round the other way than the float64 reference's)
+            T.check(f"mla_latent{latent}_kv_{kind}_B{block}_T{threads}_logits_match_reference_with_{kind}_cache",
+                    err <= TOL or err <= from_exact / 2,
+                    f"relative error {err:.3g}; from the exact reference {from_exact:.3g}")
+        T.check(f"mla_latent{latent}_kv_{kind}_logits_equal_at_1_2_and_3_threads",
+                all(np.array_equal(runs[(1, 1)], runs[(1, t)]) for t in (2, 3)), "a thread count changes the logits")
 
 
 def q8_0_matches_reference(latent):
@@ -291,6 +320,8 @@ def main():
         for latent in (512, 64):
             T.run(f"mla_q8_0_latent{latent}_logits_B1_match_reference_on_dequantized_weights", q8_0_matches_reference,
                   latent)
+        for latent in (512, 96):
+            T.run(f"mla_latent{latent}_kv_types_match_reference", kv_types_match_reference, latent)
         for name, cfg in full_shapes():
             T.run(f"mla_full_{name}_ppl_equals_source", full_is_exact, name, cfg)
         T.run("mla_full_stories260K_ppl_equals_source", full_is_exact_llama2c, "stories260K", "stories260K.bin",
