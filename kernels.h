@@ -1183,4 +1183,119 @@ static float dot_q4(const uint8_t *w, const int8_t *xq, const float *xs, const i
     return dot_int(w, xq, xs, sum128, n, 4);
 }
 
+// MLA's latent rows in a q8_0 KV cache (run.c, KVCache.q8_rows). All query
+// heads score every cached latent c (kv_latent_dim numbers: 512 multiply-adds
+// per head and position) and then add it up weighted, so at depth MLA's
+// attention is bound by the multiply-adds, not by the cache's bytes. The
+// scores take the integer path of the weights: the cache keeps exactly the
+// numbers kv_store keeps (the same groups of 32 consecutive numbers, scales
+// and rounding), laid out as a q8_0 weight row (model.h: values interleaved,
+// 16 groups per 64-byte load, scales after each block of groups), and each
+// head's query is quantized as matmul activations are (quantize_q8): then
+// dot_q8, and with AVX-512 VNNI the prefill tile gemm_tile_q8 (positions as
+// its weight rows, heads as its tokens), score them with vpdpbusd, 64 byte
+// products per instruction where an f32 FMA does 16. The weighted sum reads
+// the rows converted to float32 in their stored order (kv_q8_rows_to_f32):
+// each number's sum is the same, only in another lane; run.c puts the sums
+// back in the latent's order (kv_q8_rows_order).
+
+// Stores x (width numbers, a multiple of Q8_GROUP) as such a row.
+static void kv_store_q8_row(uint8_t *row, const float *x, int width) {
+    for (int g = 0; g < width / Q8_GROUP; g++) {
+        uint8_t group[Q8_GROUP + 2]; // kv_store's q8_0 row of this group alone: its values, then its scale
+        kv_store(group, 1, 0, x + (size_t)g * Q8_GROUP, Q8_GROUP, KV_Q8_0);
+        Q8Block k = q8_block(row, width, g / Q8_BLOCK);
+        for (int i = 0; i < Q8_GROUP; i += 4) memcpy((uint8_t *)k.q + q8_offset(k.groups, g % Q8_BLOCK, i), group + i, 4);
+        memcpy((uint8_t *)(k.scale + g % Q8_BLOCK), group + Q8_GROUP, 2);
+    }
+}
+
+// Where each number of such a row lies in the stored order that
+// kv_q8_rows_to_f32 gives: order[d] for number d of the latent.
+static void kv_q8_rows_order(int *order, int width) {
+    for (int d = 0; d < width; d++) {
+        int g = d / Q8_GROUP, b = g / Q8_BLOCK;
+        order[d] = b * Q8_BLOCK * Q8_GROUP + (int)q8_offset(block_groups(width, b), g % Q8_BLOCK, d % Q8_GROUP);
+    }
+}
+
+// Scalar reference: number d of such a row (kv_number's value for the same numbers stored by kv_store).
+static REFERENCE float kv_q8_row_number(const uint8_t *row, int d, int width) {
+    int g = d / Q8_GROUP;
+    Q8Block k = q8_block(row, width, g / Q8_BLOCK);
+    return k.q[q8_offset(k.groups, g % Q8_BLOCK, d % Q8_GROUP)] * f16_to_f32(k.scale[g % Q8_BLOCK]);
+}
+
+// n such rows (kv_row_bytes apart) as float32, each in its stored order:
+// out[r * width + order[d]] = number d of row r. AVX-512: a whole chunk of
+// 16 groups is 8 rows of 64 bytes, 4 numbers of each group in turn, so the
+// scales of a vector of 16 numbers are 4 of the chunk's 16, 4 lanes each.
+static void kv_q8_rows_to_f32(float *out, const uint8_t *base, int n, int width) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width);
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = base + (size_t)r * rb;
+        float *o = out + (size_t)r * width;
+        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < width; b++) {
+            Q8Block k = q8_block(row, width, b);
+            float *ob = o + (size_t)b * Q8_BLOCK * Q8_GROUP;
+            int g = 0;
+#if VEC_BYTES == 64
+            for (; g + Q8_CHUNK <= k.groups; g += Q8_CHUNK) {
+                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.scale + g)));
+                for (int m = 0; m < 4; m++) {
+                    const __m512 sm = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(
+                        _mm512_set1_epi32(16 * m), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), 2), s);
+                    for (int i = 0; i < 8; i++) { // chunk row i: numbers 4i .. 4i + 3 of each group
+                        size_t at = (size_t)g * Q8_GROUP + 64 * i + 16 * m;
+                        _mm512_storeu_ps(ob + at, _mm512_mul_ps((__m512)i8_vec((const uint8_t *)k.q + at), sm));
+                    }
+                }
+            }
+#endif
+            for (; g < k.groups; g++) {
+                const float sc = f16_to_f32(k.scale[g]);
+                for (int i = 0; i < Q8_GROUP; i++) {
+                    size_t at = q8_offset(k.groups, g, i);
+                    ob[at] = k.q[at] * sc;
+                }
+            }
+        }
+    }
+}
+
+// att_h[p * att_step] += (q_h . row p) * scale for positions p < n of such
+// rows and heads h < nh, q_h quantized (quantize_q8) at xq + h * padded_len(width),
+// xs and sum128 + h * n_groups(width); att_h = att + h * att_stride. With
+// VNNI in register tiles of Q8_TILE_R positions x Q8_TILE_T heads.
+static void q8_row_scores(float *att, size_t att_stride, const int8_t *xq, const float *xs, const int32_t *sum128,
+                          const uint8_t *rows, int n, int width, float scale, int nh) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width), xn = padded_len(width), xg = n_groups(width);
+    int p = 0;
+#if Q8_GEMM
+    for (; p + Q8_TILE_R <= n; p += Q8_TILE_R) {
+        int h = 0;
+        for (; h + Q8_TILE_T <= nh; h += Q8_TILE_T) {
+            float tile[Q8_TILE_T * Q8_TILE_R]; // [head][position]
+            gemm_tile_q8(tile, Q8_TILE_R, rows + p * rb, rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width);
+            for (int t = 0; t < Q8_TILE_T; t++)
+                for (int i = 0; i < Q8_TILE_R; i++) att[(h + t) * att_stride + p + i] += tile[t * Q8_TILE_R + i] * scale;
+        }
+        for (; h < nh; h++)
+            for (int i = 0; i < Q8_TILE_R; i++)
+                att[h * att_stride + p + i] += dot_q8(rows + (p + i) * rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width) * scale;
+    }
+#endif
+    for (; p < n; p++)
+        for (int h = 0; h < nh; h++)
+            att[h * att_stride + p] += dot_q8(rows + p * rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width) * scale;
+}
+
+static REFERENCE void q8_row_scores_scalar(float *att, size_t att_stride, const int8_t *xq, const float *xs,
+                                           const uint8_t *rows, int n, int width, float scale, int nh) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width);
+    for (int h = 0; h < nh; h++)
+        for (int p = 0; p < n; p++)
+            att[h * att_stride + p] += dot_q8_scalar(rows + p * rb, xq + h * padded_len(width), xs + h * n_groups(width), width) * scale;
+}
+
 #endif

@@ -146,10 +146,15 @@ _Static_assert(ATT_BLOCK >= VEC_LEN, "kv_f32 holds a key tile or a value block")
 typedef struct {
     uint8_t *data;    // (n_layers, heads, len, row_bytes)
     int type, width, heads, tiled;
+    int q8_rows;      // MLA's latent rows of a q8_0 cache, stored as q8_0 weight rows (kernels.h, kv_store_q8_row)
     size_t len;       // positions: the context rounded up to whole tiles
     size_t row_bytes; // of one position's width numbers: kv_row_bytes(type, width)
     size_t bytes;     // of the whole cache
 } KVCache;
+
+// A thread's query heads quantized as matmul activations (quantize_q8):
+// (kv_mul, padded_len(value_dim)) values, (kv_mul, n_groups(value_dim)) scales and sums.
+typedef struct { int8_t *q; float *s; int32_t *sum128; } LatentQuery;
 
 // Activations for a block of up to MAX_BATCH tokens, and the KV cache.
 typedef struct {
@@ -166,6 +171,8 @@ typedef struct {
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *kv_f32;  // (n_threads, ATT_BLOCK, max(key_dim, value_dim)) an f16 / q8_0 key tile or value block as float32
+    LatentQuery *lat_q; // (n_threads) MLA with a q8_0 cache: the heads' latent queries quantized (q8_row_scores)
+    int *lat_order;     // (value_dim) where each latent number lies in a q8_rows row's stored order
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B + Q8_TILE_T - 1, padded_len(max_cols)) matmul input quantized to q8_0 ...
     float *xs;      // (B + Q8_TILE_T - 1, n_groups(max_cols)) ... its scales ...
@@ -562,7 +569,25 @@ static uint8_t *cache_head(const KVCache *kc, int layer, int kv_head) {
 static void cache_store(KVCache *kc, int layer, int kv_head, int pos, const float *x) {
     uint8_t *head = cache_head(kc, layer, kv_head);
     if (kc->tiled) kv_store(head + (size_t)pos / VEC_LEN * VEC_LEN * kc->row_bytes, VEC_LEN, pos % VEC_LEN, x, kc->width, kc->type);
+    else if (kc->q8_rows) kv_store_q8_row(head + (size_t)pos * kc->row_bytes, x, kc->width);
     else kv_store(head + (size_t)pos * kc->row_bytes, 1, 0, x, kc->width, kc->type);
+}
+
+// MLA with a q8_0 cache whose latent width is a multiple of Q8_GROUP: the
+// latent rows as q8_0 weight rows, scored with integer dot products
+// (kernels.h, q8_row_scores), and each thread's buffers for its quantized
+// query heads. (Allocated for every model: small.)
+static void alloc_latent_queries(RunState *s, const Config *c, int n_threads) {
+    const int vd = c->value_dim;
+    s->value_cache.q8_rows = c->attention == ATTENTION_MLA && c->kv_type == KV_Q8_0 && vd % Q8_GROUP == 0;
+    s->lat_order = xcalloc(vd, sizeof(int), "attention scratch");
+    if (s->value_cache.q8_rows) kv_q8_rows_order(s->lat_order, vd);
+    s->lat_q = xcalloc(n_threads, sizeof(LatentQuery), "attention scratch");
+    const size_t nq = (size_t)c->kv_mul * padded_len(vd), ng = (size_t)c->kv_mul * n_groups(vd);
+    int8_t *q = xcalloc(n_threads * nq, 1, "attention scratch");
+    float *sc = xcalloc(n_threads * ng, sizeof(float), "attention scratch");
+    int32_t *sum = xcalloc(n_threads * ng, sizeof(int32_t), "attention scratch");
+    for (int i = 0; i < n_threads; i++) s->lat_q[i] = (LatentQuery){q + i * nq, sc + i * ng, sum + i * ng};
 }
 
 static void malloc_run_state(Transformer *m) {
@@ -608,6 +633,7 @@ static void malloc_run_state(Transformer *m) {
     if (!s->shares) die("out of memory for the thread shares");
     alloc_cache(&s->key_cache, c, c->key_dim, 1, "the key cache");
     alloc_cache(&s->value_cache, c, c->value_dim, 0, "the value cache");
+    alloc_latent_queries(s, c, m->n_threads);
     s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
     rope_frequencies(&m->h, s->rope_freq);
     s->mla_freq = xcalloc((size_t)c->n_layers * dr / 2 + 1, sizeof(float), "rope");
@@ -618,6 +644,7 @@ static void malloc_run_state(Transformer *m) {
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->q_rope); free(s->kv_a); free(s->q_lat); free(s->o_lat); free(s->mla_freq);
+    free(s->lat_q[0].q); free(s->lat_q[0].s); free(s->lat_q[0].sum128); free(s->lat_q); free(s->lat_order);
     free(s->att); free(s->kv_f32); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(&s->key_cache);
     free_cache(&s->value_cache);
@@ -670,12 +697,13 @@ static inline __attribute__((always_inline)) void add_values(float *out, const f
 // in MQA), the tile or block is converted once into buf (the same numbers,
 // so the same bits) and read as f32 by every pass; MLA's scores against the
 // latent value rows read them converted too.
-static inline __attribute__((always_inline)) void attend_pair(const AttentionTask *a, float *att, float *buf, int t, int g,
-                                                              int j0, int j1, int type) {
+static inline __attribute__((always_inline)) void attend_pair(const AttentionTask *a, float *att, float *buf,
+                                                              const LatentQuery *lq, int t, int g, int j0, int j1, int type) {
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = a->scale;
-    const int kd = c->key_dim, vd = c->value_dim, convert = type != KV_F32 && j1 - j0 > ATT_HEADS;
+    const int kd = c->key_dim, vd = c->value_dim, q8_rows = a->q_row && s->value_cache.q8_rows;
+    const int convert = type != KV_F32 && (j1 - j0 > ATT_HEADS || q8_rows); // (q8_rows: its values only as f32)
     const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     const size_t krow = s->key_cache.row_bytes, vrow = s->value_cache.row_bytes;
     int n_pos = a->pos + t + 1;                                    // attends to positions 0 .. pos+t
@@ -691,7 +719,13 @@ static inline __attribute__((always_inline)) void attend_pair(const AttentionTas
         kv_to_f32(buf, tile, VEC_LEN, kd, type, 1);
         score_tile(att, L, q, (const uint8_t *)buf, kd, scale, p, j0, j1, KV_F32);
     }
-    if (a->q_row) { // MLA: att[j][p] += q_row_j . c_p * scale, the latent half of the key
+    if (q8_rows) { // MLA, q8_0 cache: the same, each query head quantized, in integer dot products
+        const float *qr = a->q_row + head0 * vd;
+        const size_t xn = padded_len(vd), xg = n_groups(vd);
+        for (int j = j0; j < j1; j++)
+            quantize_q8(lq->q + (j - j0) * xn, lq->s + (j - j0) * xg, lq->sum128 + (j - j0) * xg, qr + j * vd, vd);
+        q8_row_scores(att + j0 * L, L, lq->q, lq->s, lq->sum128, v, n_pos, vd, scale, j1 - j0);
+    } else if (a->q_row) { // MLA: att[j][p] += q_row_j . c_p * scale, the latent half of the key
         const float *qr = a->q_row + head0 * vd;
         for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
             int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
@@ -709,8 +743,13 @@ static inline __attribute__((always_inline)) void attend_pair(const AttentionTas
         int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK;
         const uint8_t *vb = v + (size_t)p0 * vrow;
         if (!convert) { add_values(out, att, L, vb, n, vd, p0, j0, j1, type); continue; }
-        kv_to_f32(buf, vb, n, vd, type, 0);
+        if (q8_rows) kv_q8_rows_to_f32(buf, vb, n, vd); // each row in its stored order ...
+        else kv_to_f32(buf, vb, n, vd, type, 0);
         add_values(out, att, L, (const uint8_t *)buf, n, vd, p0, j0, j1, KV_F32);
+    }
+    for (int j = j0; j < j1 && q8_rows; j++) { // ... and so the sums: back in the latent's order
+        for (int d = 0; d < vd; d++) buf[d] = out[j * vd + s->lat_order[d]];
+        memcpy(out + j * vd, buf, vd * sizeof(float));
     }
 }
 
@@ -719,6 +758,7 @@ static void attention_task(void *arg, int ith, int nth) {
     const Config *c = &a->m->c;
     float *att = a->m->s.att + (size_t)ith * c->kv_mul * cache_len(c); // (kv_mul, cache_len)
     float *buf = a->m->s.kv_f32 + (size_t)ith * ATT_BLOCK * KV_F32_WIDTH(c); // (ATT_BLOCK, max(key_dim, value_dim))
+    const LatentQuery *lq = &a->m->s.lat_q[ith];
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -727,9 +767,9 @@ static void attention_task(void *arg, int ith, int nth) {
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
         switch (a->m->s.key_cache.type) {
-        case KV_F16: attend_pair(a, att, buf, t, g, j0, j1, KV_F16); break;
-        case KV_Q8_0: attend_pair(a, att, buf, t, g, j0, j1, KV_Q8_0); break;
-        default: attend_pair(a, att, buf, t, g, j0, j1, KV_F32);
+        case KV_F16: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_F16); break;
+        case KV_Q8_0: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_Q8_0); break;
+        default: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_F32);
         }
     }
 }

@@ -43,6 +43,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     m.s.kv_f32 = xcalloc((size_t)ATT_BLOCK * KV_F32_WIDTH(c), sizeof(float), "kv_f32");
     alloc_cache(&m.s.key_cache, c, c->key_dim, 1, "keys");
     alloc_cache(&m.s.value_cache, c, c->value_dim, 0, "values");
+    alloc_latent_queries(&m.s, c, 1);
     uint64_t state = 1;
     float *row = xcalloc(KV_F32_WIDTH(c), sizeof(float), "row");
     for (int i = 0; i < 32 * c->key_dim; i++) q[i] = random_f32(&state) - 0.5f;
@@ -72,6 +73,7 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
            "%.1f GFLOP/s per CPU-second, %.1f ns per (position, KV head)\n", label, kv_type_name(type), depth, best * 1e3, bytes / best / 1e9, flops / best / 1e9,
            best * 1e9 / (depth + 1) / kv_heads);
     free(q); free(q_row); free(out); free(row); free(m.s.att); free(m.s.kv_f32);
+    free(m.s.lat_q[0].q); free(m.s.lat_q[0].s); free(m.s.lat_q[0].sum128); free(m.s.lat_q); free(m.s.lat_order);
     free_cache(&m.s.key_cache); free_cache(&m.s.value_cache);
 }
 

@@ -77,7 +77,8 @@ def rope_adjacent(x, freq, positions):
 def mla_attention(h, W, p, x, freq, kv_cache=None):
     """DeepSeek-V2 MLA of the normed input x (T, dim) -> (T, dim), layer prefix p. kv_cache (None/"f32",
     "f16", "q8_0"): what a KV cache of that element type keeps of the cached c and k_R (each a row of its
-    own: q8_0 groups of 32 along it)."""
+    own: q8_0 groups of 32 along it); with q8_0 and whole groups of c, the scores against c take the
+    absorbed query rounded to q8_0."""
     T = x.shape[0]
     H, hd, dc, dr = h["n_heads"], h["head_dim"], h["kv_latent_dim"], h["kv_rope_dim"]
     W_DKV, W_KR = W[p + "wkv_a"][:dc], W[p + "wkv_a"][dc:]
@@ -93,7 +94,13 @@ def mla_attention(h, W, p, x, freq, kv_cache=None):
     k_R = reference.round_kv_cache(rope_adjacent(x @ W_KR.T, rope_freq, pos), kv_cache)  # (T, dr), shared   (16)
     q = np.concatenate([q_C, q_R], axis=-1)                      # (H, T, hd + dr)   (17)
     k = np.concatenate([k_C, np.broadcast_to(k_R, (H, T, dr))], axis=-1)                  # (18)
-    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd + dr)
+    scores = q @ k.transpose(0, 2, 1)
+    if kv_cache == "q8_0" and dc % 32 == 0:
+        # int8 kernels meet an int8 cache with the query in its absorbed form (section 2.1.2), W_UK,i^T q_C,i,
+        # rounded to q8_0 as matmul activations are: q_C,i . k_C,j = (W_UK,i^T q_C,i) . c_j
+        q_lat = reference.round_to_q8_0(np.einsum("hdc,htd->htc", W_UK, q_C))                # (H, T, dc)
+        scores = q_lat @ c.T + q_R @ k_R.T
+    scores = scores / math.sqrt(hd + dr)
     scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
