@@ -580,7 +580,10 @@ def bench_depth(args, machine, prompts, dtype, kvs=(32, 8, 1, MLA)):
                     return info["weight_bytes"] / bw + max(kv_read / bw, flops / fma)
                 row["compute_tps"] = median([1 / compute_time(x) for x in xs])
                 row["compute_ratio"] = median([x["tps"] * compute_time(x) for x in xs])
-                row["limit"] = "FMAs" if flops / fma > kv_read / (row["bw_then_gbs"] * 1e9) else "bytes"
+                bw = row["bw_then_gbs"] * 1e9  # what bounds the attention, if it is 2 % of the token or more
+                cache_s, fma_s = kv_read / bw, flops / fma
+                row["limit"] = ("weights" if max(cache_s, fma_s) < 0.02 * (info["weight_bytes"] / bw)
+                                else "FMAs" if fma_s > cache_s else "cache bytes")
                 rows.append(row)
     checks = []
     prompt_file, n = prompts.make(CHECK_DEPTH) if prompts else (None, 0)
@@ -728,7 +731,8 @@ def report(res):
               "- %% FMA peak = prefill tok/s x 2 x matmul params (%s) / FMA peak." % fmt(matmul_params, "%.4g"),
               "- predicted = bandwidth then / (weight_bytes + KV bytes read per token) (the bytes model); "
               "predicted, bytes + FMAs = 1 / (weight_bytes / bandwidth then + max(KV bytes read / bandwidth then, "
-              "attention flops / the FMA peak above)); limit: which of the two attention terms is larger. MLA's "
+              "attention flops / the FMA peak above)); limit: the larger attention term (weights: both under 2 % of the "
+              "weights' time). MLA's "
               "heads share one latent row, 1088 multiply-adds per (position, head): at depth its attention is "
               "bound by the FMAs, not by the cache's bytes.",
               "- others = the most CPU other programs used during the runs a figure comes from (%% of all cores); "
