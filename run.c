@@ -696,7 +696,10 @@ static inline __attribute__((always_inline)) void add_values(float *out, const f
 // heads take several passes over each tile or block (kv_mul > ATT_HEADS, as
 // in MQA), the tile or block is converted once into buf (the same numbers,
 // so the same bits) and read as f32 by every pass; MLA's scores against the
-// latent value rows read them converted too.
+// latent value rows read them converted too, but with a q8_0 cache (q8_rows):
+// its latent rows are q8_0 weight rows, scored against the query heads
+// quantized in integer dot products (q8_row_scores), and read converted, in
+// their stored order, by the weighted sums, which are then put back in order.
 static inline __attribute__((always_inline)) void attend_pair(const AttentionTask *a, float *att, float *buf,
                                                               const LatentQuery *lq, int t, int g, int j0, int j1, int type) {
     const Config *c = &a->m->c;
