@@ -123,7 +123,7 @@ run-tsan: $(ENGINE_SRC) $(ENGINE_HDR)
 test-asan test-tsan: test-%: run-% run  # ./run: export.py --calib tokenizes with it
 	@$(FIND_PYTHON)
 	$(MAKE) -B tests/logits $(C_TESTS) CFLAGS="$(SAN_CFLAGS) $(if $(filter asan,$*),$(ASAN_FLAGS),$(TSAN_FLAGS))"
-	@$(FIND_PYTHON); $(SAN_ENV) RUN=./run-$* PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh; \
+	@$(FIND_PYTHON); $(SAN_ENV) SANITIZER=$* RUN=./run-$* PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh; \
 	  rc=$$?; rm -f tests/logits $(C_TESTS); exit $$rc
 
 # Without -march=native: valgrind does not know AVX-512.

@@ -41,12 +41,12 @@ import gguf_writer as gw  # noqa: E402
 import make_hf  # noqa: E402
 import reference  # noqa: E402
 import reference_mla  # noqa: E402
-from testlib import (LOGITS, RUN, Checks, engine, engine_built, engine_logits, engine_ppl, engine_tokens,  # noqa: E402
-                     export, export_ok, llama2c_files, read_header, read_tensors, rel_err, scratch)
+from testlib import (Checks, LOGITS, RUN, engine, engine_built, engine_logits, engine_ppl,  # noqa: E402
+                     export, export_ok, in_dir, llama2c_files, note, read_header,
+                     read_tensors, rel_err, scratch, write_text)
 
 T = Checks()
 TMP = scratch("mla-")
-VERBOSE = os.environ.get("VERBOSE") == "1"
 TOL, PPL_EXACT = 1e-4, 1e-5
 
 TEXT = ("Lily found a small key under the old oak tree. She asked her mother what it opened, but her mother did "
@@ -54,20 +54,7 @@ TEXT = ("Lily found a small key under the old oak tree. She asked her mother wha
         "attic. At last it opened her grandfather's music box, and a little song filled the room.")
 
 
-def path(*parts):
-    return os.path.join(TMP, *parts)
-
-
-def note(what, err):
-    if VERBOSE:
-        print(f"# {what:<56} {err:.3g}")
-
-
-def write_text(name, text):
-    p = path(name + ".txt")
-    with open(p, "w", encoding="utf-8") as f:
-        f.write(text)
-    return p
+path = in_dir(TMP)
 
 
 def random_ids(h, n, seed):
@@ -181,7 +168,7 @@ def full_is_exact(name, cfg):
     kv = cfg["num_key_value_heads"] * reference.head_dim_of(cfg)
     T.check(f"mla_full_{name}_header", h["attention"] == 1 and h["n_kv_heads"] == 1 and h["kv_latent_dim"] == kv
             and h["kv_rope_dim"] == kv, f"attention {h['attention']}, sizes {h['kv_latent_dim']} + {h['kv_rope_dim']}")
-    text = write_text("full_" + name, TEXT)
+    text = write_text(TMP, "full_" + name, TEXT)
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full {name}: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check(f"mla_full_{name}_ppl_equals_source", abs(a - b) / a <= PPL_EXACT,
@@ -200,7 +187,7 @@ def full_is_exact_llama2c(name, model_file, tok_file, chars):
     src = export_ok(path(name + ".bin"), "--llama2c", mpath, "--tokenizer", tpath)
     mla = export_ok(path(name + "_mla.bin"), "--llama2c", mpath, "--tokenizer", tpath, "--mla", "full")
     with open(corpus, encoding="utf-8") as f:
-        text = write_text(name, f.read(chars))
+        text = write_text(TMP, name, f.read(chars))
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full {name}: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check(f"mla_full_{name}_ppl_equals_source", abs(a - b) / a <= PPL_EXACT,
@@ -217,7 +204,7 @@ def full_is_exact_gguf():
     gw.write_gguf(g, meta, tensors)
     src = export_ok(path("gguf.bin"), "--gguf", g)
     mla = export_ok(path("gguf_mla.bin"), "--gguf", g, "--mla", "full")
-    text = write_text("gguf", TEXT)
+    text = write_text(TMP, "gguf", TEXT)
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full gguf: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check("mla_full_from_gguf_ppl_equals_source", read_header(mla)["attention"] == 1 and abs(a - b) / a <= PPL_EXACT,
@@ -228,7 +215,7 @@ def full_is_exact_gguf():
 # Lossy --mla N --calib TEXT
 
 def lossy_matches_reference():
-    calib = write_text("calib", TEXT * 3)
+    calib = write_text(TMP, "calib", TEXT * 3)
     flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4]
     src = export_ok(path("lossy_src.bin"), *flags)
     hs = read_header(src)
@@ -280,7 +267,7 @@ def refusals():
         T.check(f"engine_refuses_kv_heads_{K}_on_mla", r.returncode == 1 and r.stderr.strip() == want,
                 f"exit {r.returncode}: {r.stderr.strip()!r}")
     src = ["--random", "--n-heads", 4, "--n-kv-heads", 2]  # head_dim 16: full = 64
-    calib = write_text("refuse_calib", TEXT)
+    calib = write_text(TMP, "refuse_calib", TEXT)
     cases = [
         ("with_kv_heads", ["--mla", "full", "--kv-heads", 1],
          "error: --mla and --kv-heads cannot be combined: --mla converts the checkpoint's own 2 KV heads into one latent"),
