@@ -644,7 +644,8 @@ static void malloc_run_state(Transformer *m) {
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->q_rope); free(s->kv_a); free(s->q_lat); free(s->o_lat); free(s->mla_freq);
-    free(s->lat_q[0].q); free(s->lat_q[0].s); free(s->lat_q[0].sum128); free(s->lat_q); free(s->lat_order);
+    if (s->lat_q) { free(s->lat_q[0].q); free(s->lat_q[0].s); free(s->lat_q[0].sum128); }
+    free(s->lat_q); free(s->lat_order);
     free(s->att); free(s->kv_f32); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(&s->key_cache);
     free_cache(&s->value_cache);
