@@ -732,7 +732,8 @@ def report(res):
               "- predicted = bandwidth then / (weight_bytes + KV bytes read per token) (the bytes model); "
               "predicted, bytes + FMAs = 1 / (weight_bytes / bandwidth then + max(KV bytes read / bandwidth then, "
               "attention flops / the FMA peak above)); limit: the larger attention term (weights: both under 2 % of the "
-              "weights' time). MLA's "
+              "weights' time; a q8_0 cache's MLA latent scores run on int8 dot products, which AVX-512 VNNI does 4 to an "
+              "f32 FMA's 1: counted as f32 FMAs here, so the model is pessimistic for them). MLA's "
               "heads share one latent row, 1088 multiply-adds per (position, head): at depth its attention is "
               "bound by the FMAs, not by the cache's bytes.",
               "- others = the most CPU other programs used during the runs a figure comes from (%% of all cores); "
