@@ -11,8 +11,9 @@
    cache's element types (f32, f16, q8_0: storing a row, reading it back) and
    the attention kernels that read them (scores against a transposed key tile,
    weighted sums of value rows); rmsnorm, exp,
-   softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 format
-   (quantization) and its integer dot product. */
+   softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 and q4_0
+   formats (quantization) and their integer dot products (AVX-512 VNNI,
+   AVX2, Arm NEON sdot). */
 
 #ifndef KERNELS_H
 #define KERNELS_H
@@ -23,6 +24,9 @@
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 // The vector width of this build: 64 bytes with AVX-512, 32 with AVX, else 16
@@ -163,7 +167,7 @@ static inline size_t kv_row_bytes(int type, int width) {
 static inline size_t kv_slot(size_t stride, int lane, int d) { return (size_t)d * stride + lane; }
 static inline const uint8_t *kv_scales(const uint8_t *base, size_t stride, int width) { return base + (size_t)width * stride; }
 
-// VEC_LEN float16 at p, converted: one instruction with AVX-512 or F16C.
+// VEC_LEN float16 at p, converted: one instruction with AVX-512, F16C or NEON.
 static inline vfloat f16_vec(const uint8_t *p) {
 #if VEC_BYTES == 64
     return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -171,6 +175,8 @@ static inline vfloat f16_vec(const uint8_t *p) {
     return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #elif VEC_BYTES == 16 && defined(__F16C__)
     return (vfloat)_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+#elif VEC_BYTES == 16 && defined(__ARM_NEON) && defined(__aarch64__)
+    return (vfloat)vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p)));
 #else
     vfloat v;
     for (int j = 0; j < VEC_LEN; j++) { uint16_t h; memcpy(&h, p + 2 * j, 2); v[j] = f16_to_f32(h); }
@@ -191,6 +197,11 @@ static inline vfloat i8_vec(const uint8_t *p) {
     __m128i b = _mm_cvtsi32_si128(w);
     b = _mm_unpacklo_epi16(_mm_unpacklo_epi8(b, b), _mm_unpacklo_epi8(b, b)); // each byte in the top of a lane
     return (vfloat)_mm_cvtepi32_ps(_mm_srai_epi32(b, 24));
+#elif VEC_BYTES == 16 && defined(__ARM_NEON) && defined(__aarch64__)
+    int32_t w;
+    memcpy(&w, p, 4);
+    int16x4_t h = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)))); // 4 bytes widened twice
+    return (vfloat)vcvtq_f32_s32(vmovl_s16(h));
 #else
     vfloat v;
     for (int j = 0; j < VEC_LEN; j++) v[j] = (int8_t)p[j];
@@ -204,6 +215,8 @@ static inline float f16_at(const uint8_t *p) {
     memcpy(&h, p, 2);
 #if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
 #else
     return f16_to_f32(h);
 #endif
@@ -894,12 +907,19 @@ static REFERENCE void column_matvec_scalar(float *out, const float *x, const flo
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define Q8_AVX512 1
 #define Q8_AVX2 0
+#define Q8_NEON 0
 #elif defined(__AVX2__) && defined(__F16C__)
 #define Q8_AVX512 0
 #define Q8_AVX2 1
+#define Q8_NEON 0
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+#define Q8_AVX512 0
+#define Q8_AVX2 0
+#define Q8_NEON 1
 #else
 #define Q8_AVX512 0
 #define Q8_AVX2 0
+#define Q8_NEON 0
 #endif
 
 // The tile of the integer prefill kernel (gemm_tile_q8, AVX-512 VNNI only).
@@ -1131,6 +1151,44 @@ static inline __attribute__((always_inline)) void block_256(__m256 acc[2], const
 }
 #endif
 
+#if Q8_NEON
+// Arm NEON with the dot-product extension (Armv8.2-A sdot: 16 multiply-adds
+// of signed bytes per instruction). A 16-byte quarter k of a 64-byte row of
+// the interleave holds 4 values of each of groups 4k .. 4k + 3, so sdot
+// leaves one group's sum in each 32-bit lane, and four accumulators hold a
+// chunk's 16 groups, as one vpdpbusd vector does. q8_0 values are signed as
+// stored; q4_0's u = q + 8 (0..15) is a signed byte too, and the caller's
+// 8 x sum x per group (a sixteenth of sum128) is subtracted.
+static inline __attribute__((always_inline)) void block_neon(float32x4_t acc[4], const uint8_t *q,
+                                                             const uint16_t *scale, const int8_t *xq, const float *xs,
+                                                             const int32_t *sum128, int chunks, int bits) {
+    for (int c = 0; c < chunks; c++) {
+        const uint8_t *wc = q + c * CHUNK_BYTES_OF(bits);
+        const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
+        int32x4_t d[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; // groups 4k .. 4k + 3
+        for (int r = 0; r < Q8_GROUP * bits / 32; r++) { // 64-byte rows of the chunk: 8 (q8_0) or 4 (q4_0)
+            PREFETCH_L1(wc + 64 * r + PREFETCH_AHEAD);
+            for (int k = 0; k < 4; k++) {
+                if (bits == 8) {
+                    d[k] = vdotq_s32(d[k], vld1q_s8((const int8_t *)wc + 64 * r + 16 * k), vld1q_s8(xc + 64 * r + 16 * k));
+                } else { // low nibbles: q8_0's row 2r, high nibbles: row 2r + 1
+                    uint8x16_t v = vld1q_u8(wc + 64 * r + 16 * k);
+                    d[k] = vdotq_s32(d[k], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), vld1q_s8(xc + 128 * r + 16 * k));
+                    d[k] = vdotq_s32(d[k], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vld1q_s8(xc + 128 * r + 64 + 16 * k));
+                }
+            }
+            LOAD_IN_ORDER();
+        }
+        for (int k = 0; k < 4; k++) {
+            const int o = c * Q8_CHUNK + 4 * k;
+            if (bits == 4) d[k] = vsubq_s32(d[k], vshrq_n_s32(vld1q_s32(sum128 + o), 4));
+            float32x4_t s = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scale + o))), vld1q_f32(xs + o));
+            acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(d[k]), s);
+        }
+    }
+}
+#endif
+
 // A q8_0 or q4_0 weight row (n values) . x quantized (xq, xs, sum128), in
 // address order through each block: its values first, the integer dot
 // products of its chunks kept in registers, then its scales applied.
@@ -1144,6 +1202,8 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
     __m512 acc = _mm512_setzero_ps();
 #elif Q8_AVX2
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
+#elif Q8_NEON
+    float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
 #else
     (void)sum128; // only the SIMD kernels need it
 #endif
@@ -1153,13 +1213,16 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
         const uint16_t *scale = (const uint16_t *)(q + groups * Q8_GROUP * bits / 8);
         const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
         const float *s = xs + b * Q8_BLOCK;
-        int chunks = Q8_AVX512 || Q8_AVX2 ? groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
+        int chunks = Q8_AVX512 || Q8_AVX2 || Q8_NEON ? groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
 #if Q8_AVX512
         if (groups == Q8_BLOCK) block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
         else block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #elif Q8_AVX2
         if (groups == Q8_BLOCK) block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
         else block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
+#elif Q8_NEON
+        if (groups == Q8_BLOCK) block_neon(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
+        else block_neon(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #endif
         sum += bits == 8 ? dot_q8_groups((Q8Block){(const int8_t *)q, scale, groups}, x, s, chunks * Q8_CHUNK)
                          : dot_q4_groups((Q4Block){q, scale, groups}, x, s, chunks * Q8_CHUNK);
@@ -1171,6 +1234,8 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#elif Q8_NEON
+    sum += vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
 #endif
     return sum;
 }
