@@ -294,4 +294,27 @@ static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, 
     matmuls(m, x, T, &(Product){out, w}, 1);
 }
 
+// MLA's W_UK^T, kept as its columns (run.c, make_columns): out (T, heads, R)
+// = W_h x_h for every token and head h, x (T, heads, C).
+typedef struct { const Columns *w; float *out; const float *x; int items; } ColumnTask;
+
+static void column_task(void *arg, int ith, int nth) {
+    const ColumnTask *a = arg;
+    const Columns *w = a->w;
+    int lo, hi;
+    split_range(a->items, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) { // item = t * heads + h
+        size_t h = item % w->heads, at = h * w->C * w->stride;
+        column_matvec(a->out + (size_t)item * w->R, a->x + (size_t)item * w->C, w->f ? w->f + at : NULL,
+                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->stride : NULL, w->R, w->C,
+                      w->stride);
+    }
+}
+
+static void column_matmul(Transformer *m, float *out, const float *x, const Columns *w, int T) {
+    ColumnTask task = {w, out, x, T * w->heads};
+    if ((size_t)T * w->heads * w->R * w->C < SMALL_WORK) column_task(&task, 0, 1);
+    else pool_run(m->pool, column_task, &task);
+}
+
 // RoPE: rotate each pair (x[2i], x[2i+1]) of every head by the angle pos * freq[i].

@@ -884,28 +884,6 @@ static size_t columns_bytes(const Columns *w) {
     return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->stride * sizeof(uint16_t);
 }
 
-// out (T, heads, R) = W_h x_h for every token and head h: x (T, heads, C).
-typedef struct { const Columns *w; float *out; const float *x; int items; } ColumnTask;
-
-static void column_task(void *arg, int ith, int nth) {
-    const ColumnTask *a = arg;
-    const Columns *w = a->w;
-    int lo, hi;
-    split_range(a->items, ith, nth, 1, &lo, &hi);
-    for (int item = lo; item < hi; item++) { // item = t * heads + h
-        size_t h = item % w->heads, at = h * w->C * w->stride;
-        column_matvec(a->out + (size_t)item * w->R, a->x + (size_t)item * w->C, w->f ? w->f + at : NULL,
-                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->stride : NULL, w->R, w->C,
-                      w->stride);
-    }
-}
-
-static void column_matmul(Transformer *m, float *out, const float *x, const Columns *w, int T) {
-    ColumnTask task = {w, out, x, T * w->heads};
-    if ((size_t)T * w->heads * w->R * w->C < SMALL_WORK) column_task(&task, 0, 1);
-    else pool_run(m->pool, column_task, &task);
-}
-
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     const int heads = m->c.n_heads;
     if (w->q) { // x (T * heads, C) quantized
