@@ -227,19 +227,6 @@ def hf_to_gguf(cfg, W, mat_type="F32", tokenizer=None, q8_rule="model.h", types=
 # Tokenizers in the metadata
 
 
-def byte_chars():
-    """GPT-2's byte-level alphabet {byte: character}."""
-    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(0x100 + n)
-            n += 1
-    return out
-
-
 def llama3_tokenizer(tokenizer_json, bos=128000, eos=128001, eot=128009):
     """tokenizer.ggml.* of a Llama 3 GGUF from its tokenizer.json (path or
     dict): model gpt2, pre llama-bpe, tokens by id, token_type (1 normal,

@@ -15,7 +15,7 @@ only="${1:-}"
 passed=0 failed=0 skipped=0
 run_one() { # name, command...
     local name=$1; shift
-    local out rc
+    local out rc t0=$SECONDS
     out=$("$@" 2>&1); rc=$?
     local p f s
     p=$(grep -c '^ok ' <<<"$out"); f=$(grep -c '^FAIL ' <<<"$out"); s=$(grep -c '^skip ' <<<"$out")
@@ -24,7 +24,7 @@ run_one() { # name, command...
         echo "FAIL $name: exited with status $rc"; tail -n 5 <<<"$out" | sed 's/^/    /'
         f=1
     fi
-    printf '%-34s %4d passed, %d failed%s\n' "$name" "$p" "$f" "$([ "$s" -gt 0 ] && echo ", $s skipped")"
+    printf '%-34s %4d passed, %d failed%s (%d s)\n' "$name" "$p" "$f" "$([ "$s" -gt 0 ] && echo ", $s skipped")" $((SECONDS - t0))
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 }
 for t in tests/test_*; do

@@ -241,6 +241,116 @@ static void test_row_scores(void) {
     check(same, "row_scores_heads_together_equal_heads_one_by_one", "a result differs");
 }
 
+// MLA's W_UK^T kept column by column (make_columns, column_matvec): for
+// f32, q8_0 and q4_0 matrices of several heads, short and odd shapes, each
+// head's W_h x against the scalar reference and against dot products in
+// double of x with the rows as the file holds them (matrix_slice).
+static void test_column_matvec(void) {
+    enum { HEADS = 3, MAX_R = 520, MAX_C = 72 };
+    uint64_t rng = 23;
+    static float w[HEADS * MAX_R * MAX_C], x[HEADS * MAX_C], got[HEADS * MAX_R], ref[HEADS * MAX_R], row[MAX_C];
+    static uint8_t wq[HEADS * MAX_R * (MAX_C / Q8_GROUP + 1) * (Q8_GROUP + 2)]; // q8_0 rows of up to MAX_C
+    const int shapes[][2] = {{512, 64}, {520, 72}, {40, 8}, {7, 33}, {16, 48}, {130, 1}};
+    const int dtypes[] = {DTYPE_F32, DTYPE_Q8_0, DTYPE_Q4_0};
+    float worst_ref = 0, worst_exact = 0;
+    for (int k = 0; k < (int)(sizeof shapes / sizeof shapes[0]); k++)
+        for (int d = 0; d < 3; d++) {
+            const int R = shapes[k][0], C = shapes[k][1];
+            for (int i = 0; i < HEADS * R * C; i++) w[i] = frand(&rng);
+            for (int i = 0; i < HEADS * C; i++) x[i] = frand(&rng);
+            Matrix mw = {.f = w, .dtype = dtypes[d], .rows = HEADS * R, .cols = C};
+            if (dtypes[d] != DTYPE_F32) {
+                mw.f = NULL, mw.q = wq;
+                for (int r = 0; r < HEADS * R; r++)
+                    (dtypes[d] == DTYPE_Q8_0 ? quantize_q8_row : quantize_q4_row)(wq + r * row_bytes(&mw), w + r * C, C);
+            }
+            Transformer m;
+            memset(&m, 0, sizeof m);
+            Columns cw = make_columns(&m, &mw, HEADS);
+            for (int h = 0; h < HEADS; h++) {
+                size_t at = (size_t)h * C * cw.stride;
+                const float *f = cw.f ? cw.f + at : NULL;
+                const int8_t *q = cw.q ? cw.q + at : NULL;
+                const uint16_t *sc = cw.q ? cw.scale + (size_t)h * n_groups(C) * cw.stride : NULL;
+                column_matvec(got + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                column_matvec_scalar(ref + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                for (int r = 0; r < R; r++) {
+                    matrix_slice(&mw, h * R + r, 0, C, row);
+                    double exact = 0, mag = 0;
+                    for (int i = 0; i < C; i++) exact += (double)row[i] * x[h * C + i], mag += fabs((double)row[i] * x[h * C + i]);
+                    mag = mag > 0 ? mag : 1;
+                    worst_ref = fmaxf(worst_ref, (float)(fabs(got[h * R + r] - ref[h * R + r]) / mag));
+                    worst_exact = fmaxf(worst_exact, (float)(fabs(got[h * R + r] - exact) / mag));
+                }
+            }
+            for (int i = 0; i < m.n_owned; i++) free(m.owned[i]);
+            free(m.owned);
+        }
+    check(worst_ref < 1e-6f, "column_matvec_matches_scalar_reference", "worst relative error %g", worst_ref);
+    check(worst_exact < 1e-6f, "column_matvec_matches_the_files_rows_in_double", "worst relative error %g", worst_exact);
+}
+
+// MLA's latent rows in a q8_0 cache (kv_store_q8_row): the numbers kv_store
+// keeps, bit for bit; read back as float32 in their stored order
+// (kv_q8_rows_to_f32, kv_q8_rows_order); scored against quantized query
+// heads (q8_row_scores: VNNI tiles and dot_q8) as the scalar reference does
+// and within rounding of double dot products of the same numbers.
+static void test_q8_rows(void) {
+    enum { MAX_W = 2080, N = 13, H = 7 };
+    uint64_t rng = 29;
+    static float x[N * MAX_W], conv[N * MAX_W], qf[H * MAX_W], att[H * N], ref[H * N], init[H * N];
+    static uint8_t rows[N * (MAX_W + MAX_W / 16)], plain[MAX_W + MAX_W / 16];
+    static int8_t xq[H * MAX_W];
+    static float xs[H * MAX_W / Q8_GROUP];
+    static int32_t sum[H * MAX_W / Q8_GROUP];
+    static int order[MAX_W];
+    const int widths[] = {32, 96, 512, 544, 1024, MAX_W};
+    int same_numbers = 1, same_f32 = 1, untouched = 1;
+    float worst_ref = 0, worst_exact = 0;
+    for (int k = 0; k < (int)(sizeof widths / sizeof widths[0]); k++) {
+        const int w = widths[k];
+        const size_t rb = kv_row_bytes(KV_Q8_0, w);
+        for (int i = 0; i < N * w; i++) x[i] = frand(&rng) * (i % 41 == 0 ? 6 : 1);
+        for (int i = 0; i < H * w; i++) qf[i] = frand(&rng);
+        for (int r = 0; r < N; r++) {
+            kv_store_q8_row(rows + r * rb, x + r * w, w);
+            kv_store(plain, 1, 0, x + r * w, w, KV_Q8_0);
+            for (int d = 0; d < w; d++) same_numbers &= kv_q8_row_number(rows + r * rb, d, w) == kv_number(plain, 1, 0, d, w, KV_Q8_0);
+        }
+        kv_q8_rows_order(order, w);
+        kv_q8_rows_to_f32(conv, rows, N, w);
+        for (int r = 0; r < N; r++)
+            for (int d = 0; d < w; d++) same_f32 &= conv[r * w + order[d]] == kv_q8_row_number(rows + r * rb, d, w);
+        for (int h = 0; h < H; h++)
+            quantize_q8(xq + h * padded_len(w), xs + h * n_groups(w), sum + h * n_groups(w), qf + h * w, w);
+        for (int nh = 1; nh <= H; nh += 2)
+            for (int n = 1; n <= N; n += 4) {
+                for (int i = 0; i < H * N; i++) init[i] = att[i] = ref[i] = frand(&rng);
+                q8_row_scores(att, N, xq, xs, sum, rows, n, w, 0.5f, nh);
+                q8_row_scores_scalar(ref, N, xq, xs, rows, n, w, 0.5f, nh);
+                for (int h = 0; h < nh; h++)
+                    for (int p = 0; p < n; p++) {
+                        double exact = 0, mag = 0; // the query's numbers (int8 x scale) . the cache's, in double
+                        for (int d = 0; d < w; d++) {
+                            double qd = xq[h * padded_len(w) + order[d]] * (double)xs[h * n_groups(w) + d / Q8_GROUP];
+                            double cd = kv_q8_row_number(rows + p * rb, d, w);
+                            exact += qd * cd, mag += fabs(qd * cd);
+                        }
+                        mag = 0.5 * mag + fabs(init[h * N + p]);
+                        worst_ref = fmaxf(worst_ref, (float)(fabs(att[h * N + p] - ref[h * N + p]) / mag));
+                        worst_exact = fmaxf(worst_exact, (float)(fabs(att[h * N + p] - (init[h * N + p] + 0.5 * exact)) / mag));
+                    }
+                for (int i = 0; i < H * N; i++) // positions and heads past n and nh untouched
+                    untouched &= (i / N < nh && i % N < n) || att[i] == init[i];
+            }
+    }
+    check(same_numbers, "kv_q8_rows_keep_kv_stores_numbers", "a number differs");
+    check(same_f32, "kv_q8_rows_to_f32_gives_every_number_in_its_stored_order", "a number differs");
+    check(worst_ref < 1e-6f, "q8_row_scores_match_scalar_reference", "worst relative error %g", worst_ref);
+    check(worst_exact < 1e-6f, "q8_row_scores_match_double_dot_products", "worst relative error %g", worst_exact);
+    check(untouched, "q8_row_scores_leave_other_heads_and_positions_alone", "a score outside changed");
+}
+
 static void test_split_range_partitions_rows(void) {
     int ok = 1;
     for (int n = 0; n < 200 && ok; n += 7)
@@ -385,6 +495,81 @@ static float abs_dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+// The matmul's paths for q8_0 or q4_0 weights (ROWS x len, w quantized) and
+// inputs x (T, len), at each of the lengths: integer dots for one token; for a
+// block of T >= VEC_LEN tokens, integer tiles (AVX-512 VNNI) or dequantized
+// float tiles, the same bits with 1 and 2 threads. ROWS and T leave a partial
+// tile each way; lengths that end in a short block, chunk or group exercise those.
+enum { ROWS = 37, T = 20 };
+static void check_int_matmul_paths(int dtype, const float *x, const float *w, const int *lengths, int n_len, float exact_tol) {
+    const char *type = dtype == DTYPE_Q8_0 ? "q8" : "q4";
+    int max_len = 0;
+    for (int i = 0; i < n_len; i++) max_len = lengths[i] > max_len ? lengths[i] : max_len;
+    const size_t xn = padded_len(max_len), xg = n_groups(max_len);
+    uint8_t *wq = xcalloc((size_t)ROWS * xn * 2, 1, "wq"); // >= ROWS rows of either type
+    int8_t *xq = xcalloc((size_t)T * xn, 1, "xq");
+    float *xs = xcalloc((size_t)T * xg, sizeof(float), "xs"), *deq = xcalloc(xn, sizeof(float), "deq");
+    int32_t *xsum = xcalloc((size_t)T * xg, sizeof(int32_t), "xsum");
+    Transformer m = {0};
+    m.n_threads = 2;
+    m.pool = pool_create(2);
+    m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
+    m.s.xq = xcalloc((size_t)(T + Q8_TILE_T) * xn, 1, "xq"); // matmul quantizes x (and padding tokens) into these
+    m.s.xs = xcalloc((size_t)(T + Q8_TILE_T) * xg, sizeof(float), "xs");
+    m.s.sum128 = xcalloc((size_t)(T + Q8_TILE_T) * xg, sizeof(int32_t), "sum128");
+    m.s.scratch_stride = GEMM_R * K_BLOCK > max_len ? GEMM_R * K_BLOCK : max_len;
+    m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
+    m.s.xT = xcalloc((size_t)max_len * MAX_BATCH, sizeof(float), "xT");
+    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
+    float worst_int = 0, worst_exact = 0, worst_block = 0;
+    int same_threads = 1;
+    for (int li = 0; li < n_len; li++) {
+        int len = lengths[li];
+        Matrix mw = {.q = wq, .dtype = dtype, .rows = ROWS, .cols = len};
+        for (int r = 0; r < ROWS; r++)
+            (dtype == DTYPE_Q8_0 ? quantize_q8_row : quantize_q4_row)(wq + r * row_bytes(&mw), w + r * len, len);
+        for (int t = 0; t < T; t++)
+            quantize_q8(xq + t * padded_len(len), xs + t * n_groups(len), xsum + t * n_groups(len), x + t * len, len);
+        float out1[ROWS], outT[T * ROWS], outT1[T * ROWS];
+        matmul(&m, out1, x, &mw, 1);
+        matmul(&m, outT, x, &mw, T);
+        ThreadPool *two = m.pool;
+        m.pool = pool_create(1), m.n_threads = 1;
+        matmul(&m, outT1, x, &mw, T);
+        pool_free(m.pool);
+        m.pool = two, m.n_threads = 2;
+        same_threads &= !memcmp(outT, outT1, sizeof outT);
+        for (int r = 0; r < ROWS; r++) {
+            matrix_slice(&mw, r, 0, len, deq);
+            const uint8_t *row = matrix_row(&mw, r);
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + t * len, scale = abs_dot(w + r * len, xt, len) + 1e-30f; // sum |w x|
+                const int8_t *q = xq + t * padded_len(len);
+                const float *s = xs + t * n_groups(len);
+                float exact = dot_scalar(deq, xt, len);
+                float integer = dtype == DTYPE_Q8_0 ? dot_q8_scalar(row, q, s, len) : dot_q4_scalar(row, q, s, len);
+                if (t == 0) {
+                    worst_int = fmaxf(worst_int, fabsf(out1[r] - integer) / scale);
+                    worst_exact = fmaxf(worst_exact, fabsf(out1[r] - exact) / scale);
+                }
+                worst_block = fmaxf(worst_block, fabsf(outT[t * ROWS + r] - (Q8_GEMM ? integer : exact)) / scale);
+            }
+        }
+    }
+    char name[96];
+    snprintf(name, sizeof name, "%s_matvec_equals_scalar_integer_dots", type);
+    check(worst_int < 1e-6f, name, "error %g of sum |w x|", worst_int);
+    snprintf(name, sizeof name, "%s_matvec_close_to_dequantized_math", type);
+    check(worst_exact < exact_tol, name, "error %g of sum |w x|", worst_exact);
+    snprintf(name, sizeof name, "%s_block_matmul_equals_%s", type, Q8_GEMM ? "scalar_integer_dots" : "dequantized_math");
+    check(worst_block < 1e-6f, name, "error %g of sum |w x|", worst_block);
+    snprintf(name, sizeof name, "%s_block_matmul_1_and_2_threads_bit_identical", type);
+    check(same_threads, name, "outputs differ");
+    pool_free(m.pool);
+    free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares); free(m.s.xq); free(m.s.xs); free(m.s.sum128);
+    free(wq); free(xq); free(xs); free(deq); free(xsum);
+}
+
 // Value j of a vector of n values quantized by quantize_q8 (blocks of Q8_BLOCK groups, interleaved).
 static int q8_value(const int8_t *q, int n, int j) {
     int g = j / Q8_GROUP, b = g / Q8_BLOCK, groups = n / Q8_GROUP - b * Q8_BLOCK;
@@ -393,7 +578,7 @@ static int q8_value(const int8_t *q, int n, int j) {
 
 static void test_q8_kernels(void) {
     uint64_t rng = 11;
-    enum { N = 512, ROWS = 37, T = 20, LONG = 2144 }; // LONG: two full blocks and 3 groups
+    enum { N = 512, LONG = 2144 }; // LONG: two full blocks and 3 groups
     static float x[T * LONG], w[ROWS * LONG], xs[T * LONG / Q8_GROUP];
     static int8_t xq[T * LONG];
     static int32_t xsum[T * LONG / Q8_GROUP];
@@ -473,49 +658,7 @@ static void test_q8_kernels(void) {
     int32_t bsum;
     quantize_q8(bq, &bs, &bsum, bad, Q8_GROUP);
     check(bq[0] == 0 && bq[2] == 0, "q8_quantization_of_nan_and_inf_is_defined", "q %d %d", bq[0], bq[2]);
-    // the matmul's q8_0 paths: integer dots for one token; for a block of T >= VEC_LEN tokens, integer
-    // tiles (AVX-512 VNNI) or dequantized float tiles. ROWS and T leave a partial tile each way; LONG ends
-    // in a short block with a short chunk.
-    Transformer m = {0};
-    m.n_threads = 2;
-    m.pool = pool_create(2);
-    m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
-    m.s.xq = xcalloc((size_t)(T + Q8_TILE_T) * LONG, 1, "xq"); // matmul quantizes x (and padding tokens) into these
-    m.s.xs = xcalloc((size_t)(T + Q8_TILE_T) * LONG / Q8_GROUP, sizeof(float), "xs");
-    m.s.sum128 = xcalloc((size_t)(T + Q8_TILE_T) * LONG / Q8_GROUP, sizeof(int32_t), "sum128");
-    m.s.scratch_stride = GEMM_R * K_BLOCK > LONG ? GEMM_R * K_BLOCK : LONG;
-    m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
-    m.s.xT = xcalloc((size_t)LONG * MAX_BATCH, sizeof(float), "xT");
-    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
-    const char *block_path = Q8_GEMM ? "q8_block_matmul_equals_scalar_integer_dots"
-                                     : "q8_block_matmul_equals_dequantized_math";
-    float worst_int = 0, worst_exact = 0, worst_block = 0;
-    for (int len = N; len <= LONG; len += LONG - N) {
-        Matrix mw = {.q = wq, .dtype = DTYPE_Q8_0, .rows = ROWS, .cols = len};
-        for (int r = 0; r < ROWS; r++) quantize_q8_row(wq + r * row_bytes(&mw), w + r * len, len);
-        for (int t = 0; t < T; t++) quantize_q8(xq + t * len, xs + t * len / Q8_GROUP, xsum + t * len / Q8_GROUP, x + t * len, len);
-        float out1[ROWS], outT[T * ROWS];
-        matmul(&m, out1, x, &mw, 1);
-        matmul(&m, outT, x, &mw, T);
-        for (int r = 0; r < ROWS; r++) {
-            matrix_slice(&mw, r, 0, len, deq);
-            const uint8_t *row = matrix_row(&mw, r);
-            for (int t = 0; t < T; t++) {
-                const float *xt = x + t * len, scale = abs_dot(w + r * len, xt, len); // sum |w x|
-                float exact = dot_scalar(deq, xt, len), integer = dot_q8_scalar(row, xq + t * len, xs + t * len / Q8_GROUP, len);
-                if (t == 0) {
-                    worst_int = fmaxf(worst_int, fabsf(out1[r] - integer) / scale);
-                    worst_exact = fmaxf(worst_exact, fabsf(out1[r] - exact) / scale);
-                }
-                worst_block = fmaxf(worst_block, fabsf(outT[t * ROWS + r] - (Q8_GEMM ? integer : exact)) / scale);
-            }
-        }
-    }
-    check(worst_int < 1e-6f, "q8_matvec_equals_scalar_integer_dots", "error %g of sum |w x|", worst_int);
-    check(worst_exact < 0.02f, "q8_matvec_close_to_dequantized_math", "error %g of sum |w x|", worst_exact);
-    check(worst_block < 1e-6f, block_path, "error %g of sum |w x|", worst_block);
-    pool_free(m.pool);
-    free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares); free(m.s.xq); free(m.s.xs); free(m.s.sum128);
+    check_int_matmul_paths(DTYPE_Q8_0, x, w, (int[]){N, LONG}, 2, 0.02f);
 }
 
 // The q4_0 weight row of w quantized, dequantized again (value i of row r in out).
@@ -531,7 +674,7 @@ static void q4_dequantized(float *out, const uint8_t *row, int n) {
 // tokens in integer tiles or dequantized float tiles) against scalar dots.
 static void test_q4_kernels(void) {
     uint64_t rng = 13;
-    enum { ROWS = 37, T = 20, LONG = 2149 }; // LONG: two full blocks, 3 groups and 5 values
+    enum { LONG = 2149 }; // LONG: two full blocks, 3 groups and 5 values
     static float x[T * LONG], w[ROWS * LONG], xs[T * LONG / Q8_GROUP + T], deq[LONG];
     static int8_t xq[(T + 1) * LONG + 64];
     static int32_t xsum[T * LONG / Q8_GROUP + T];
@@ -593,57 +736,9 @@ static void test_q4_kernels(void) {
           deq[31] == ((fq[3 * 64 + 3] >> 4) - 8) * f16_to_f32(first.scale[0]) &&                       // group 0, value 31
           deq[2] == ((fq[2] & 15) - 8) * f16_to_f32(first.scale[0]),
           "q4_row_layout_is_nibble_pairs_of_the_q8_interleave_then_float16_scales", "last block of %d groups", last.groups);
-    // the matmul's q4_0 paths, as test_q8_kernels checks q8_0's
-    Transformer m = {0};
-    m.n_threads = 2;
-    m.pool = pool_create(2);
-    m.s.shares = aligned_alloc(64, 2 * sizeof(Share));
-    m.s.xq = xcalloc((size_t)(T + Q8_TILE_T) * padded_len(LONG), 1, "xq");
-    m.s.xs = xcalloc((size_t)(T + Q8_TILE_T) * n_groups(LONG), sizeof(float), "xs");
-    m.s.sum128 = xcalloc((size_t)(T + Q8_TILE_T) * n_groups(LONG), sizeof(int32_t), "sum128");
-    m.s.scratch_stride = GEMM_R * K_BLOCK > LONG ? GEMM_R * K_BLOCK : LONG;
-    m.s.scratch = xcalloc(2 * m.s.scratch_stride, sizeof(float), "scratch");
-    m.s.xT = xcalloc((size_t)LONG * MAX_BATCH, sizeof(float), "xT");
-    m.s.outT = xcalloc((size_t)ROWS * MAX_BATCH, sizeof(float), "outT");
-    float worst_int = 0, worst_exact = 0, worst_block = 0;
-    int same_threads = 1;
-    for (int li = 0; li < n_len; li += 3) {
-        int len = lengths[li];
-        Matrix mw = {.q = wq, .dtype = DTYPE_Q4_0, .rows = ROWS, .cols = len};
-        for (int r = 0; r < ROWS; r++) quantize_q4_row(wq + r * row_bytes(&mw), w + r * len, len);
-        for (int t = 0; t < T; t++)
-            quantize_q8(xq + t * padded_len(len), xs + t * n_groups(len), xsum + t * n_groups(len), x + t * len, len);
-        float out1[ROWS], outT[T * ROWS], outT1[T * ROWS];
-        matmul(&m, out1, x, &mw, 1);
-        matmul(&m, outT, x, &mw, T);
-        ThreadPool *two = m.pool;
-        m.pool = pool_create(1), m.n_threads = 1;
-        matmul(&m, outT1, x, &mw, T);
-        pool_free(m.pool);
-        m.pool = two, m.n_threads = 2;
-        same_threads &= !memcmp(outT, outT1, sizeof outT);
-        for (int r = 0; r < ROWS; r++) {
-            matrix_slice(&mw, r, 0, len, deq);
-            const uint8_t *row = matrix_row(&mw, r);
-            for (int t = 0; t < T; t++) {
-                const float *xt = x + t * len, scale = abs_dot(w + r * len, xt, len) + 1e-30f;
-                float exact = dot_scalar(deq, xt, len);
-                float integer = dot_q4_scalar(row, xq + t * padded_len(len), xs + t * n_groups(len), len);
-                if (t == 0) {
-                    worst_int = fmaxf(worst_int, fabsf(out1[r] - integer) / scale);
-                    worst_exact = fmaxf(worst_exact, fabsf(out1[r] - exact) / scale);
-                }
-                worst_block = fmaxf(worst_block, fabsf(outT[t * ROWS + r] - (Q8_GEMM ? integer : exact)) / scale);
-            }
-        }
-    }
-    check(worst_int < 1e-6f, "q4_matvec_equals_scalar_integer_dots", "error %g of sum |w x|", worst_int);
-    check(worst_exact < 0.05f, "q4_matvec_close_to_dequantized_math", "error %g of sum |w x|", worst_exact);
-    check(worst_block < 1e-6f, Q8_GEMM ? "q4_block_matmul_equals_scalar_integer_dots" : "q4_block_matmul_equals_dequantized_math",
-          "error %g of sum |w x|", worst_block);
-    check(same_threads, "q4_block_matmul_1_and_2_threads_bit_identical", "outputs differ");
-    pool_free(m.pool);
-    free(m.s.scratch); free(m.s.xT); free(m.s.outT); free(m.s.shares); free(m.s.xq); free(m.s.xs); free(m.s.sum128);
+    int every_third[16], n_third = 0;
+    for (int li = 0; li < n_len; li += 3) every_third[n_third++] = lengths[li];
+    check_int_matmul_paths(DTYPE_Q4_0, x, w, every_third, n_third, 0.05f);
 }
 
 // The cache is allocated for n_kv_heads, not n_heads: GQA's memory saving.
@@ -707,6 +802,8 @@ int main(void) {
     test_vexp_and_softmax();
     test_attention_kernels();
     test_row_scores();
+    test_column_matvec();
+    test_q8_rows();
     test_kv_store_rounding();
     test_split_range_partitions_rows();
     test_matmul_paths();

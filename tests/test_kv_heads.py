@@ -29,13 +29,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_hf  # noqa: E402
 import reference  # noqa: E402
-from testlib import (EXPORT, LOGITS, RUN, Checks, engine, engine_built, engine_logits, engine_ppl,  # noqa: E402
-                     engine_tokens, export, export_ok, llama2c_to_hf, read_header, read_llama2c, read_tensors,
-                     llama2c_files, rel_err, scratch, shared_file)
+from testlib import (Checks, EXPORT, LOGITS, RUN, engine, engine_built, engine_logits, engine_ppl,  # noqa: E402
+                     engine_tokens, export, export_ok, in_dir, llama2c_files, llama2c_to_hf, note,
+                     read_header, read_llama2c, read_tensors, rel_err, scratch, shared_file, write_text)
 
 T = Checks()
 TMP = scratch("kv-heads-")
-VERBOSE = os.environ.get("VERBOSE") == "1"
 EXACT, REF_TOL = 1e-6, 1e-4
 
 TEXT = ("Tom had a red ball. He liked to throw it high in the sky and catch it. One day the ball went over "
@@ -43,20 +42,7 @@ TEXT = ("Tom had a red ball. He liked to throw it high in the sky and catch it. 
         "under a big tree and gave it back. Tom said thank you, and they played until the sun went down.")
 
 
-def path(*parts):
-    return os.path.join(TMP, *parts)
-
-
-def note(what, err):
-    if VERBOSE:
-        print(f"# {what:<52} {err:.3g}")
-
-
-def write_text(name, text):
-    p = path(name + ".txt")
-    with open(p, "w", encoding="utf-8") as f:
-        f.write(text)
-    return p
+path = in_dir(TMP)
 
 
 def pool_hf(cfg, W, K):
@@ -107,7 +93,7 @@ def repeat_is_exact():
 # Pool: the engine against the reference's pooled HF model
 
 def pool_matches_reference_random():
-    text = write_text("pool", TEXT)
+    text = write_text(TMP, "pool", TEXT)
     for name, n_heads, n_kv, Ks in [("gqa8_4", 8, 4, (2, 1)), ("mha4_4", 4, 4, (2, 1))]:
         d, cfg = gqa_hf("pool_" + name, n_heads=n_heads, n_kv=n_kv, seed=11)
         model = export_ok(path(f"pool_{name}.bin"), "--hf", d)
@@ -136,7 +122,7 @@ def pool_matches_reference_llama2c(name, model_file, tok_file, Ks, text_chars):
     cfg, hf = llama2c_to_hf(*read_llama2c(mpath))
     W = {k: v.astype(np.float64) for k, v in hf.items()}
     with open(corpus, encoding="utf-8") as f:
-        text = write_text(name, f.read(text_chars))
+        text = write_text(TMP, name, f.read(text_chars))
     tokens = engine_tokens(model, text)
     for K in Ks:
         pcfg, PW = pool_hf(cfg, W, K)

@@ -16,6 +16,11 @@ conversion of GQA/MHA checkpoints into it.
            1e-5 relative, logits within 1e-4 of reference.py's source model;
   lossy    --mla N --calib TEXT: the file matches reference_mla, caches N
            numbers, and is a different model from the source;
+  kv       --kv-type f32 / f16 / q8_0: logits within 1e-4 of the reference
+           whose cached c and k_R are rounded as the cache keeps them (or
+           nearer it than half their distance from the exact one: a number
+           within float32 rounding of a rounding boundary may round the
+           other way), and the same logits at 1, 2 and 3 threads;
   info     attention: mla, kv_latent_dim, kv_rope_dim, kv_bytes_per_token =
            n_layers x (kv_latent_dim + kv_rope_dim) x 4;
   refuse   ./run MLA --kv-heads K; export.py --mla with --kv-heads, N above
@@ -36,12 +41,12 @@ import gguf_writer as gw  # noqa: E402
 import make_hf  # noqa: E402
 import reference  # noqa: E402
 import reference_mla  # noqa: E402
-from testlib import (LOGITS, RUN, Checks, engine, engine_built, engine_logits, engine_ppl, engine_tokens,  # noqa: E402
-                     export, export_ok, llama2c_files, read_header, read_tensors, rel_err, scratch)
+from testlib import (Checks, LOGITS, RUN, engine, engine_built, engine_logits, engine_ppl,  # noqa: E402
+                     export, export_ok, in_dir, llama2c_files, note, read_header,
+                     read_tensors, rel_err, scratch, write_text)
 
 T = Checks()
 TMP = scratch("mla-")
-VERBOSE = os.environ.get("VERBOSE") == "1"
 TOL, PPL_EXACT = 1e-4, 1e-5
 
 TEXT = ("Lily found a small key under the old oak tree. She asked her mother what it opened, but her mother did "
@@ -49,20 +54,7 @@ TEXT = ("Lily found a small key under the old oak tree. She asked her mother wha
         "attic. At last it opened her grandfather's music box, and a little song filled the room.")
 
 
-def path(*parts):
-    return os.path.join(TMP, *parts)
-
-
-def note(what, err):
-    if VERBOSE:
-        print(f"# {what:<56} {err:.3g}")
-
-
-def write_text(name, text):
-    p = path(name + ".txt")
-    with open(p, "w", encoding="utf-8") as f:
-        f.write(text)
-    return p
+path = in_dir(TMP)
 
 
 def random_ids(h, n, seed):
@@ -103,8 +95,33 @@ def engine_matches_reference(name, flags):
             or h["kv_rope_dim"] == 2, "the reference does not depend on rope_pairs")
 
 
+def kv_types_match_reference(latent):
+    """--kv-type f16 / q8_0 on an MLA model: the logits against the reference whose cached c and k_R are
+    rounded as that cache keeps them; and the same logits at 1, 2 and 3 threads (-T 1 == -T 2)."""
+    model = export_ok(path(f"kv_{latent}.bin"), "--random", "--seed", 11, "--dim", 64, "--n-heads", 4,
+                      "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 32)
+    h, W = read_tensors(model)
+    ids = random_ids(h, 40, 6)
+    exact = reference_mla.forward(h, W, ids)
+    for kind in ("f32", "f16", "q8_0"):
+        ref = reference_mla.forward(h, W, ids, kv_cache=kind)
+        runs = {(block, threads): engine_logits(model, ids, "-B", block, "-T", threads, "-k", kind)
+                for block, threads in [(1, 1), (1, 2), (1, 3), (20, 2)]}
+        for (block, threads), got in runs.items():
+            err, from_exact = rel_err(got, ref), rel_err(got, exact)
+            note(f"kv {kind} latent {latent} B={block} T={threads}", err)
+            # (as test_reference.py: a cached number whose float32 value lies within rounding error of a
+            # q8_0 / f16 rounding boundary may round the other way than the float64 reference's)
+            T.check(f"mla_latent{latent}_kv_{kind}_B{block}_T{threads}_logits_match_reference_with_{kind}_cache",
+                    err <= TOL or err <= from_exact / 2,
+                    f"relative error {err:.3g}; from the exact reference {from_exact:.3g}")
+        T.check(f"mla_latent{latent}_kv_{kind}_logits_equal_at_1_2_and_3_threads",
+                all(np.array_equal(runs[(1, 1)], runs[(1, t)]) for t in (2, 3)), "a thread count changes the logits")
+
+
 def q8_0_matches_reference(latent):
-    """latent 512: W_UV's rows are int8 (512 values), W_UK^T's (head_dim 32) dequantized at load; latent 64: both."""
+    """latent 512: W_UV's rows are int8 (512 values); latent 64: dequantized at load; W_UK^T (head_dim 32) is
+    read as its columns (f32 queries times its int8 values and scales)."""
     model = export_ok(path(f"q8_{latent}.bin"), "--random", "--seed", 9, "--dim", 64, "--n-heads", 2,
                       "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 8, "--untied", "--dtype", "q8_0")
     h, W = read_tensors(model)
@@ -151,7 +168,7 @@ def full_is_exact(name, cfg):
     kv = cfg["num_key_value_heads"] * reference.head_dim_of(cfg)
     T.check(f"mla_full_{name}_header", h["attention"] == 1 and h["n_kv_heads"] == 1 and h["kv_latent_dim"] == kv
             and h["kv_rope_dim"] == kv, f"attention {h['attention']}, sizes {h['kv_latent_dim']} + {h['kv_rope_dim']}")
-    text = write_text("full_" + name, TEXT)
+    text = write_text(TMP, "full_" + name, TEXT)
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full {name}: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check(f"mla_full_{name}_ppl_equals_source", abs(a - b) / a <= PPL_EXACT,
@@ -170,7 +187,7 @@ def full_is_exact_llama2c(name, model_file, tok_file, chars):
     src = export_ok(path(name + ".bin"), "--llama2c", mpath, "--tokenizer", tpath)
     mla = export_ok(path(name + "_mla.bin"), "--llama2c", mpath, "--tokenizer", tpath, "--mla", "full")
     with open(corpus, encoding="utf-8") as f:
-        text = write_text(name, f.read(chars))
+        text = write_text(TMP, name, f.read(chars))
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full {name}: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check(f"mla_full_{name}_ppl_equals_source", abs(a - b) / a <= PPL_EXACT,
@@ -187,7 +204,7 @@ def full_is_exact_gguf():
     gw.write_gguf(g, meta, tensors)
     src = export_ok(path("gguf.bin"), "--gguf", g)
     mla = export_ok(path("gguf_mla.bin"), "--gguf", g, "--mla", "full")
-    text = write_text("gguf", TEXT)
+    text = write_text(TMP, "gguf", TEXT)
     a, b = engine_ppl(src, text), engine_ppl(mla, text)
     note(f"--mla full gguf: ppl {a:.6f} vs {b:.6f}", abs(a - b) / a)
     T.check("mla_full_from_gguf_ppl_equals_source", read_header(mla)["attention"] == 1 and abs(a - b) / a <= PPL_EXACT,
@@ -198,7 +215,7 @@ def full_is_exact_gguf():
 # Lossy --mla N --calib TEXT
 
 def lossy_matches_reference():
-    calib = write_text("calib", TEXT * 3)
+    calib = write_text(TMP, "calib", TEXT * 3)
     flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4, "--max-seq-len", 64]  # short windows: the refits' cost ~ T^2
     src = export_ok(path("lossy_src.bin"), *flags)
     hs = read_header(src)
@@ -371,7 +388,7 @@ def refusals():
         T.check(f"engine_refuses_kv_heads_{K}_on_mla", r.returncode == 1 and r.stderr.strip() == want,
                 f"exit {r.returncode}: {r.stderr.strip()!r}")
     src = ["--random", "--n-heads", 4, "--n-kv-heads", 2]  # head_dim 16: full = 64
-    calib = write_text("refuse_calib", TEXT)
+    calib = write_text(TMP, "refuse_calib", TEXT)
     cases = [
         ("with_kv_heads", ["--mla", "full", "--kv-heads", 1],
          "error: --mla and --kv-heads cannot be combined: --mla converts the checkpoint's own 2 KV heads into one latent"),
@@ -411,6 +428,8 @@ def main():
         for latent in (512, 64):
             T.run(f"mla_q8_0_latent{latent}_logits_B1_match_reference_on_dequantized_weights", q8_0_matches_reference,
                   latent)
+        for latent in (512, 96):
+            T.run(f"mla_latent{latent}_kv_types_match_reference", kv_types_match_reference, latent)
         for name, cfg in full_shapes():
             T.run(f"mla_full_{name}_ppl_equals_source", full_is_exact, name, cfg)
         T.run("mla_full_stories260K_ppl_equals_source", full_is_exact_llama2c, "stories260K", "stories260K.bin",

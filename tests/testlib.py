@@ -22,6 +22,19 @@ RUN = _from_root(os.environ.get("RUN", "./run"))
 LOGITS = _from_root(os.environ.get("LOGITS", "tests/logits"))
 SHARED = _from_root(os.environ.get("SHARED", "../shared"))
 CI = os.environ.get("CI") == "true"
+# "asan" or "tsan" when make test-asan / test-tsan runs the suite against a
+# sanitizer build (10-50x slower): the checks that repeat one code path over
+# much data then take a sample of it (sanitized_sample); the plain `make test`
+# runs it all.
+SANITIZER = os.environ.get("SANITIZER", "")
+
+
+def sanitized_sample(items, keep):
+    """items, or under a sanitizer about `keep` of them, evenly spaced."""
+    items = list(items)
+    if not SANITIZER or len(items) <= keep:
+        return items
+    return items[::-(-len(items) // keep)]
 
 
 def scratch(prefix):
@@ -29,6 +42,25 @@ def scratch(prefix):
     if base:
         os.makedirs(base, exist_ok=True)
     return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+def in_dir(folder):
+    """path(*parts): a path in folder."""
+    return lambda *parts: os.path.join(folder, *parts)
+
+
+def write_text(folder, name, text):
+    """folder/name.txt holding text (UTF-8); returns its path."""
+    p = os.path.join(folder, name + ".txt")
+    with open(p, "w", encoding="utf-8") as f:
+        f.write(text)
+    return p
+
+
+def note(what, err):
+    """With VERBOSE=1, one line per measured error (for tuning tolerances)."""
+    if os.environ.get("VERBOSE") == "1":
+        print(f"# {what:<56} {err:.3g}")
 
 
 # ----------------------------------------------------------------------------
