@@ -22,7 +22,7 @@ ENGINE_SRC := run.c tokenizer.c
 ENGINE_HDR := kernels.h matmul.h model.h pool.h tokenizer.h unicode_tables.h
 C_TESTS    := $(patsubst %.c,%,$(wildcard tests/test_*.c))
 
-.PHONY: all demo test bench clean
+.PHONY: all demo test bench bench-mla clean
 all: run
 
 run: $(ENGINE_SRC) $(ENGINE_HDR)
@@ -51,6 +51,21 @@ tests/test_engine_avx2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
 tests/test_engine_sse2: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(NARROW_CFLAGS) -march=x86-64 -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
 
+# The Arm NEON paths (sdot integer dot products, float16 and int8
+# conversions), on a machine of another architecture that has a cross
+# compiler: test_engine built for Armv8.2-A with the dot-product extension,
+# run under qemu by tests/test_engine_neon.sh (.ci/run installs both: apt-get
+# install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user). On an Arm
+# machine the native test_engine runs them.
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+ifneq ($(shell uname -m),aarch64)
+ifneq ($(shell command -v $(AARCH64_CC) 2>/dev/null),)
+WIDTH_TESTS += tests/engine_neon
+endif
+endif
+tests/engine_neon: tests/test_engine.c $(ENGINE_SRC) $(ENGINE_HDR)
+	$(AARCH64_CC) $(NARROW_CFLAGS) -march=armv8.2-a+dotprod -static -DTESTING -I. -o $@ $< tokenizer.c $(LDLIBS)
+
 # The tokenizer tests share a helper header.
 $(filter tests/test_tokenizer_% tests/test_ppl_stream,$(C_TESTS)): tests/tokenizer_testlib.h
 
@@ -70,6 +85,11 @@ bench/decode_at_depth bench/attention: bench/%: bench/%.c $(ENGINE_SRC) $(ENGINE
 bench: run bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth
 	python3 bench/bench.py $(BENCH_ARGS)
 
+# The MLA depth table alone: MLA 512 + 64 against GQA-8 at depths 1, 1024, 4000,
+# measured against the bytes model and the compute-aware one (bench/bench.py).
+bench-mla: run bench/bandwidth bench/fma_peak bench/decode_at_depth
+	python3 bench/bench.py --mla-depth $(BENCH_ARGS)
+
 models/stories260K.l3ck: models/stories260K.bin models/tok512.bin export/export.py
 	python3 export/export.py $@ --llama2c models/stories260K.bin --tokenizer models/tok512.bin
 
@@ -84,7 +104,7 @@ test: run run-omp tests/logits $(C_TESTS) $(WIDTH_TESTS)
 	  RUN=./run PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh
 
 clean:
-	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth bench/attention $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 models/*.l3ck
+	rm -f run run-omp tests/logits bench/bench_tokenizer bench/bandwidth bench/fma_peak bench/decode_at_depth bench/attention $(C_TESTS) tests/test_engine_avx2 tests/test_engine_sse2 tests/engine_neon models/*.l3ck
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind, fuzzing
@@ -115,7 +135,7 @@ run-asan: $(ENGINE_SRC) $(ENGINE_HDR)
 run-tsan: $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(SAN_CFLAGS) $(TSAN_FLAGS) -o $@ $(ENGINE_SRC) $(LDLIBS)
 
-test-asan test-tsan: test-%: run-% run  # ./run: export.py --calib tokenizes with it
+test-asan test-tsan: test-%: run-% run $(WIDTH_TESTS)  # ./run: export.py --calib tokenizes with it
 	@$(FIND_PYTHON)
 	$(MAKE) -B tests/logits $(C_TESTS) CFLAGS="$(SAN_CFLAGS) $(if $(filter asan,$*),$(ASAN_FLAGS),$(TSAN_FLAGS))"
 	@$(FIND_PYTHON); $(SAN_ENV) SANITIZER=$* RUN=./run-$* PYTHON=$$PY SHARED=$(SHARED) bash tests/run_tests.sh; \

@@ -11,8 +11,9 @@
    cache's element types (f32, f16, q8_0: storing a row, reading it back) and
    the attention kernels that read them (scores against a transposed key tile,
    weighted sums of value rows); rmsnorm, exp,
-   softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 format
-   (quantization) and its integer dot product. */
+   softmax, SwiGLU; the GEMM register tile of prefill; the q8_0 and q4_0
+   formats (quantization) and their integer dot products (AVX-512 VNNI,
+   AVX2, Arm NEON sdot). */
 
 #ifndef KERNELS_H
 #define KERNELS_H
@@ -23,6 +24,9 @@
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 // The vector width of this build: 64 bytes with AVX-512, 32 with AVX, else 16
@@ -163,7 +167,7 @@ static inline size_t kv_row_bytes(int type, int width) {
 static inline size_t kv_slot(size_t stride, int lane, int d) { return (size_t)d * stride + lane; }
 static inline const uint8_t *kv_scales(const uint8_t *base, size_t stride, int width) { return base + (size_t)width * stride; }
 
-// VEC_LEN float16 at p, converted: one instruction with AVX-512 or F16C.
+// VEC_LEN float16 at p, converted: one instruction with AVX-512, F16C or NEON.
 static inline vfloat f16_vec(const uint8_t *p) {
 #if VEC_BYTES == 64
     return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -171,6 +175,8 @@ static inline vfloat f16_vec(const uint8_t *p) {
     return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #elif VEC_BYTES == 16 && defined(__F16C__)
     return (vfloat)_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+#elif VEC_BYTES == 16 && defined(__ARM_NEON) && defined(__aarch64__)
+    return (vfloat)vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p)));
 #else
     vfloat v;
     for (int j = 0; j < VEC_LEN; j++) { uint16_t h; memcpy(&h, p + 2 * j, 2); v[j] = f16_to_f32(h); }
@@ -191,6 +197,11 @@ static inline vfloat i8_vec(const uint8_t *p) {
     __m128i b = _mm_cvtsi32_si128(w);
     b = _mm_unpacklo_epi16(_mm_unpacklo_epi8(b, b), _mm_unpacklo_epi8(b, b)); // each byte in the top of a lane
     return (vfloat)_mm_cvtepi32_ps(_mm_srai_epi32(b, 24));
+#elif VEC_BYTES == 16 && defined(__ARM_NEON) && defined(__aarch64__)
+    int32_t w;
+    memcpy(&w, p, 4);
+    int16x4_t h = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)))); // 4 bytes widened twice
+    return (vfloat)vcvtq_f32_s32(vmovl_s16(h));
 #else
     vfloat v;
     for (int j = 0; j < VEC_LEN; j++) v[j] = (int8_t)p[j];
@@ -204,6 +215,8 @@ static inline float f16_at(const uint8_t *p) {
     memcpy(&h, p, 2);
 #if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
 #else
     return f16_to_f32(h);
 #endif
@@ -426,6 +439,7 @@ static inline __attribute__((always_inline)) void row_scores_tile(float *att, si
         }
         for (int h = 0; h < nh; h++) {
             vfloat qv = *(const vfloat *)(q + h * width + d);
+            IN_REGISTER(qv);
             for (int i = 0; i < np; i++) acc[h][i] += qv * row[i];
         }
     }
@@ -833,6 +847,59 @@ static REFERENCE float dot_q4_scalar(const uint8_t *w, const int8_t *xq, const f
     return sum;
 }
 
+// out (R) = W x for a matrix W of R rows and only C columns: MLA's absorbed
+// key up-projection W_UK_h^T (kv_latent_dim x head_dim, 512 x 64 per head),
+// whose rows are too short for a dot product each (a horizontal sum per 64
+// multiply-adds; no SIMD path for a q8_0 row of 2 groups). W is kept
+// transposed instead (run.c, make_columns), as its C columns of R numbers,
+// `stride` apart (R rounded up to a multiple of 16: every lane load is
+// whole), and out = sum over i of x[i] x column i, R numbers along the
+// vector lanes: each weight is read once, in one stream. A quantized W keeps
+// its file's numbers: int8 values q (C, stride) (q4_0's too) and the float16
+// scale of group g of row r at scale[g * stride + r]:
+//   out[r] = sum over groups g of scale[g][r] x (sum over i in g of x[i] q[i][r]);
+// an f32 W: f (C, stride), one group. Sums over i run in order, per lane.
+static void column_matvec(float *out, const float *x, const float *f, const int8_t *q, const uint16_t *scale,
+                          int R, int C, size_t stride) {
+    const int group = q ? Q8_GROUP : C;
+    for (int r = 0; r < R; r += 4 * VEC_LEN) {
+        int nv = (R - r + VEC_LEN - 1) / VEC_LEN; // vectors of this block, 4 independent chains
+        if (nv > 4) nv = 4;
+        vfloat total[4] = {{0}, {0}, {0}, {0}};
+        for (int i0 = 0; i0 < C; i0 += group) {
+            const int i1 = i0 + group < C ? i0 + group : C;
+            vfloat acc[4] = {{0}, {0}, {0}, {0}};
+            for (int i = i0; i < i1; i++) {
+                const vfloat xi = vbroadcast(x[i]);
+                const size_t at = (size_t)i * stride + r;
+                for (int k = 0; k < nv; k++)
+                    acc[k] += xi * (q ? i8_vec((const uint8_t *)(q + at + k * VEC_LEN)) : *(const vfloat *)(f + at + k * VEC_LEN));
+            }
+            for (int k = 0; k < nv; k++)
+                total[k] += q ? acc[k] * f16_vec((const uint8_t *)(scale + (size_t)(i0 / Q8_GROUP) * stride + r + k * VEC_LEN))
+                              : acc[k];
+        }
+        for (int k = 0; k < nv; k++) {
+            const int lanes = R - r - k * VEC_LEN < VEC_LEN ? R - r - k * VEC_LEN : VEC_LEN;
+            memcpy(out + r + k * VEC_LEN, &total[k], (size_t)lanes * sizeof(float));
+        }
+    }
+}
+
+static REFERENCE void column_matvec_scalar(float *out, const float *x, const float *f, const int8_t *q,
+                                           const uint16_t *scale, int R, int C, size_t stride) {
+    const int group = q ? Q8_GROUP : C;
+    for (int r = 0; r < R; r++) {
+        float sum = 0;
+        for (int i0 = 0; i0 < C; i0 += group) {
+            float part = 0;
+            for (int i = i0; i < C && i < i0 + group; i++) part += x[i] * (q ? q[(size_t)i * stride + r] : f[(size_t)i * stride + r]);
+            sum += q ? part * f16_to_f32(scale[(size_t)(i0 / Q8_GROUP) * stride + r]) : part;
+        }
+        out[r] = sum;
+    }
+}
+
 // The SIMD paths, for whole chunks of 16 groups (a short block's last chunk,
 // if any, goes through dot_q8_groups / dot_q4_groups): AVX-512 with VNNI, or
 // AVX2 with F16C. Each is written once for both weight types: `bits` (8 or
@@ -840,12 +907,19 @@ static REFERENCE float dot_q4_scalar(const uint8_t *w, const int8_t *xq, const f
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define Q8_AVX512 1
 #define Q8_AVX2 0
+#define Q8_NEON 0
 #elif defined(__AVX2__) && defined(__F16C__)
 #define Q8_AVX512 0
 #define Q8_AVX2 1
+#define Q8_NEON 0
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+#define Q8_AVX512 0
+#define Q8_AVX2 0
+#define Q8_NEON 1
 #else
 #define Q8_AVX512 0
 #define Q8_AVX2 0
+#define Q8_NEON 0
 #endif
 
 // The tile of the integer prefill kernel (gemm_tile_q8, AVX-512 VNNI only).
@@ -1077,6 +1151,44 @@ static inline __attribute__((always_inline)) void block_256(__m256 acc[2], const
 }
 #endif
 
+#if Q8_NEON
+// Arm NEON with the dot-product extension (Armv8.2-A sdot: 16 multiply-adds
+// of signed bytes per instruction). A 16-byte quarter k of a 64-byte row of
+// the interleave holds 4 values of each of groups 4k .. 4k + 3, so sdot
+// leaves one group's sum in each 32-bit lane, and four accumulators hold a
+// chunk's 16 groups, as one vpdpbusd vector does. q8_0 values are signed as
+// stored; q4_0's u = q + 8 (0..15) is a signed byte too, and the caller's
+// 8 x sum x per group (a sixteenth of sum128) is subtracted.
+static inline __attribute__((always_inline)) void block_neon(float32x4_t acc[4], const uint8_t *q,
+                                                             const uint16_t *scale, const int8_t *xq, const float *xs,
+                                                             const int32_t *sum128, int chunks, int bits) {
+    for (int c = 0; c < chunks; c++) {
+        const uint8_t *wc = q + c * CHUNK_BYTES_OF(bits);
+        const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
+        int32x4_t d[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; // groups 4k .. 4k + 3
+        for (int r = 0; r < Q8_GROUP * bits / 32; r++) { // 64-byte rows of the chunk: 8 (q8_0) or 4 (q4_0)
+            PREFETCH_L1(wc + 64 * r + PREFETCH_AHEAD);
+            for (int k = 0; k < 4; k++) {
+                if (bits == 8) {
+                    d[k] = vdotq_s32(d[k], vld1q_s8((const int8_t *)wc + 64 * r + 16 * k), vld1q_s8(xc + 64 * r + 16 * k));
+                } else { // low nibbles: q8_0's row 2r, high nibbles: row 2r + 1
+                    uint8x16_t v = vld1q_u8(wc + 64 * r + 16 * k);
+                    d[k] = vdotq_s32(d[k], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), vld1q_s8(xc + 128 * r + 16 * k));
+                    d[k] = vdotq_s32(d[k], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vld1q_s8(xc + 128 * r + 64 + 16 * k));
+                }
+            }
+            LOAD_IN_ORDER();
+        }
+        for (int k = 0; k < 4; k++) {
+            const int o = c * Q8_CHUNK + 4 * k;
+            if (bits == 4) d[k] = vsubq_s32(d[k], vshrq_n_s32(vld1q_s32(sum128 + o), 4));
+            float32x4_t s = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scale + o))), vld1q_f32(xs + o));
+            acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(d[k]), s);
+        }
+    }
+}
+#endif
+
 // A q8_0 or q4_0 weight row (n values) . x quantized (xq, xs, sum128), in
 // address order through each block: its values first, the integer dot
 // products of its chunks kept in registers, then its scales applied.
@@ -1090,6 +1202,8 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
     __m512 acc = _mm512_setzero_ps();
 #elif Q8_AVX2
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; // two chains hide FMA latency
+#elif Q8_NEON
+    float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
 #else
     (void)sum128; // only the SIMD kernels need it
 #endif
@@ -1099,13 +1213,16 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
         const uint16_t *scale = (const uint16_t *)(q + groups * Q8_GROUP * bits / 8);
         const int8_t *x = xq + (size_t)b * Q8_BLOCK * Q8_GROUP;
         const float *s = xs + b * Q8_BLOCK;
-        int chunks = Q8_AVX512 || Q8_AVX2 ? groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
+        int chunks = Q8_AVX512 || Q8_AVX2 || Q8_NEON ? groups / Q8_CHUNK : 0; // whole chunks: the SIMD path's
 #if Q8_AVX512
         if (groups == Q8_BLOCK) block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
         else block_512(&acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #elif Q8_AVX2
         if (groups == Q8_BLOCK) block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
         else block_256(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
+#elif Q8_NEON
+        if (groups == Q8_BLOCK) block_neon(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, Q8_BLOCK / Q8_CHUNK, bits);
+        else block_neon(acc, q, scale, x, s, sum128 + b * Q8_BLOCK, chunks, bits);
 #endif
         sum += bits == 8 ? dot_q8_groups((Q8Block){(const int8_t *)q, scale, groups}, x, s, chunks * Q8_CHUNK)
                          : dot_q4_groups((Q4Block){q, scale, groups}, x, s, chunks * Q8_CHUNK);
@@ -1117,6 +1234,8 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#elif Q8_NEON
+    sum += vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
 #endif
     return sum;
 }
@@ -1127,6 +1246,121 @@ static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const i
 
 static float dot_q4(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
     return dot_int(w, xq, xs, sum128, n, 4);
+}
+
+// MLA's latent rows in a q8_0 KV cache (run.c, KVCache.q8_rows). All query
+// heads score every cached latent c (kv_latent_dim numbers: 512 multiply-adds
+// per head and position) and then add it up weighted, so at depth MLA's
+// attention is bound by the multiply-adds, not by the cache's bytes. The
+// scores take the integer path of the weights: the cache keeps exactly the
+// numbers kv_store keeps (the same groups of 32 consecutive numbers, scales
+// and rounding), laid out as a q8_0 weight row (model.h: values interleaved,
+// 16 groups per 64-byte load, scales after each block of groups), and each
+// head's query is quantized as matmul activations are (quantize_q8): then
+// dot_q8, and with AVX-512 VNNI the prefill tile gemm_tile_q8 (positions as
+// its weight rows, heads as its tokens), score them with vpdpbusd, 64 byte
+// products per instruction where an f32 FMA does 16. The weighted sum reads
+// the rows converted to float32 in their stored order (kv_q8_rows_to_f32):
+// each number's sum is the same, only in another lane; run.c puts the sums
+// back in the latent's order (kv_q8_rows_order).
+
+// Stores x (width numbers, a multiple of Q8_GROUP) as such a row.
+static void kv_store_q8_row(uint8_t *row, const float *x, int width) {
+    for (int g = 0; g < width / Q8_GROUP; g++) {
+        uint8_t group[Q8_GROUP + 2]; // kv_store's q8_0 row of this group alone: its values, then its scale
+        kv_store(group, 1, 0, x + (size_t)g * Q8_GROUP, Q8_GROUP, KV_Q8_0);
+        Q8Block k = q8_block(row, width, g / Q8_BLOCK);
+        for (int i = 0; i < Q8_GROUP; i += 4) memcpy((uint8_t *)k.q + q8_offset(k.groups, g % Q8_BLOCK, i), group + i, 4);
+        memcpy((uint8_t *)(k.scale + g % Q8_BLOCK), group + Q8_GROUP, 2);
+    }
+}
+
+// Where each number of such a row lies in the stored order that
+// kv_q8_rows_to_f32 gives: order[d] for number d of the latent.
+static void kv_q8_rows_order(int *order, int width) {
+    for (int d = 0; d < width; d++) {
+        int g = d / Q8_GROUP, b = g / Q8_BLOCK;
+        order[d] = b * Q8_BLOCK * Q8_GROUP + (int)q8_offset(block_groups(width, b), g % Q8_BLOCK, d % Q8_GROUP);
+    }
+}
+
+// Scalar reference: number d of such a row (kv_number's value for the same numbers stored by kv_store).
+static REFERENCE float kv_q8_row_number(const uint8_t *row, int d, int width) {
+    int g = d / Q8_GROUP;
+    Q8Block k = q8_block(row, width, g / Q8_BLOCK);
+    return k.q[q8_offset(k.groups, g % Q8_BLOCK, d % Q8_GROUP)] * f16_to_f32(k.scale[g % Q8_BLOCK]);
+}
+
+// n such rows (kv_row_bytes apart) as float32, each in its stored order:
+// out[r * width + order[d]] = number d of row r. AVX-512: a whole chunk of
+// 16 groups is 8 rows of 64 bytes, 4 numbers of each group in turn, so the
+// scales of a vector of 16 numbers are 4 of the chunk's 16, 4 lanes each.
+static void kv_q8_rows_to_f32(float *out, const uint8_t *base, int n, int width) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width);
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = base + (size_t)r * rb;
+        float *o = out + (size_t)r * width;
+        for (int b = 0; b * Q8_BLOCK * Q8_GROUP < width; b++) {
+            Q8Block k = q8_block(row, width, b);
+            float *ob = o + (size_t)b * Q8_BLOCK * Q8_GROUP;
+            int g = 0;
+#if VEC_BYTES == 64
+            for (; g + Q8_CHUNK <= k.groups; g += Q8_CHUNK) {
+                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k.scale + g)));
+                for (int m = 0; m < 4; m++) {
+                    const __m512 sm = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(
+                        _mm512_set1_epi32(16 * m), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), 2), s);
+                    for (int i = 0; i < 8; i++) { // chunk row i: numbers 4i .. 4i + 3 of each group
+                        size_t at = (size_t)g * Q8_GROUP + 64 * i + 16 * m;
+                        _mm512_storeu_ps(ob + at, _mm512_mul_ps((__m512)i8_vec((const uint8_t *)k.q + at), sm));
+                    }
+                }
+            }
+#endif
+            for (; g < k.groups; g++) {
+                const float sc = f16_to_f32(k.scale[g]);
+                for (int i = 0; i < Q8_GROUP; i++) {
+                    size_t at = q8_offset(k.groups, g, i);
+                    ob[at] = k.q[at] * sc;
+                }
+            }
+        }
+    }
+}
+
+// att_h[p * att_step] += (q_h . row p) * scale for positions p < n of such
+// rows and heads h < nh, q_h quantized (quantize_q8) at xq + h * padded_len(width),
+// xs and sum128 + h * n_groups(width); att_h = att + h * att_stride. With
+// VNNI in register tiles of Q8_TILE_R positions x Q8_TILE_T heads.
+static void q8_row_scores(float *att, size_t att_stride, const int8_t *xq, const float *xs, const int32_t *sum128,
+                          const uint8_t *rows, int n, int width, float scale, int nh) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width), xn = padded_len(width), xg = n_groups(width);
+    int p = 0;
+#if Q8_GEMM
+    for (; p + Q8_TILE_R <= n; p += Q8_TILE_R) {
+        int h = 0;
+        for (; h + Q8_TILE_T <= nh; h += Q8_TILE_T) {
+            float tile[Q8_TILE_T * Q8_TILE_R]; // [head][position]
+            gemm_tile_q8(tile, Q8_TILE_R, rows + p * rb, rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width);
+            for (int t = 0; t < Q8_TILE_T; t++)
+                for (int i = 0; i < Q8_TILE_R; i++) att[(h + t) * att_stride + p + i] += tile[t * Q8_TILE_R + i] * scale;
+        }
+        for (; h < nh; h++)
+            for (int i = 0; i < Q8_TILE_R; i++)
+                att[h * att_stride + p + i] += dot_q8(rows + (p + i) * rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width) * scale;
+    }
+#endif
+    for (; p < n; p++)
+        for (int h = 0; h < nh; h++)
+            att[h * att_stride + p] += dot_q8(rows + p * rb, xq + h * xn, xs + h * xg, sum128 + h * xg, width) * scale;
+}
+
+static REFERENCE void q8_row_scores_scalar(float *att, size_t att_stride, const int8_t *xq, const float *xs,
+                                           const uint8_t *rows, int n, int width, float scale, int nh) {
+    const size_t rb = kv_row_bytes(KV_Q8_0, width);
+    for (int h = 0; h < nh; h++)
+        for (int p = 0; p < n; p++)
+            att[h * att_stride + p] += dot_q8_scalar(rows + p * rb, xq + h * padded_len(width), xs + h * n_groups(width), width) * scale;
 }
 
 #endif

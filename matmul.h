@@ -13,6 +13,20 @@ static const uint8_t *matrix_row(const Matrix *w, int r) {
     return (w->q ? w->q : (const uint8_t *)w->f) + (size_t)r * row_bytes(w);
 }
 
+// Group g of row r of a q8_0 or q4_0 matrix: its Q8_GROUP values q (as
+// int8), and its float16 scale, returned.
+static uint16_t row_group(const Matrix *w, int r, int g, int8_t *q) {
+    const uint8_t *row = matrix_row(w, r);
+    if (w->dtype == DTYPE_Q8_0) {
+        Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
+        q8_group_values(q, k, g % Q8_BLOCK);
+        return k.scale[g % Q8_BLOCK];
+    }
+    Q4Block k = q4_block(row, w->cols, g / Q8_BLOCK);
+    q4_group_values(q, k, g % Q8_BLOCK);
+    return k.scale[g % Q8_BLOCK];
+}
+
 // Columns [k0, k1) of row r of w as floats (k0 a multiple of Q8_GROUP, k1
 // too or the row's end, for q8_0 and q4_0). For them this is the only
 // dequantization there is: an embedding lookup, a slice of a prefill tile,
@@ -22,16 +36,7 @@ static void matrix_slice(const Matrix *w, int r, int k0, int k1, float *out) {
     if (!w->q) { memcpy(out, (const float *)row + k0, (size_t)(k1 - k0) * sizeof(float)); return; }
     for (int g = k0 / Q8_GROUP; g * Q8_GROUP < k1; g++, out += Q8_GROUP) {
         int8_t q[Q8_GROUP]; // gathered first, then converted in one vector loop
-        float scale;
-        if (w->dtype == DTYPE_Q8_0) {
-            Q8Block k = q8_block(row, w->cols, g / Q8_BLOCK);
-            scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
-            q8_group_values(q, k, g % Q8_BLOCK);
-        } else {
-            Q4Block k = q4_block(row, w->cols, g / Q8_BLOCK);
-            scale = f16_to_f32(k.scale[g % Q8_BLOCK]);
-            q4_group_values(q, k, g % Q8_BLOCK);
-        }
+        float scale = f16_to_f32(row_group(w, r, g, q));
         float v[Q8_GROUP];
         for (int i = 0; i < Q8_GROUP; i++) v[i] = q[i] * scale;
         memcpy(out, v, (size_t)(k1 - g * Q8_GROUP < Q8_GROUP ? k1 - g * Q8_GROUP : Q8_GROUP) * sizeof(float));
@@ -287,6 +292,29 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
 
 static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     matmuls(m, x, T, &(Product){out, w}, 1);
+}
+
+// MLA's W_UK^T, kept as its columns (run.c, make_columns): out (T, heads, R)
+// = W_h x_h for every token and head h, x (T, heads, C).
+typedef struct { const Columns *w; float *out; const float *x; int items; } ColumnTask;
+
+static void column_task(void *arg, int ith, int nth) {
+    const ColumnTask *a = arg;
+    const Columns *w = a->w;
+    int lo, hi;
+    split_range(a->items, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) { // item = t * heads + h
+        size_t h = item % w->heads, at = h * w->C * w->stride;
+        column_matvec(a->out + (size_t)item * w->R, a->x + (size_t)item * w->C, w->f ? w->f + at : NULL,
+                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->stride : NULL, w->R, w->C,
+                      w->stride);
+    }
+}
+
+static void column_matmul(Transformer *m, float *out, const float *x, const Columns *w, int T) {
+    ColumnTask task = {w, out, x, T * w->heads};
+    if ((size_t)T * w->heads * w->R * w->C < SMALL_WORK) column_task(&task, 0, 1);
+    else pool_run(m->pool, column_task, &task);
 }
 
 // RoPE: rotate each pair (x[2i], x[2i+1]) of every head by the angle pos * freq[i].

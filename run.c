@@ -92,6 +92,16 @@ typedef struct {
     int rows, cols;
 } Matrix;
 
+// A matrix of `heads` blocks of R rows and C columns, kept column by column
+// (kernels.h, column_matvec): MLA's W_UK_h^T, whose rows are head_dim short.
+typedef struct {
+    const float *f;        // f32: (heads, C, stride)
+    const int8_t *q;       // q8_0, q4_0: (heads, C, stride) the int8 values ...
+    const uint16_t *scale; // ... and (heads, n_groups(C), stride) float16 scales of the rows' groups
+    int heads, R, C;
+    size_t stride;         // R rounded up to 16: whole vector loads
+} Columns;
+
 typedef struct {
     const float *attn_norm; // (dim)
     Matrix wq;              // (q_dim, dim); MLA: the query's part without RoPE, q_C
@@ -101,7 +111,8 @@ typedef struct {
     const int32_t *rope_pairs; // (dr / 2) the RoPE frequency (pair of a head) of each pair of k_R
     Matrix wq_rope;         // (n_heads * dr, dim) the query's RoPE part, q_R
     Matrix wkv_a;           // (dc + dr, dim) W_DKV then W_KR: the latent c and the shared key k_R
-    Matrix wk_b;            // (n_heads * dc, head_dim) W_UK_h^T per head: absorbed into the query
+    Matrix wk_b;            // (n_heads * dc, head_dim) W_UK_h^T per head: absorbed into the query ...
+    Columns uk;             // ... and as decode reads it: transposed at load (make_columns)
     Matrix wv_b;            // (n_heads * head_dim, dc) W_UV_h per head: absorbed into the output
     Matrix wo;              // (dim, q_dim)
     const float *ffn_norm;  // (dim)
@@ -135,10 +146,15 @@ _Static_assert(ATT_BLOCK >= VEC_LEN, "kv_f32 holds a key tile or a value block")
 typedef struct {
     uint8_t *data;    // (n_layers, heads, len, row_bytes)
     int type, width, heads, tiled;
+    int q8_rows;      // MLA's latent rows of a q8_0 cache, stored as q8_0 weight rows (kernels.h, kv_store_q8_row)
     size_t len;       // positions: the context rounded up to whole tiles
     size_t row_bytes; // of one position's width numbers: kv_row_bytes(type, width)
     size_t bytes;     // of the whole cache
 } KVCache;
+
+// A thread's query heads quantized as matmul activations (quantize_q8):
+// (kv_mul, padded_len(value_dim)) values, (kv_mul, n_groups(value_dim)) scales and sums.
+typedef struct { int8_t *q; float *s; int32_t *sum128; } LatentQuery;
 
 // Activations for a block of up to MAX_BATCH tokens, and the KV cache.
 typedef struct {
@@ -155,6 +171,8 @@ typedef struct {
     float *hb2;     // (B, hidden_dim)
     float *att;     // (n_threads, kv_mul, cache_len) attention scores
     float *kv_f32;  // (n_threads, ATT_BLOCK, max(key_dim, value_dim)) an f16 / q8_0 key tile or value block as float32
+    LatentQuery *lat_q; // (n_threads) MLA with a q8_0 cache: the heads' latent queries quantized (q8_row_scores)
+    int *lat_order;     // (value_dim) where each latent number lies in a q8_rows row's stored order
     float *logits;  // (B, vocab_size)
     int8_t *xq;     // (B + Q8_TILE_T - 1, padded_len(max_cols)) matmul input quantized to q8_0 ...
     float *xs;      // (B + Q8_TILE_T - 1, n_groups(max_cols)) ... its scales ...
@@ -551,7 +569,25 @@ static uint8_t *cache_head(const KVCache *kc, int layer, int kv_head) {
 static void cache_store(KVCache *kc, int layer, int kv_head, int pos, const float *x) {
     uint8_t *head = cache_head(kc, layer, kv_head);
     if (kc->tiled) kv_store(head + (size_t)pos / VEC_LEN * VEC_LEN * kc->row_bytes, VEC_LEN, pos % VEC_LEN, x, kc->width, kc->type);
+    else if (kc->q8_rows) kv_store_q8_row(head + (size_t)pos * kc->row_bytes, x, kc->width);
     else kv_store(head + (size_t)pos * kc->row_bytes, 1, 0, x, kc->width, kc->type);
+}
+
+// MLA with a q8_0 cache whose latent width is a multiple of Q8_GROUP: the
+// latent rows as q8_0 weight rows, scored with integer dot products
+// (kernels.h, q8_row_scores), and each thread's buffers for its quantized
+// query heads. (Allocated for every model: small.)
+static void alloc_latent_queries(RunState *s, const Config *c, int n_threads) {
+    const int vd = c->value_dim;
+    s->value_cache.q8_rows = c->attention == ATTENTION_MLA && c->kv_type == KV_Q8_0 && vd % Q8_GROUP == 0;
+    s->lat_order = xcalloc(vd, sizeof(int), "attention scratch");
+    if (s->value_cache.q8_rows) kv_q8_rows_order(s->lat_order, vd);
+    s->lat_q = xcalloc(n_threads, sizeof(LatentQuery), "attention scratch");
+    const size_t nq = (size_t)c->kv_mul * padded_len(vd), ng = (size_t)c->kv_mul * n_groups(vd);
+    int8_t *q = xcalloc(n_threads * nq, 1, "attention scratch");
+    float *sc = xcalloc(n_threads * ng, sizeof(float), "attention scratch");
+    int32_t *sum = xcalloc(n_threads * ng, sizeof(int32_t), "attention scratch");
+    for (int i = 0; i < n_threads; i++) s->lat_q[i] = (LatentQuery){q + i * nq, sc + i * ng, sum + i * ng};
 }
 
 static void malloc_run_state(Transformer *m) {
@@ -597,6 +633,7 @@ static void malloc_run_state(Transformer *m) {
     if (!s->shares) die("out of memory for the thread shares");
     alloc_cache(&s->key_cache, c, c->key_dim, 1, "the key cache");
     alloc_cache(&s->value_cache, c, c->value_dim, 0, "the value cache");
+    alloc_latent_queries(s, c, m->n_threads);
     s->rope_freq = xcalloc(c->head_dim / 2, sizeof(float), "rope");
     rope_frequencies(&m->h, s->rope_freq);
     s->mla_freq = xcalloc((size_t)c->n_layers * dr / 2 + 1, sizeof(float), "rope");
@@ -607,6 +644,8 @@ static void malloc_run_state(Transformer *m) {
 static void free_run_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->q_rope); free(s->kv_a); free(s->q_lat); free(s->o_lat); free(s->mla_freq);
+    if (s->lat_q) { free(s->lat_q[0].q); free(s->lat_q[0].s); free(s->lat_q[0].sum128); }
+    free(s->lat_q); free(s->lat_order);
     free(s->att); free(s->kv_f32); free(s->logits); free(s->xq); free(s->xs); free(s->sum128); free(s->xT); free(s->outT); free(s->scratch); free(s->shares); free(s->rope_freq);
     free_cache(&s->key_cache);
     free_cache(&s->value_cache);
@@ -658,13 +697,17 @@ static inline __attribute__((always_inline)) void add_values(float *out, const f
 // heads take several passes over each tile or block (kv_mul > ATT_HEADS, as
 // in MQA), the tile or block is converted once into buf (the same numbers,
 // so the same bits) and read as f32 by every pass; MLA's scores against the
-// latent value rows read them converted too.
-static inline __attribute__((always_inline)) void attend_pair(const AttentionTask *a, float *att, float *buf, int t, int g,
-                                                              int j0, int j1, int type) {
+// latent value rows read them converted too, but with a q8_0 cache (q8_rows):
+// its latent rows are q8_0 weight rows, scored against the query heads
+// quantized in integer dot products (q8_row_scores), and read converted, in
+// their stored order, by the weighted sums, which are then put back in order.
+static inline __attribute__((always_inline)) void attend_pair(const AttentionTask *a, float *att, float *buf,
+                                                              const LatentQuery *lq, int t, int g, int j0, int j1, int type) {
     const Config *c = &a->m->c;
     RunState *s = &a->m->s;
     const float scale = a->scale;
-    const int kd = c->key_dim, vd = c->value_dim, convert = type != KV_F32 && j1 - j0 > ATT_HEADS;
+    const int kd = c->key_dim, vd = c->value_dim, q8_rows = a->q_row && s->value_cache.q8_rows;
+    const int convert = type != KV_F32 && (j1 - j0 > ATT_HEADS || q8_rows); // (q8_rows: its values only as f32)
     const size_t L = cache_len(c); // size_t: j * L passes 2^31 at kv_mul 128 and -c 2^24
     const size_t krow = s->key_cache.row_bytes, vrow = s->value_cache.row_bytes;
     int n_pos = a->pos + t + 1;                                    // attends to positions 0 .. pos+t
@@ -680,7 +723,13 @@ static inline __attribute__((always_inline)) void attend_pair(const AttentionTas
         kv_to_f32(buf, tile, VEC_LEN, kd, type, 1);
         score_tile(att, L, q, (const uint8_t *)buf, kd, scale, p, j0, j1, KV_F32);
     }
-    if (a->q_row) { // MLA: att[j][p] += q_row_j . c_p * scale, the latent half of the key
+    if (q8_rows) { // MLA, q8_0 cache: the same, each query head quantized, in integer dot products
+        const float *qr = a->q_row + head0 * vd;
+        const size_t xn = padded_len(vd), xg = n_groups(vd);
+        for (int j = j0; j < j1; j++)
+            quantize_q8(lq->q + (j - j0) * xn, lq->s + (j - j0) * xg, lq->sum128 + (j - j0) * xg, qr + j * vd, vd);
+        q8_row_scores(att + j0 * L, L, lq->q, lq->s, lq->sum128, v, n_pos, vd, scale, j1 - j0);
+    } else if (a->q_row) { // MLA: att[j][p] += q_row_j . c_p * scale, the latent half of the key
         const float *qr = a->q_row + head0 * vd;
         for (int p0 = 0; p0 < n_pos; p0 += ATT_BLOCK) {
             int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK, j = j0;
@@ -698,8 +747,13 @@ static inline __attribute__((always_inline)) void attend_pair(const AttentionTas
         int n = n_pos - p0 < ATT_BLOCK ? n_pos - p0 : ATT_BLOCK;
         const uint8_t *vb = v + (size_t)p0 * vrow;
         if (!convert) { add_values(out, att, L, vb, n, vd, p0, j0, j1, type); continue; }
-        kv_to_f32(buf, vb, n, vd, type, 0);
+        if (q8_rows) kv_q8_rows_to_f32(buf, vb, n, vd); // each row in its stored order ...
+        else kv_to_f32(buf, vb, n, vd, type, 0);
         add_values(out, att, L, (const uint8_t *)buf, n, vd, p0, j0, j1, KV_F32);
+    }
+    for (int j = j0; j < j1 && q8_rows; j++) { // ... and so the sums: back in the latent's order
+        for (int d = 0; d < vd; d++) buf[d] = out[j * vd + s->lat_order[d]];
+        memcpy(out + j * vd, buf, vd * sizeof(float));
     }
 }
 
@@ -708,6 +762,7 @@ static void attention_task(void *arg, int ith, int nth) {
     const Config *c = &a->m->c;
     float *att = a->m->s.att + (size_t)ith * c->kv_mul * cache_len(c); // (kv_mul, cache_len)
     float *buf = a->m->s.kv_f32 + (size_t)ith * ATT_BLOCK * KV_F32_WIDTH(c); // (ATT_BLOCK, max(key_dim, value_dim))
+    const LatentQuery *lq = &a->m->s.lat_q[ith];
     int lo, hi;
     split_range(a->T * c->n_kv_heads * a->parts, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) {
@@ -716,9 +771,9 @@ static void attention_task(void *arg, int ith, int nth) {
         int j0, j1;                                      // its query heads g*kv_mul + j, j0 <= j < j1
         split_range(c->kv_mul, item % a->parts, a->parts, 1, &j0, &j1);
         switch (a->m->s.key_cache.type) {
-        case KV_F16: attend_pair(a, att, buf, t, g, j0, j1, KV_F16); break;
-        case KV_Q8_0: attend_pair(a, att, buf, t, g, j0, j1, KV_Q8_0); break;
-        default: attend_pair(a, att, buf, t, g, j0, j1, KV_F32);
+        case KV_F16: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_F16); break;
+        case KV_Q8_0: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_Q8_0); break;
+        default: attend_pair(a, att, buf, lq, t, g, j0, j1, KV_F32);
         }
     }
 }
@@ -781,10 +836,10 @@ static void head_task(void *arg, int ith, int nth) {
 }
 
 // q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
-// SIMD path in dot_q8 (q4_0 alike); MLA's W_UK^T rows are head_dim long (64 in
-// Llama-3.2-1B's shape: 16384 such rows per layer), so such per-head
-// matrices are dequantized to f32 once, at load (in engine-owned memory;
-// weight_bytes counts them as f32, which decode then reads).
+// SIMD path in dot_q8 (q4_0 alike): W_UV's rows are kv_latent_dim long, and
+// when that is under 512 (small models) its per-head matrices are
+// dequantized to f32 once, at load (in engine-owned memory; weight_bytes
+// counts them as f32, which decode then reads).
 static void dequantize_short_rows(Transformer *m, Matrix *w) {
     if (!w->q || w->cols >= Q8_CHUNK * Q8_GROUP) return;
     float *f = owned_alloc(m, (size_t)w->rows * w->cols, sizeof(float), "MLA up-projections");
@@ -792,6 +847,41 @@ static void dequantize_short_rows(Transformer *m, Matrix *w) {
     w->q = NULL;
     w->dtype = DTYPE_F32;
     w->f = f;
+}
+
+// W (heads * R, C) as `heads` blocks of C columns of R numbers (Columns), in
+// engine-owned memory: MLA's W_UK^T, whose rows are head_dim long (64 in
+// Llama-3.2-1B's shape: 16384 rows per layer). The numbers are the file's:
+// the int8 values of a q8_0 or q4_0 W and its rows' scales, or f32.
+static Columns make_columns(Transformer *m, const Matrix *w, int heads) {
+    const int R = w->rows / heads, C = w->cols, G = n_groups(C);
+    Columns t = {.heads = heads, .R = R, .C = C, .stride = ((size_t)R + 15) / 16 * 16};
+    const size_t per_head = (size_t)C * t.stride;
+    if (!w->q) {
+        float *f = owned_alloc(m, heads * per_head, sizeof(float), "MLA up-projections");
+        for (int h = 0; h < heads; h++)
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < C; i++) f[h * per_head + i * t.stride + r] = w->f[((size_t)h * R + r) * C + i];
+        t.f = f;
+        return t;
+    }
+    int8_t *q = owned_alloc(m, heads * per_head, 1, "MLA up-projections");
+    uint16_t *scale = owned_alloc(m, (size_t)heads * G * t.stride, sizeof(uint16_t), "MLA up-projections");
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < G; g++) {
+                int8_t v[Q8_GROUP];
+                scale[((size_t)h * G + g) * t.stride + r] = row_group(w, h * R + r, g, v);
+                for (int i = g * Q8_GROUP; i < C && i < (g + 1) * Q8_GROUP; i++)
+                    q[h * per_head + i * t.stride + r] = v[i - g * Q8_GROUP];
+            }
+    t.q = q, t.scale = scale;
+    return t;
+}
+
+static size_t columns_bytes(const Columns *w) {
+    size_t n = (size_t)w->heads * w->C * w->stride;
+    return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->stride * sizeof(uint16_t);
 }
 
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
@@ -833,7 +923,7 @@ static void mla_attention(Transformer *m, int l, int T, int pos) {
         rope(kv + dc, 1, dr, pos + t, freq);
         cache_append(m, l, 0, pos + t, kv + dc, kv); // key tiles: k_R; value rows: c
     }
-    head_matmul(m, s->q_lat, s->q, &L->wk_b, T);                 // W_UK_h^T q_C_h
+    column_matmul(m, s->q_lat, s->q, &L->uk, T);                  // W_UK_h^T q_C_h
     attend(m, l, T, pos, s->q_rope, s->q_lat, s->o_lat, 1.0f / sqrtf((float)(c->head_dim + dr)));
     head_matmul(m, s->xb, s->o_lat, &L->wv_b, T);                // W_UV_h o_h
 }
@@ -1355,9 +1445,10 @@ static size_t weight_bytes(const Transformer *m) {
     size_t bytes = matrix_bytes(&m->w.token_embedding) + (size_t)(2 * c->n_layers + 1) * c->dim * sizeof(float);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->w.layers[l];
-        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wk_b, &L->wv_b, // GQA or MLA: the others have 0 rows
+        const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wv_b, // GQA or MLA: the others have 0 rows
                                 &L->wo, &L->w1, &L->w2, &L->w3};
-        for (int i = 0; i < 11; i++) bytes += matrix_bytes(mats[i]);
+        for (int i = 0; i < 10; i++) bytes += matrix_bytes(mats[i]);
+        bytes += L->uk.C ? columns_bytes(&L->uk) : matrix_bytes(&L->wk_b); // MLA: as decode reads it
     }
     if (!m->h.tied_classifier) bytes += matrix_bytes(&m->w.classifier);
     return bytes;
@@ -1606,7 +1697,7 @@ static void setup_transformer(Transformer *m, int seq_len, int n_threads, int kv
     check_weights_finite(m); // and maps every page
     if (kv_heads) set_kv_heads(m, kv_heads);
     for (int l = 0; l < m->c.n_layers && m->c.attention == ATTENTION_MLA; l++) {
-        dequantize_short_rows(m, &m->w.layers[l].wk_b);
+        m->w.layers[l].uk = make_columns(m, &m->w.layers[l].wk_b, m->c.n_heads);
         dequantize_short_rows(m, &m->w.layers[l].wv_b);
     }
     if (seq_len > m->c.max_seq_len)

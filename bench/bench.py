@@ -28,7 +28,13 @@ layers, 32 query heads, vocab 128256, tied embeddings), with N threads:
                   key of 64 per token and layer, DeepSeek-V2's 576) models;
                   bench/decode_at_depth fills the cache instead of prefilling D
                   tokens, and one real ./run at depth 2000 per model (but MLA)
-                  checks it.
+                  checks it. Next to it the compute-aware model:
+                  time = weight_bytes / bw + max(D' x kv_bytes_per_token / bw,
+                  attention flops / FMA peak), for MLA's attention is bound by
+                  its multiply-adds, not its bytes (1088 per position and
+                  query head, all heads reading the one latent row).
+                  --mla-depth (make bench-mla): this table alone, MLA 512 + 64
+                  against GQA-8, q8_0 weights, KV types f32 and q8_0.
   peak RSS        of each run (os.wait4 on the child), next to a budget of
                   file size + KV cache + 100 MiB.
   tokenizer MB/s  from bench/bench_tokenizer, if there is one.
@@ -44,7 +50,7 @@ incomplete one, is exported again); results go there as JSON. ./run is copied
 before use, since others may rebuild it meanwhile. Python 3 standard library
 only; export/export.py runs under the first python3 that can import numpy.
 
-usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth] [--only f32|q8_0|q4_0|q4_0-e4]
+usage: python3 bench/bench.py [--quick] [--threads N] [--skip-depth | --mla-depth] [--only f32|q8_0|q4_0|q4_0-e4]
                               [--kv-types f32,f16,q8_0]
                               [--wait-idle SECONDS] [--report RESULTS.json]
 """
@@ -407,8 +413,8 @@ def model_info(path, context=None):
     if r.returncode != 0:
         return None
     kv = key_values(r.stdout)
-    info = {k: int(kv[k]) for k in ("params", "weight_bytes", "kv_bytes_per_token", "dim", "n_layers",
-                                    "n_kv_heads", "context") if k in kv}
+    info = {k: int(kv[k]) for k in ("params", "weight_bytes", "kv_bytes_per_token", "dim", "n_layers", "n_heads",
+                                    "n_kv_heads", "head_dim", "kv_latent_dim", "kv_rope_dim", "context") if k in kv}
     info["dtype"] = kv.get("dtype")
     info["file_bytes"] = os.path.getsize(path)
     # Matmul parameters: all but the 2 norm vectors per layer and the final norm.
@@ -506,13 +512,30 @@ def bench_weights(args, machine, prompts, dtype):
     return row
 
 
-def bench_depth(args, machine, prompts, dtype):
+def attention_flops(info, positions):
+    """Flops of one decoded token's attention over `positions` cached positions: 2 per
+    multiply-add; every query head scores every position (GQA: head_dim; MLA: the RoPE key
+    and the latent, kv_rope_dim + kv_latent_dim) and adds its value (head_dim; MLA: the
+    latent). MLA's 32 heads all read the same latent row: its attention does 1088
+    multiply-adds per position and head for 2304 bytes (f32) per position and layer, so on
+    a machine with ~8 flops per byte of bandwidth it is bound by the FMAs, not the cache."""
+    if info.get("kv_latent_dim"):
+        width = info["kv_rope_dim"] + 2 * info["kv_latent_dim"]
+    else:
+        width = 2 * info["head_dim"]
+    return 2.0 * info["n_layers"] * info["n_heads"] * positions * width
+
+
+def bench_depth(args, machine, prompts, dtype, kvs=(32, 8, 1, MLA)):
     """Decode at each depth on the MHA, GQA, MQA and MLA models with these weights, from
     bench/decode_at_depth (the bandwidth measured around each measurement), and one real
     ./run per model at CHECK_DEPTH (its own prefill, then decode) as a check (not for MLA:
     its prefill runs attention in the absorbed form too, 576 + 512 numbers per head and
-    position, minutes for 2000 tokens on 2 cores)."""
-    kvs = (32, 8, 1, MLA)
+    position, minutes for 2000 tokens on 2 cores; none without prompts).
+    Two models of a token's time: the bytes model, time = (weight_bytes + KV bytes read) /
+    bandwidth then, and the compute-aware one, time = weight_bytes / bandwidth then +
+    max(KV bytes read / bandwidth then, attention flops / FMA peak): attention either
+    streams the cache or is bound by its multiply-adds (MLA at depth)."""
     models = [ensure_model(args, dtype, kv) for kv in kvs]
     if None in models:
         return {"weights": dtype, "error": "export failed"}
@@ -543,17 +566,29 @@ def bench_depth(args, machine, prompts, dtype):
                     continue
                 # Bytes read per decoded token: all weights, plus the KV cache up to the
                 # token's position (positions depth .. depth+gen-1 attend to depth+1 .. depth+gen).
-                kv_read = (depth + (gen + 1) / 2) * xs[0]["kv_bytes_per_token"]
+                positions = depth + (gen + 1) / 2
+                kv_read = positions * xs[0]["kv_bytes_per_token"]
+                flops, fma = attention_flops(info, positions), machine["fma_peak_gflops"] * 1e9
                 row["kv_read_bytes"] = kv_read
+                row["attention_gflop"] = flops / 1e9
                 row["decode_tps"] = median([x["tps"] for x in xs])
                 row["bw_then_gbs"] = median([x["bw_gbs"] for x in xs])
                 row["predicted_tps"] = median([x["bw_gbs"] * 1e9 / (info["weight_bytes"] + kv_read) for x in xs])
                 row["ratio"] = median([x["tps"] * (info["weight_bytes"] + kv_read) / (x["bw_gbs"] * 1e9) for x in xs])
+                def compute_time(x):  # seconds per token, the compute-aware model
+                    bw = x["bw_gbs"] * 1e9
+                    return info["weight_bytes"] / bw + max(kv_read / bw, flops / fma)
+                row["compute_tps"] = median([1 / compute_time(x) for x in xs])
+                row["compute_ratio"] = median([x["tps"] * compute_time(x) for x in xs])
+                bw = row["bw_then_gbs"] * 1e9  # what bounds the attention, if it is 2 % of the token or more
+                cache_s, fma_s = kv_read / bw, flops / fma
+                row["limit"] = ("weights" if max(cache_s, fma_s) < 0.02 * (info["weight_bytes"] / bw)
+                                else "FMAs" if fma_s > cache_s else "cache bytes")
                 rows.append(row)
     checks = []
-    prompt_file, n = prompts.make(CHECK_DEPTH)
+    prompt_file, n = prompts.make(CHECK_DEPTH) if prompts else (None, 0)
     for kv, model in zip(kvs, models):
-        if kv == MLA:
+        if kv == MLA or not prompts:
             continue
         context = max(4096, n + gen)
         info = model_info(model, context)
@@ -634,6 +669,8 @@ def report(res):
              "| weights | decode tok/s | %% roofline | decode tok/s, harness | bw then GB/s | %% of bw then "
              "| prefill tok/s (%d-token prompt) | %% FMA peak | peak RSS MiB | RSS budget MiB | others |" % PREFILL_TOKENS,
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not res["weights"]:  # --mla-depth: the depth table alone
+        lines = lines[:3]
     for r in res["weights"]:
         if "decode_tps" not in r:
             lines.append("| %s | n/a | | | | | | | | | %s |" % (r["weights"], r.get("error", "")))
@@ -654,18 +691,20 @@ def report(res):
                   "%d tokens per measurement, medians of %d; the KV types of a model loaded together "
                   "and measured in turn)" % (d["weights"], r0.get("generated", 0), len(r0.get("samples", []))), "",
                   "| KV heads | KV type | depth | decode tok/s | bw then GB/s | KV read MiB/token | predicted tok/s "
-                  "| measured / predicted |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| measured / predicted | attention GFLOP/token | predicted, bytes + FMAs | measured / that | limit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             kv_type = r.get("kv_type", "f32")  # results files from before the KV types
             if "decode_tps" not in r:
-                lines.append("| %s | %s | %s | n/a | | | | %s |" % (kv_label(r["n_kv_heads"]), kv_type, r.get("depth", ""),
-                                                                   r.get("error", "")))
+                lines.append("| %s | %s | %s | n/a | | | | %s | | | | |" % (
+                    kv_label(r["n_kv_heads"]), kv_type, r.get("depth", ""), r.get("error", "")))
                 continue
             bold = r["depth"] == CHECK_DEPTH or (r["depth"] == max(x["depth"] for x in d["rows"]) and kv_type != "f32")
-            lines.append("| %s | %s | %d | %s | %.1f | %.1f | %.2f | %s |" % (
+            lines.append("| %s | %s | %d | %s | %.1f | %.1f | %.2f | %s | %s | %s | %s | %s |" % (
                 kv_label(r["n_kv_heads"]), kv_type, r["depth"], spread(r["samples"], "tps"), r["bw_then_gbs"],
-                r["kv_read_bytes"] / MIB, r["predicted_tps"], "**%.2f**" % r["ratio"] if bold else "%.2f" % r["ratio"]))
+                r["kv_read_bytes"] / MIB, r["predicted_tps"], "**%.2f**" % r["ratio"] if bold else "%.2f" % r["ratio"],
+                fmt(r.get("attention_gflop"), "%.2f"), fmt(r.get("compute_tps"), "%.2f"),
+                fmt(r.get("compute_ratio"), "%.2f"), r.get("limit", "")))
         if d.get("checks"):
             lines += ["", "Check with ./run (its own prefill of the prompt, then %d tokens):" % d["checks"][0]["generated"],
                       "", "| KV heads | depth | decode tok/s | prefill tok/s | peak RSS MiB | RSS budget MiB | others |",
@@ -690,7 +729,13 @@ def report(res):
               "decode tok/s x weight_bytes / the bandwidth measured in the same process just before and after "
               "(bench/decode_at_depth -b 1; neighbours on the host share the memory bus).",
               "- %% FMA peak = prefill tok/s x 2 x matmul params (%s) / FMA peak." % fmt(matmul_params, "%.4g"),
-              "- predicted = bandwidth then / (weight_bytes + KV bytes read per token).",
+              "- predicted = bandwidth then / (weight_bytes + KV bytes read per token) (the bytes model); "
+              "predicted, bytes + FMAs = 1 / (weight_bytes / bandwidth then + max(KV bytes read / bandwidth then, "
+              "attention flops / the FMA peak above)); limit: the larger attention term (weights: both under 2 % of the "
+              "weights' time; a q8_0 cache's MLA latent scores run on int8 dot products, which AVX-512 VNNI does 4 to an "
+              "f32 FMA's 1: counted as f32 FMAs here, so the model is pessimistic for them). MLA's "
+              "heads share one latent row, 1088 multiply-adds per (position, head): at depth its attention is "
+              "bound by the FMAs, not by the cache's bytes.",
               "- others = the most CPU other programs used during the runs a figure comes from (%% of all cores); "
               "(used/made): runs with others > %.0f %% are retried, and left out while quiet ones exist." %
               (100 * MAX_OTHERS),
@@ -714,6 +759,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 run each, depths 1 and 1024, 16 generated tokens")
     ap.add_argument("--threads", type=int, default=2, help="threads for ./run and the microbenchmarks (default 2)")
     ap.add_argument("--skip-depth", action="store_true", help="skip the decode-at-depth test")
+    ap.add_argument("--mla-depth", action="store_true",
+                    help="only the MLA depth table: MLA 512 + 64 against GQA-8 (q8_0 weights, depths 1, 1024, 4000, "
+                    "KV types f32,q8_0 unless --kv-types), with the bytes and the compute-aware models")
     ap.add_argument("--only", choices=WEIGHTS, help="benchmark only these weights")
     ap.add_argument("--depth-weights", choices=("both", "f32", "q8_0"), default="both",
                     help="weights of the depth-test models (default: both)")
@@ -743,6 +791,10 @@ def main():
     if not args.kv_types or any(t not in ("f32", "f16", "q8_0") for t in args.kv_types):
         ap.error("--kv-types: a comma-separated list of f32, f16, q8_0")
     args.depths = [1, CHECK_DEPTH] if args.quick else [1, 1024, CHECK_DEPTH, 4000]
+    if args.mla_depth:
+        args.depths = [1, 1024] if args.quick else [1, 1024, 4000]
+        if "--kv-types" not in " ".join(sys.argv):
+            args.kv_types = ["f32", "q8_0"]
     os.makedirs(args.cache, exist_ok=True)
     t0 = time.time()
 
@@ -766,21 +818,26 @@ def bench_all(args, t0):
     log("machine: %.1f GB/s, %.0f GFLOP/s %s" % (res["machine"]["bandwidth_gbs"], res["machine"]["fma_peak_gflops"],
                                                   res["machine"]["vector_unit"]))
 
-    dtypes = [args.only] if args.only else list(WEIGHTS)
-    first = ensure_model(args, dtypes[0])
-    if not first:
-        sys.exit("bench: cannot make the %s model" % dtypes[0])
-    prompts = Prompts(first, os.path.join(args.shared, "corpora", "prose.txt"), args.cache)
-    res["weights"] = [bench_weights(args, res["machine"], prompts, d) for d in dtypes]
+    if args.mla_depth:  # the depth table of MLA and GQA-8 alone (no ./run checks: no prompts)
+        res["weights"], res["tokenizer"] = [], None
+        res["depth"] = [bench_depth(args, res["machine"], None, "q8_0", kvs=(8, MLA))]
+    else:
+        dtypes = [args.only] if args.only else list(WEIGHTS)
+        first = ensure_model(args, dtypes[0])
+        if not first:
+            sys.exit("bench: cannot make the %s model" % dtypes[0])
+        prompts = Prompts(first, os.path.join(args.shared, "corpora", "prose.txt"), args.cache)
+        res["weights"] = [bench_weights(args, res["machine"], prompts, d) for d in dtypes]
 
-    if not args.skip_depth:
-        ok = [r["weights"] for r in res["weights"] if "decode_tps" in r]
-        dws = ["f32", "q8_0"] if args.depth_weights == "both" else [args.depth_weights]
-        res["depth"] = [bench_depth(args, res["machine"], prompts, dw) for dw in dws if dw in ok]
-    res["tokenizer"] = bench_tokenizer(args)
+        if not args.skip_depth:
+            ok = [r["weights"] for r in res["weights"] if "decode_tps" in r]
+            dws = ["f32", "q8_0"] if args.depth_weights == "both" else [args.depth_weights]
+            res["depth"] = [bench_depth(args, res["machine"], prompts, dw) for dw in dws if dw in ok]
+        res["tokenizer"] = bench_tokenizer(args)
     res["elapsed_s"] = time.time() - t0
 
-    path = os.path.join(args.cache, "results-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+    path = os.path.join(args.cache, "results-%s%s.json" % ("mla-" if args.mla_depth else "",
+                                                          time.strftime("%Y%m%d-%H%M%S")))
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(report(res))

@@ -788,6 +788,19 @@ def apply_kv_heads(c, blocks_of, K):
 #     attention output nearest the source's on calibration text). Then K_nope ~ L_K^-1 P_K c / a and V ~ L_V^-1 P_V c,
 #     so W_UK_h^T = P_K^T L_K^-1 N_h / a (N_h: query head h's mixed no-RoPE
 #     components) and W_UV_h = L_V,g^-1 (P_V's rows of head g = g(h)).
+#  4. With the cache's projections W_DKV and W_KR fixed, what reads them is
+#     refitted by ridge least squares on the calibration activations
+#     (closed form, refit_keys and refit_values): each head's W_UK_h and RoPE
+#     query (a map of its own query, so any mix of the mixed pairs' queries)
+#     to the source's scores, the error weighted by the source's attention
+#     (the second-order term of the KL divergence of the attention rows);
+#     then every W_UV_h, jointly through wo, to the source layer's attention
+#     output, with the converted layer's own attention weights. The idea of
+#     fitting low-rank factors to what the activations make of them rather
+#     than to the weights is ASVD's, SVD-LLM's and Palu's. (stories260K
+#     --mla 32: perplexity 15.75 -> 14.79 with W_UV refitted, 14.45 with the
+#     key side, 13.34 with both; with both, fewer RoPE numbers pay: see
+#     parse_mla.)
 # The query keeps wq as its no-RoPE part, and the engine's score scale
 # 1 / sqrt(head_dim + kv_rope_dim) is turned back into the source's
 # 1 / sqrt(head_dim) by the factor sqrt((head_dim + kv_rope_dim) / head_dim)
@@ -822,9 +835,12 @@ def parse_mla(spec, c, kv_heads, calib, rope_dim):
         return full // 2, full // 2, True
     if calib is None:
         raise ExportError(f"--mla {n} is lossy (full is {full}): it needs calibration text, --calib TEXT.txt")
-    if rope_dim is None:  # default: half of N (measured best on stories260K: --mla 32 with 8 / 12 / 16 / 20
-        # RoPE numbers, perplexity 31.3 / 18.1 / 18.5 / 29.9 before weighting the PCA; --mla 16: 4 / 8 -> 106 / 72)
-        rope_dim = max(2, min(c.n_kv_heads * c.head_dim, n // 2 // 2 * 2))
+    if rope_dim is None:  # default: 3/8 of N from the keys' width (n_kv_heads x head_dim) up, half below it.
+        # Measured on stories260K (keys 32 wide; perplexity on the held-out half of tinystories-valid, with
+        # the refits): --mla 48 with 12 / 18 / 24 RoPE numbers 9.96 / 9.46 / 9.96; --mla 32 with 8 / 10 / 12 /
+        # 14 / 16: 17.7 / 17.7 / 12.3 / 12.8 / 13.3; --mla 24 with 8 / 12: 24.8 / 21.0; --mla 16 with 6 / 8: 62.7 / 51.2
+        share = 3 / 8 if n >= c.n_kv_heads * c.head_dim else 1 / 2
+        rope_dim = max(2, min(c.n_kv_heads * c.head_dim, int(n * share / 2 + 0.5) * 2))
     if rope_dim % 2 or not 2 <= rope_dim < n or rope_dim > c.n_kv_heads * c.head_dim:
         raise ExportError(f"--mla-rope-dim {rope_dim} must be even, at least 2, less than N ({n}) and at most "
                           f"n_kv_heads x head_dim ({c.n_kv_heads * c.head_dim})")
@@ -948,33 +964,48 @@ def mla_layer_lossy(c, Wq, Wk, Wv, Wo, X, dc, dr, balance=1.0):
 
 MLA_BALANCES = (0.5, 1.0, 2.0)  # the keys' weights in the latent's PCA tried per layer
 MLA_CHECK_WINDOWS = 8           # calibration windows a layer's candidates are compared on
+MLA_KEY_WORK = 2e10             # multiply-adds per layer the key refit's weighted sums may take: queries subsampled
+                                # beyond (stories260K --mla 32: 2e9 -> 2e10, perplexity 13.05 -> 12.32)
+MLA_REFIT_MAX_UNKNOWNS = 4096   # a refit with more unknowns per system: keys kept, values by sweeps over the heads
+MLA_VALUE_SWEEPS = 12
+MLA_RIDGE = 1e-5                # the refits' ridge, relative to the normal matrix's mean diagonal (stories260K
+                                # --mla 32: 1e-2 / 1e-3 / 1e-5 -> perplexity 13.59 / 13.44 / 13.34)
+
+
+def rope_pairs_turn(x, pos, f):
+    """x (T, ..., 2 * len(f)) with pair j of row t turned by the angle pos[t] * f[j] (file convention)."""
+    ang = (pos[:, None] * f[None, :]).reshape((len(pos),) + (1,) * (x.ndim - 2) + (len(f),))
+    cos, sin = np.cos(ang), np.sin(ang)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    y = np.empty_like(x)
+    y[..., 0::2], y[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    return y
+
+
+def ridge_solve(G, b, u0, ridge):
+    """argmin_u u^T G u - 2 b^T u + ridge * mean(diag G) * |u - u0|^2."""
+    lam = ridge * max(float(np.mean(np.diag(G))), 1e-30)
+    return np.linalg.solve(G + lam * np.eye(len(G)), b + lam * u0)
 
 
 def calibrate_layers(c, weights, ids_list, convert):
     """{layer: MLA tensors} converted one layer after the other: layer l by
     convert(l, X), a list of candidate conversions of which the one whose
     attention output (through wo) is nearest the source layer's on the first
-    MLA_CHECK_WINDOWS windows is kept; X (tokens, dim) float64 the normed input of its attention
+    MLA_CHECK_WINDOWS windows is kept, then its key side and values are
+    refitted to the source layer (refit_keys, refit_values); X (tokens, dim) float64 the normed input of its attention
     over the token windows in ids_list, from a numpy forward pass in float32
     (file convention: RoPE on adjacent pairs) through the layers before it
     already converted, so that each layer is fitted to the inputs it will
     see (sequential calibration; stories260K on the first 100 KB of the
     held-out half of tinystories-valid: --mla 32 15.6 -> 15.5, --mla 16
     67.1 -> 61.5, against calibrating every layer on the source's inputs)."""
-    H, hd = c.n_heads, c.head_dim
+    H, hd, G = c.n_heads, c.head_dim, c.n_kv_heads
     freq = rope_frequencies(c).astype(np.float32)
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
 
     def rmsnorm(x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * w
-
-    def rope(x, pos, f):  # x (T, heads, 2 * len(f)): pair j turned by pos * f[j]
-        ang = pos[:, None] * f[None, :]
-        cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        y = np.empty_like(x)
-        y[..., 0::2], y[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
-        return y
 
     def softmax_causal(scores):
         T = scores.shape[-1]
@@ -982,28 +1013,42 @@ def calibrate_layers(c, weights, ids_list, convert):
         e = np.exp(scores - scores.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    def mla(t, h, pos):  # the converted layer's attention (absorbed), (T, H * hd)
+    def mla_parts(t, h, pos):  # the converted layer (absorbed): attention (H, T, T), latent (T, dc), rotated k_R (T, dr)
         T, dc, dr = len(h), t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
         f = freq[t["rope_pairs"]]
         kv = h @ t["wkv_a"].T
-        lat, kr = kv[:, :dc], rope(kv[:, None, dc:], pos, f)[:, 0]
-        q_lat = np.einsum("hcd,thd->thc", t["wk_b"].reshape(H, dc, hd), (h @ t["wq"].T).reshape(T, H, hd))
-        q_r = rope((h @ t["wq_rope"].T).reshape(T, H, dr), pos, f)
-        att = softmax_causal((np.einsum("thc,sc->hts", q_lat, lat) + np.einsum("thr,sr->hts", q_r, kr))
-                             / np.float32(np.sqrt(hd + dr)))
-        return np.einsum("hdc,thc->thd", t["wv_b"].reshape(H, hd, dc), np.einsum("hts,sc->thc", att, lat)).reshape(T, -1)
+        lat, kr = kv[:, :dc], rope_pairs_turn(kv[:, dc:], pos, f)
+        q = (h @ t["wq"].T).reshape(T, H, 1, hd)
+        q_lat = (q @ t["wk_b"].reshape(H, dc, hd).transpose(0, 2, 1))[:, :, 0].transpose(1, 0, 2)  # (H, T, dc)
+        q_r = rope_pairs_turn((h @ t["wq_rope"].T).reshape(T, H, dr), pos, f).transpose(1, 0, 2)  # (H, T, dr)
+        att = softmax_causal((q_lat @ lat.T + q_r @ kr.T) / np.float32(np.sqrt(hd + dr)))
+        return att, lat, kr
 
-    def gqa(p, h, pos):  # the source layer's attention, (T, H * hd)
-        T, G = len(h), c.n_kv_heads
-        q = rope((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
-        k = np.repeat(rope((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
+    def mla(t, h, pos):  # the converted layer's attention output (T, H * hd)
+        att, lat, _ = mla_parts(t, h, pos)
+        dc = lat.shape[1]
+        return ((att @ lat) @ t["wv_b"].reshape(H, hd, dc).transpose(0, 2, 1)).transpose(1, 0, 2).reshape(len(h), -1)
+
+    def gqa_parts(p, h, pos):  # the source layer: logits (H, T, T), attention (H, T, T), output (T, H, hd)
+        T = len(h)
+        q = rope_pairs_turn((h @ weights[p + "wq"].T).reshape(T, H, hd), pos, freq)
+        k = np.repeat(rope_pairs_turn((h @ weights[p + "wk"].T).reshape(T, G, hd), pos, freq), H // G, axis=1)
         v = np.repeat((h @ weights[p + "wv"].T).reshape(T, G, hd), H // G, axis=1)
-        att = softmax_causal(np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)))
-        return np.einsum("hts,shd->thd", att, v).reshape(T, -1)
+        s = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0) / np.float32(np.sqrt(hd))
+        att = softmax_causal(s)
+        return s, att, (att @ v.transpose(1, 0, 2)).transpose(1, 0, 2)
+
+    def gqa(p, h, pos):
+        return gqa_parts(p, h, pos)[2].reshape(len(h), -1)
 
     f32 = lambda t: {k: (v if v.dtype.kind == "i" else v.astype(np.float32)) for k, v in t.items()}
     xs = [weights["token_embedding"][ids] for ids in ids_list]
     out = {}
+
+    def ffn(p, x):
+        g = rmsnorm(x, weights[p + "ffn_norm"])
+        a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
+        return x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
     for l in range(c.n_layers):
         p = f"layers.{l}."
         hs = [rmsnorm(x, weights[p + "attn_norm"]) for x in xs]
@@ -1014,14 +1059,111 @@ def calibrate_layers(c, weights, ids_list, convert):
             err = [sum(float(np.sum(((mla(f32(t), h, pos) - w) @ weights[p + "wo"].T) ** 2))
                        for (h, pos), w in zip(check, want)) for t in candidates]
             candidates = [candidates[int(np.argmin(err))]]
-        out[l] = candidates[0]
+        t = candidates[0]
+        t = refit_keys(c, t, weights[p + "wq"], hs, freq, lambda h, pos: gqa_parts(p, h, pos)[:2])
+        t = refit_values(c, t, weights[p + "wo"], hs, lambda h, pos: mla_parts(f32(t), h, pos),
+                         lambda i, h, pos: gqa(p, h, pos) @ weights[p + "wo"].T)
+        out[l] = t
         t = f32(out[l])
         for i, h in enumerate(hs):
-            x = xs[i] + mla(t, h, np.arange(len(h), dtype=np.float32)) @ weights[p + "wo"].T
-            g = rmsnorm(x, weights[p + "ffn_norm"])
-            a, u = g @ weights[p + "w1"].T, g @ weights[p + "w3"].T
-            xs[i] = x + (a / (1 + np.exp(-a)) * u) @ weights[p + "w2"].T
+            pos = np.arange(len(h), dtype=np.float32)
+            xs[i] = ffn(p, xs[i] + mla(t, h, pos) @ weights[p + "wo"].T)
     return out
+
+
+def refit_keys(c, t, Wq, hs, freq, source):
+    """t with each head's key side refitted: head h's score of position p from
+    query t is q_t^T B_h z_tp / sqrt(head_dim + dr), q_t = wq_h x_t (no RoPE),
+    z_tp = [c_p; R(p - t) k_R,p]: B_h's first dc columns are W_UK_h (wk_b),
+    the others map q_t to the RoPE query (wq_rope_h = B_h,R^T wq_h). B_h
+    minimizes, by ridge least squares, the source's attention-weighted
+    variance of the score error, sum_t sum_p a*_tp (e_tp - mean_p' a*_tp' e_tp')^2,
+    the second-order term of KL(a*_t || a_t) (what the softmax sees of the
+    scores; the idea of fitting to activations, not weights, as ASVD / SVD-LLM)."""
+    H, hd = c.n_heads, c.head_dim
+    dc, dr = t["wk_b"].shape[0] // H, t["wq_rope"].shape[0] // H
+    Z, sig = dc + dr, np.sqrt(hd + dr)
+    if hd * Z > MLA_REFIT_MAX_UNKNOWNS:
+        return t
+    f = freq[t["rope_pairs"]].astype(np.float64)
+    work = H * sum(len(h) ** 2 for h in hs) * Z * Z          # multiply-adds of the weighted sums over all queries
+    stride = max(1, int(np.ceil(work / MLA_KEY_WORK)))
+    Gm = np.zeros((H, hd * hd, Z * Z))
+    bv = np.zeros((H, hd, Z))
+    for w, h in enumerate(hs):
+        T = len(h)
+        pos = np.arange(T, dtype=np.float64)
+        rows = np.arange(w % stride, T, stride)                             # the queries t fitted on
+        s_star, a_star = source(h, pos.astype(np.float32))
+        a = a_star[:, rows]                                                 # (H, R, T)
+        s = np.where(a > 0, s_star[:, rows], 0)
+        h = h.astype(np.float64)
+        kv = h @ t["wkv_a"].T
+        zt = np.concatenate([kv[:, :dc], rope_pairs_turn(kv[:, dc:], pos, f)], axis=1)   # (T, Z): [c_p; R(p) k_R,p]
+        zz = (zt[:, :, None] * zt[:, None, :]).reshape(T, Z * Z).astype(np.float32)
+        R, z32 = len(rows), zt.astype(np.float32)
+        zbar = a @ z32                                                      # (H, R, Z)
+        S = (a.reshape(H * R, T) @ zz).reshape(H, R, Z, Z)                  # sum_p a_tp zt_p zt_p^T
+        S -= zbar[..., :, None] * zbar[..., None, :]
+        r = (a * (s - np.sum(a * s, -1, keepdims=True))) @ z32              # (H, R, Z)
+        # z_tp = D_t zt_p, D_t = diag(I, R(-t)): turn S's columns, then its rows (S^T's columns), and r
+        ang = -pos[rows, None] * f[None, :]
+        cos, sin = np.cos(ang).astype(np.float32)[:, None], np.sin(ang).astype(np.float32)[:, None]
+        for x in (S, S.transpose(0, 1, 3, 2), r[:, :, None]):
+            x0, x1 = x[..., dc::2].copy(), x[..., dc + 1::2].copy()
+            x[..., dc::2], x[..., dc + 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        q = (h[rows] @ Wq.T).reshape(R, H, hd).transpose(1, 0, 2).astype(np.float32)   # (H, R, hd)
+        qq = (q[..., :, None] * q[..., None, :]).reshape(H, R, hd * hd)
+        Gm += qq.transpose(0, 2, 1) @ S.reshape(H, R, Z * Z) / sig ** 2
+        bv += q.transpose(0, 2, 1) @ r / sig
+    wk_b = t["wk_b"].reshape(H, dc, hd).copy()
+    wq_rope = t["wq_rope"].reshape(H, dr, -1).copy()
+    for k in range(H):
+        Wq_h = Wq[k * hd:(k + 1) * hd]
+        B0 = np.concatenate([wk_b[k].T, (wq_rope[k] @ np.linalg.pinv(Wq_h)).T], axis=1)   # (hd, Z)
+        Gk = Gm[k].reshape(hd, hd, Z, Z).transpose(0, 2, 1, 3).reshape(hd * Z, hd * Z)
+        B = ridge_solve(Gk, bv[k].reshape(-1), B0.reshape(-1), MLA_RIDGE).reshape(hd, Z)
+        wk_b[k], wq_rope[k] = B[:, :dc].T, B[:, dc:].T @ Wq_h
+    return dict(t, wk_b=wk_b.reshape(H * dc, hd), wq_rope=wq_rope.reshape(H * dr, -1))
+
+
+def refit_values(c, t, Wo, hs, model, target):
+    """t with the value up-projections W_UV_h (wv_b) refitted by ridge least
+    squares so that the layer's attention output through wo, sum_h wo_h W_UV_h
+    (sum_p a_tp c_p), is nearest the source's on calibration text, with the
+    converted layer's own attention a (the attention-weighted value
+    statistics, and the heads' outputs fitted jointly: output-aware, as
+    SVD-LLM / Palu)."""
+    H, hd = c.n_heads, c.head_dim
+    dc = t["wk_b"].shape[0] // H
+    Wo = Wo.astype(np.float64)
+    n = H * dc
+    OO, OY = np.zeros((n, n)), np.zeros((n, Wo.shape[0]))
+    for i, h in enumerate(hs):
+        pos = np.arange(len(h), dtype=np.float32)
+        att, lat, _ = model(h, pos)
+        ob = (att @ lat).transpose(1, 0, 2).reshape(len(h), n).astype(np.float64)
+        y = target(i, h, pos).astype(np.float64)                                           # (T, dim)
+        OO += ob.T @ ob
+        OY += ob.T @ y
+    WoWo = (Wo.T @ Wo).reshape(H, hd, H, hd)                                               # (H hd, H hd)
+    if H * hd * dc > MLA_REFIT_MAX_UNKNOWNS:  # too many for one system: sweeps over the heads, each solved given the others
+        W = t["wv_b"].reshape(H, hd, dc).astype(np.float64)
+        OO4 = OO.reshape(H, dc, H, dc)
+        for _ in range(MLA_VALUE_SWEEPS):
+            for h in range(H):
+                M = Wo[:, h * hd:(h + 1) * hd].T @ OY[h * dc:(h + 1) * dc].T - sum(
+                    WoWo[h, :, k] @ W[k] @ OO4[k, :, h] for k in range(H) if k != h)
+                L, R = WoWo[h, :, h], OO4[h, :, h]
+                L = L + MLA_RIDGE * np.mean(np.diag(L)) * np.eye(hd)
+                R = R + MLA_RIDGE * max(np.mean(np.diag(R)), 1e-30) * np.eye(dc)
+                W[h] = np.linalg.solve(L, np.linalg.solve(R, M.T).T)
+        return dict(t, wv_b=W.reshape(H * hd, dc))
+    # unknown u[(h, i, a)] = W_UV_h[i, a]; normal matrix (wo_h^T wo_h')[i, j] OO[(h, a), (h', b)]
+    Gm = np.einsum("hiHj,haHb->hiaHjb", WoWo, OO.reshape(H, dc, H, dc)).reshape(H * hd * dc, -1)
+    b = np.einsum("dhi,had->hia", Wo.reshape(-1, H, hd), OY.reshape(H, dc, -1))  # sum_t (wo_h^T y_t)_i ob_h,a
+    u = ridge_solve(Gm, b.reshape(-1), t["wv_b"].reshape(H, hd, dc).reshape(-1), MLA_RIDGE)
+    return dict(t, wv_b=u.reshape(H * hd, dc))
 
 
 def calibration_ids(c, source_blocks_of, section, calib_path):
@@ -1751,7 +1893,8 @@ def parse_args(argv):
                          "'full' (2 x n_kv_heads x head_dim) is exact, a smaller N needs --calib")
     ap.add_argument("--calib", metavar="TEXT.txt", help="calibration text for a lossy --mla N")
     ap.add_argument("--mla-rope-dim", type=int, metavar="R",
-                    help="of the N numbers, R form the shared RoPE key (even; default N/2)")
+                    help="of the N numbers, R form the shared RoPE key (even; default 3N/8 if N >= n_kv_heads x "
+                         "head_dim, else N/2)")
     r = ap.add_argument_group("--random options (default: the 'tiny' preset)")
     r.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for flag, typ in [("dim", int), ("hidden-dim", int), ("n-layers", int), ("n-heads", int),

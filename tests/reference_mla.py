@@ -34,10 +34,12 @@ forward(..., q8_0_activations=True) rounds the input of every product to
 q8_0 first, as int8 kernels meeting q8_0 weights do; the products with W_UK
 and W_UV then have to be the absorbed ones (section 2.1.2: "W_UK can be
 absorbed into W_Q, and W_UV into W_O"), whose inputs are what gets rounded:
-head i's query q_C,i and its weighted sum of latents -- but only for W_UK^T
-(rows of head_dim values) or W_UV (rows of kv_latent_dim) rows of at least
-512 values: the engine dequantizes shorter q8_0 rows at load (run.c,
-dequantize_short_rows), and those products take f32 inputs.
+head i's weighted sum of latents, when W_UV's rows (kv_latent_dim values)
+are at least 512 long: the engine dequantizes shorter q8_0 rows at load
+(run.c, dequantize_short_rows), and those products take f32 inputs. The
+product with W_UK^T (rows of head_dim values) always takes f32 inputs: the
+engine keeps that matrix as its columns (run.c, make_columns) and weighs
+them by the query's f32 numbers.
 """
 import math
 import os
@@ -72,8 +74,11 @@ def rope_adjacent(x, freq, positions):
     return out
 
 
-def mla_attention(h, W, p, x, freq):
-    """DeepSeek-V2 MLA of the normed input x (T, dim) -> (T, dim), layer prefix p."""
+def mla_attention(h, W, p, x, freq, kv_cache=None):
+    """DeepSeek-V2 MLA of the normed input x (T, dim) -> (T, dim), layer prefix p. kv_cache (None/"f32",
+    "f16", "q8_0"): what a KV cache of that element type keeps of the cached c and k_R (each a row of its
+    own: q8_0 groups of 32 along it); with q8_0 and whole groups of c, the scores against c take the
+    absorbed query rounded to q8_0."""
     T = x.shape[0]
     H, hd, dc, dr = h["n_heads"], h["head_dim"], h["kv_latent_dim"], h["kv_rope_dim"]
     W_DKV, W_KR = W[p + "wkv_a"][:dc], W[p + "wkv_a"][dc:]
@@ -81,15 +86,21 @@ def mla_attention(h, W, p, x, freq):
     W_UV = W[p + "wv_b"].reshape(H, hd, dc)                      # (H, hd, dc): v_C,i = W_UV,i c
     rope_freq = freq[W[p + "rope_pairs"]]                        # (dr / 2) the frequency of each pair of k_R
     pos = np.arange(T)
-    c = x @ W_DKV.T                                              # (T, dc)      (9)
+    c = reference.round_kv_cache(x @ W_DKV.T, kv_cache)         # (T, dc)      (9)
     k_C = np.einsum("hdc,tc->htd", W_UK, c)                      # (H, T, hd)   (10)
     v_C = np.einsum("hdc,tc->htd", W_UV, c)                      # (H, T, hd)   (11)
     q_C = (x @ W[p + "wq"].T).reshape(T, H, hd).transpose(1, 0, 2)                      # (12)
     q_R = rope_adjacent((x @ W[p + "wq_rope"].T).reshape(T, H, dr).transpose(1, 0, 2), rope_freq, pos)  # (15)
-    k_R = rope_adjacent(x @ W_KR.T, rope_freq, pos)              # (T, dr), shared by the heads   (16)
+    k_R = reference.round_kv_cache(rope_adjacent(x @ W_KR.T, rope_freq, pos), kv_cache)  # (T, dr), shared   (16)
     q = np.concatenate([q_C, q_R], axis=-1)                      # (H, T, hd + dr)   (17)
     k = np.concatenate([k_C, np.broadcast_to(k_R, (H, T, dr))], axis=-1)                  # (18)
-    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd + dr)
+    scores = q @ k.transpose(0, 2, 1)
+    if kv_cache == "q8_0" and dc % 32 == 0:
+        # int8 kernels meet an int8 cache with the query in its absorbed form (section 2.1.2), W_UK,i^T q_C,i,
+        # rounded to q8_0 as matmul activations are: q_C,i . k_C,j = (W_UK,i^T q_C,i) . c_j
+        q_lat = reference.round_to_q8_0(np.einsum("hdc,htd->htc", W_UK, q_C))                # (H, T, dc)
+        scores = q_lat @ c.T + q_R @ k_R.T
+    scores = scores / math.sqrt(hd + dr)
     scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
@@ -106,7 +117,7 @@ def mla_attention_absorbed_q8(h, W, p, x, freq):
     kv = lin(x, W[p + "wkv_a"])
     c, k_R = kv[:, :dc], rope_adjacent(kv[:, dc:], rope_freq, pos)
     int8 = lambda cols: (lambda v: reference.round_to_q8_0(v)) if cols >= 512 else (lambda v: v)
-    q_C = int8(hd)(lin(x, W[p + "wq"])).reshape(T, H, hd)
+    q_C = lin(x, W[p + "wq"]).reshape(T, H, hd)
     q_lat = np.einsum("hcd,thd->htc", W[p + "wk_b"].reshape(H, dc, hd), q_C)            # W_UK,i^T q_C,i
     q_R = rope_adjacent(lin(x, W[p + "wq_rope"]).reshape(T, H, dr).transpose(1, 0, 2), rope_freq, pos)
     scores = (q_lat @ c.T + q_R @ k_R.T) / math.sqrt(hd + dr)
@@ -118,16 +129,18 @@ def mla_attention_absorbed_q8(h, W, p, x, freq):
     return lin(o, W[p + "wo"])
 
 
-def forward(h, W, ids, q8_0_activations=False):
-    """Logits (len(ids), vocab_size) of an MLA file's model for ids at positions 0, 1, ..."""
+def forward(h, W, ids, q8_0_activations=False, kv_cache=None):
+    """Logits (len(ids), vocab_size) of an MLA file's model for ids at positions 0, 1, ...; kv_cache: the
+    element type of the cache (mla_attention)."""
     W = {k: (v if v.dtype.kind == "i" else v.astype(np.float64)) for k, v in W.items()
          if not k.endswith((".q", ".scale"))}
     eps, freq = h["norm_eps"], head_frequencies(h)
     x = W["token_embedding"][np.asarray(ids)]
     for l in range(h["n_layers"]):
         p = f"layers.{l}."
-        attention = mla_attention_absorbed_q8 if q8_0_activations else mla_attention
-        x = x + attention(h, W, p, reference.rms_norm(x, W[p + "attn_norm"], eps), freq)
+        normed = reference.rms_norm(x, W[p + "attn_norm"], eps)
+        x = x + (mla_attention_absorbed_q8(h, W, p, normed, freq) if q8_0_activations
+                 else mla_attention(h, W, p, normed, freq, kv_cache))
         g = reference.rms_norm(x, W[p + "ffn_norm"], eps)
         lin = lambda v, w: reference.linear(v, w, q8_0_activations)
         x = x + lin(reference.silu(lin(g, W[p + "w1"])) * lin(g, W[p + "w3"]), W[p + "w2"])  # SwiGLU

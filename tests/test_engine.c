@@ -241,6 +241,116 @@ static void test_row_scores(void) {
     check(same, "row_scores_heads_together_equal_heads_one_by_one", "a result differs");
 }
 
+// MLA's W_UK^T kept column by column (make_columns, column_matvec): for
+// f32, q8_0 and q4_0 matrices of several heads, short and odd shapes, each
+// head's W_h x against the scalar reference and against dot products in
+// double of x with the rows as the file holds them (matrix_slice).
+static void test_column_matvec(void) {
+    enum { HEADS = 3, MAX_R = 520, MAX_C = 72 };
+    uint64_t rng = 23;
+    static float w[HEADS * MAX_R * MAX_C], x[HEADS * MAX_C], got[HEADS * MAX_R], ref[HEADS * MAX_R], row[MAX_C];
+    static uint8_t wq[HEADS * MAX_R * (MAX_C / Q8_GROUP + 1) * (Q8_GROUP + 2)]; // q8_0 rows of up to MAX_C
+    const int shapes[][2] = {{512, 64}, {520, 72}, {40, 8}, {7, 33}, {16, 48}, {130, 1}};
+    const int dtypes[] = {DTYPE_F32, DTYPE_Q8_0, DTYPE_Q4_0};
+    float worst_ref = 0, worst_exact = 0;
+    for (int k = 0; k < (int)(sizeof shapes / sizeof shapes[0]); k++)
+        for (int d = 0; d < 3; d++) {
+            const int R = shapes[k][0], C = shapes[k][1];
+            for (int i = 0; i < HEADS * R * C; i++) w[i] = frand(&rng);
+            for (int i = 0; i < HEADS * C; i++) x[i] = frand(&rng);
+            Matrix mw = {.f = w, .dtype = dtypes[d], .rows = HEADS * R, .cols = C};
+            if (dtypes[d] != DTYPE_F32) {
+                mw.f = NULL, mw.q = wq;
+                for (int r = 0; r < HEADS * R; r++)
+                    (dtypes[d] == DTYPE_Q8_0 ? quantize_q8_row : quantize_q4_row)(wq + r * row_bytes(&mw), w + r * C, C);
+            }
+            Transformer m;
+            memset(&m, 0, sizeof m);
+            Columns cw = make_columns(&m, &mw, HEADS);
+            for (int h = 0; h < HEADS; h++) {
+                size_t at = (size_t)h * C * cw.stride;
+                const float *f = cw.f ? cw.f + at : NULL;
+                const int8_t *q = cw.q ? cw.q + at : NULL;
+                const uint16_t *sc = cw.q ? cw.scale + (size_t)h * n_groups(C) * cw.stride : NULL;
+                column_matvec(got + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                column_matvec_scalar(ref + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                for (int r = 0; r < R; r++) {
+                    matrix_slice(&mw, h * R + r, 0, C, row);
+                    double exact = 0, mag = 0;
+                    for (int i = 0; i < C; i++) exact += (double)row[i] * x[h * C + i], mag += fabs((double)row[i] * x[h * C + i]);
+                    mag = mag > 0 ? mag : 1;
+                    worst_ref = fmaxf(worst_ref, (float)(fabs(got[h * R + r] - ref[h * R + r]) / mag));
+                    worst_exact = fmaxf(worst_exact, (float)(fabs(got[h * R + r] - exact) / mag));
+                }
+            }
+            for (int i = 0; i < m.n_owned; i++) free(m.owned[i]);
+            free(m.owned);
+        }
+    check(worst_ref < 1e-6f, "column_matvec_matches_scalar_reference", "worst relative error %g", worst_ref);
+    check(worst_exact < 1e-6f, "column_matvec_matches_the_files_rows_in_double", "worst relative error %g", worst_exact);
+}
+
+// MLA's latent rows in a q8_0 cache (kv_store_q8_row): the numbers kv_store
+// keeps, bit for bit; read back as float32 in their stored order
+// (kv_q8_rows_to_f32, kv_q8_rows_order); scored against quantized query
+// heads (q8_row_scores: VNNI tiles and dot_q8) as the scalar reference does
+// and within rounding of double dot products of the same numbers.
+static void test_q8_rows(void) {
+    enum { MAX_W = 2080, N = 13, H = 7 };
+    uint64_t rng = 29;
+    static float x[N * MAX_W], conv[N * MAX_W], qf[H * MAX_W], att[H * N], ref[H * N], init[H * N];
+    static uint8_t rows[N * (MAX_W + MAX_W / 16)], plain[MAX_W + MAX_W / 16];
+    static int8_t xq[H * MAX_W];
+    static float xs[H * MAX_W / Q8_GROUP];
+    static int32_t sum[H * MAX_W / Q8_GROUP];
+    static int order[MAX_W];
+    const int widths[] = {32, 96, 512, 544, 1024, MAX_W};
+    int same_numbers = 1, same_f32 = 1, untouched = 1;
+    float worst_ref = 0, worst_exact = 0;
+    for (int k = 0; k < (int)(sizeof widths / sizeof widths[0]); k++) {
+        const int w = widths[k];
+        const size_t rb = kv_row_bytes(KV_Q8_0, w);
+        for (int i = 0; i < N * w; i++) x[i] = frand(&rng) * (i % 41 == 0 ? 6 : 1);
+        for (int i = 0; i < H * w; i++) qf[i] = frand(&rng);
+        for (int r = 0; r < N; r++) {
+            kv_store_q8_row(rows + r * rb, x + r * w, w);
+            kv_store(plain, 1, 0, x + r * w, w, KV_Q8_0);
+            for (int d = 0; d < w; d++) same_numbers &= kv_q8_row_number(rows + r * rb, d, w) == kv_number(plain, 1, 0, d, w, KV_Q8_0);
+        }
+        kv_q8_rows_order(order, w);
+        kv_q8_rows_to_f32(conv, rows, N, w);
+        for (int r = 0; r < N; r++)
+            for (int d = 0; d < w; d++) same_f32 &= conv[r * w + order[d]] == kv_q8_row_number(rows + r * rb, d, w);
+        for (int h = 0; h < H; h++)
+            quantize_q8(xq + h * padded_len(w), xs + h * n_groups(w), sum + h * n_groups(w), qf + h * w, w);
+        for (int nh = 1; nh <= H; nh += 2)
+            for (int n = 1; n <= N; n += 4) {
+                for (int i = 0; i < H * N; i++) init[i] = att[i] = ref[i] = frand(&rng);
+                q8_row_scores(att, N, xq, xs, sum, rows, n, w, 0.5f, nh);
+                q8_row_scores_scalar(ref, N, xq, xs, rows, n, w, 0.5f, nh);
+                for (int h = 0; h < nh; h++)
+                    for (int p = 0; p < n; p++) {
+                        double exact = 0, mag = 0; // the query's numbers (int8 x scale) . the cache's, in double
+                        for (int d = 0; d < w; d++) {
+                            double qd = xq[h * padded_len(w) + order[d]] * (double)xs[h * n_groups(w) + d / Q8_GROUP];
+                            double cd = kv_q8_row_number(rows + p * rb, d, w);
+                            exact += qd * cd, mag += fabs(qd * cd);
+                        }
+                        mag = 0.5 * mag + fabs(init[h * N + p]);
+                        worst_ref = fmaxf(worst_ref, (float)(fabs(att[h * N + p] - ref[h * N + p]) / mag));
+                        worst_exact = fmaxf(worst_exact, (float)(fabs(att[h * N + p] - (init[h * N + p] + 0.5 * exact)) / mag));
+                    }
+                for (int i = 0; i < H * N; i++) // positions and heads past n and nh untouched
+                    untouched &= (i / N < nh && i % N < n) || att[i] == init[i];
+            }
+    }
+    check(same_numbers, "kv_q8_rows_keep_kv_stores_numbers", "a number differs");
+    check(same_f32, "kv_q8_rows_to_f32_gives_every_number_in_its_stored_order", "a number differs");
+    check(worst_ref < 1e-6f, "q8_row_scores_match_scalar_reference", "worst relative error %g", worst_ref);
+    check(worst_exact < 1e-6f, "q8_row_scores_match_double_dot_products", "worst relative error %g", worst_exact);
+    check(untouched, "q8_row_scores_leave_other_heads_and_positions_alone", "a score outside changed");
+}
+
 static void test_split_range_partitions_rows(void) {
     int ok = 1;
     for (int n = 0; n < 200 && ok; n += 7)
@@ -692,6 +802,8 @@ int main(void) {
     test_vexp_and_softmax();
     test_attention_kernels();
     test_row_scores();
+    test_column_matvec();
+    test_q8_rows();
     test_kv_store_rounding();
     test_split_range_partitions_rows();
     test_matmul_paths();

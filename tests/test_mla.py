@@ -16,6 +16,11 @@ conversion of GQA/MHA checkpoints into it.
            1e-5 relative, logits within 1e-4 of reference.py's source model;
   lossy    --mla N --calib TEXT: the file matches reference_mla, caches N
            numbers, and is a different model from the source;
+  kv       --kv-type f32 / f16 / q8_0: logits within 1e-4 of the reference
+           whose cached c and k_R are rounded as the cache keeps them (or
+           nearer it than half their distance from the exact one: a number
+           within float32 rounding of a rounding boundary may round the
+           other way), and the same logits at 1, 2 and 3 threads;
   info     attention: mla, kv_latent_dim, kv_rope_dim, kv_bytes_per_token =
            n_layers x (kv_latent_dim + kv_rope_dim) x 4;
   refuse   ./run MLA --kv-heads K; export.py --mla with --kv-heads, N above
@@ -90,8 +95,33 @@ def engine_matches_reference(name, flags):
             or h["kv_rope_dim"] == 2, "the reference does not depend on rope_pairs")
 
 
+def kv_types_match_reference(latent):
+    """--kv-type f16 / q8_0 on an MLA model: the logits against the reference whose cached c and k_R are
+    rounded as that cache keeps them; and the same logits at 1, 2 and 3 threads (-T 1 == -T 2)."""
+    model = export_ok(path(f"kv_{latent}.bin"), "--random", "--seed", 11, "--dim", 64, "--n-heads", 4,
+                      "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 32)
+    h, W = read_tensors(model)
+    ids = random_ids(h, 40, 6)
+    exact = reference_mla.forward(h, W, ids)
+    for kind in ("f32", "f16", "q8_0"):
+        ref = reference_mla.forward(h, W, ids, kv_cache=kind)
+        runs = {(block, threads): engine_logits(model, ids, "-B", block, "-T", threads, "-k", kind)
+                for block, threads in [(1, 1), (1, 2), (1, 3), (20, 2)]}
+        for (block, threads), got in runs.items():
+            err, from_exact = rel_err(got, ref), rel_err(got, exact)
+            note(f"kv {kind} latent {latent} B={block} T={threads}", err)
+            # (as test_reference.py: a cached number whose float32 value lies within rounding error of a
+            # q8_0 / f16 rounding boundary may round the other way than the float64 reference's)
+            T.check(f"mla_latent{latent}_kv_{kind}_B{block}_T{threads}_logits_match_reference_with_{kind}_cache",
+                    err <= TOL or err <= from_exact / 2,
+                    f"relative error {err:.3g}; from the exact reference {from_exact:.3g}")
+        T.check(f"mla_latent{latent}_kv_{kind}_logits_equal_at_1_2_and_3_threads",
+                all(np.array_equal(runs[(1, 1)], runs[(1, t)]) for t in (2, 3)), "a thread count changes the logits")
+
+
 def q8_0_matches_reference(latent):
-    """latent 512: W_UV's rows are int8 (512 values), W_UK^T's (head_dim 32) dequantized at load; latent 64: both."""
+    """latent 512: W_UV's rows are int8 (512 values); latent 64: dequantized at load; W_UK^T (head_dim 32) is
+    read as its columns (f32 queries times its int8 values and scales)."""
     model = export_ok(path(f"q8_{latent}.bin"), "--random", "--seed", 9, "--dim", 64, "--n-heads", 2,
                       "--head-dim", 32, "--kv-latent-dim", latent, "--kv-rope-dim", 8, "--untied", "--dtype", "q8_0")
     h, W = read_tensors(model)
@@ -186,7 +216,7 @@ def full_is_exact_gguf():
 
 def lossy_matches_reference():
     calib = write_text(TMP, "calib", TEXT * 3)
-    flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4]
+    flags = ["--random", "--seed", 3, "--n-heads", 8, "--n-kv-heads", 4, "--max-seq-len", 64]  # short windows: the refits' cost ~ T^2
     src = export_ok(path("lossy_src.bin"), *flags)
     hs = read_header(src)
     for N, rope in [(48, None), (20, 4), (9, 2)]:
@@ -206,6 +236,127 @@ def lossy_matches_reference():
     ids = random_ids(hs, 20, 1)
     err = rel_err(engine_logits(model, ids), engine_logits(src, ids))
     T.check("mla_n_equal_to_full_is_the_exact_conversion", err <= 1e-5, f"relative error {err:.3g}")
+    # the calibrated path at full size (every key pair keeps RoPE, the latent holds every value): exact
+    # too, through the PCA and both least-squares refits
+    small = ["--random", "--seed", 4, "--dim", 32, "--n-heads", 4, "--n-kv-heads", 2, "--max-seq-len", 64]
+    src = export_ok(path("lossy_small_src.bin"), *small)
+    model = export_ok(path("lossy_full_rank.bin"), *small, "--mla", 32, "--mla-rope-dim", 16, "--calib", calib)
+    err = rel_err(engine_logits(model, ids), engine_logits(src, ids))
+    note("calibrated --mla full: engine vs source", err)
+    T.check("mla_calibrated_conversion_at_full_rank_is_exact", err <= 1e-4, f"relative error {err:.3g}")
+
+
+# ----------------------------------------------------------------------------
+# The lossy conversion's least-squares refits (export.refit_keys, refit_values)
+
+def mla_logits(H, hd, dc, dr, t, x, freq):
+    """Scores (H, T, T) of MLA tensors t on normed input x, explicit form
+    (reference_mla's equations 9-18), -inf above the diagonal."""
+    T = len(x)
+    pos = np.arange(T)
+    c = x @ t["wkv_a"][:dc].T
+    k_R = reference_mla.rope_adjacent(x @ t["wkv_a"][dc:].T, freq, pos)
+    k_C = np.einsum("hcd,tc->htd", t["wk_b"].reshape(H, dc, hd), c)
+    q_C = (x @ t["wq"].T).reshape(T, H, hd).transpose(1, 0, 2)
+    q_R = reference_mla.rope_adjacent((x @ t["wq_rope"].T).reshape(T, H, dr).transpose(1, 0, 2), freq, pos)
+    s = (q_C @ k_C.transpose(0, 2, 1) + q_R @ k_R.T) / np.sqrt(hd + dr)
+    return np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
+
+
+def softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def refits_fit_planted_models_and_lower_their_objectives():
+    """refit_keys minimizes sum_t sum_p a*_tp (e_tp - sum_p' a*_tp' e_tp')^2
+    over W_UK and the RoPE query (e: score error against the source, a*:
+    the source's attention); refit_values minimizes |sum_h wo_h W_UV_h o_h -
+    y*|^2 over W_UV (o_h: the layer's own attention over the latents, y*:
+    the source's output). A source that is itself an MLA layer of the
+    reachable form (other W_UK, W_UV, RoPE query = A_h^T wq_h) is recovered
+    to rounding; a GQA source's objectives drop."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "export"))
+    import export as ex
+    ex.need_numpy("test")
+    rng = np.random.default_rng(11)
+    H, G, hd, dim, dc, dr = 4, 2, 8, 24, 6, 4
+    c = ex.Config(dim=dim, hidden_dim=32, n_layers=1, n_heads=H, n_kv_heads=G, head_dim=hd, vocab_size=64,
+                  max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tied_classifier=True)
+    head_freq = ex.rope_frequencies(c)
+    xs = [rng.standard_normal((n, dim)) for n in (48, 40, 33)]
+    Wq, Wo = rng.standard_normal((H * hd, dim)) / 3, rng.standard_normal((dim, H * hd)) / 5
+
+    def mla_tensors():
+        A = rng.standard_normal((H, hd, dr))
+        return {"rope_pairs": np.asarray([0, 3], dtype=np.int32), "wq": Wq, "wkv_a": rng.standard_normal((dc + dr, dim)) / 3,
+                "wq_rope": np.concatenate([A[h].T @ Wq[h * hd:(h + 1) * hd] for h in range(H)]),
+                "wk_b": rng.standard_normal((H * dc, hd)), "wv_b": rng.standard_normal((H * hd, dc))}
+
+    t0 = mla_tensors()
+    freq = head_freq[t0["rope_pairs"]]
+    logits = lambda t, x: mla_logits(H, hd, dc, dr, t, x, freq)
+
+    def key_objective(t, source):
+        total = 0.0
+        for x in xs:
+            s_star, a = source(x)
+            L, e = logits(t, x), np.zeros_like(s_star)
+            m = np.isfinite(L)
+            e[m] = L[m] - s_star[m]
+            total += float(np.sum(a * (e - np.sum(a * e, -1, keepdims=True)) ** 2))
+        return total
+
+    def model(t):
+        def parts(x, pos):
+            return softmax(logits(t, x)), x @ t["wkv_a"][:dc].T, None
+        return parts
+
+    def output(t, x):
+        att, lat, _ = model(t)(x, None)
+        return np.concatenate([att[h] @ lat @ t["wv_b"][h * hd:(h + 1) * hd].T for h in range(H)], 1) @ Wo.T
+
+    def value_objective(t, target):
+        return sum(float(np.sum((output(t, x) - target(i, x, None)) ** 2)) for i, x in enumerate(xs))
+
+    def gqa_logits(x):  # the source: GQA with RoPE on every pair
+        Wk = gqa_logits.Wk
+        T, pos = len(x), np.arange(len(x))
+        q = reference_mla.rope_adjacent((x @ Wq.T).reshape(T, H, hd).transpose(1, 0, 2), head_freq, pos)
+        k = reference_mla.rope_adjacent((x @ Wk.T).reshape(T, G, hd).transpose(1, 0, 2), head_freq, pos)
+        s = q @ np.repeat(k, H // G, 0).transpose(0, 2, 1) / np.sqrt(hd)
+        s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
+        return s, softmax(s)
+    gqa_logits.Wk = rng.standard_normal((G * hd, dim)) / 3
+
+    planted = dict(t0, wk_b=rng.standard_normal((H * dc, hd)), wv_b=rng.standard_normal((H * hd, dc)),
+                   wq_rope=mla_tensors()["wq_rope"])
+    planted_src = lambda x, pos=None: (logits(planted, x), softmax(logits(planted, x)))
+    planted_out = lambda i, x, pos: output(dict(planted, wv_b=planted["wv_b"]), x)
+    gqa_out = {i: rng.standard_normal((len(x), dim)) for i, x in enumerate(xs)}
+    ridge = ex.MLA_RIDGE
+    for name, source, before in [("planted", planted_src, t0), ("gqa", gqa_logits, t0)]:
+        ex.MLA_RIDGE = 1e-12 if name == "planted" else ridge  # recovered to rounding, not to the ridge's pull
+        after = ex.refit_keys(c, before, Wq, xs, head_freq, lambda x, pos: source(x))
+        b, a = key_objective(before, source), key_objective(after, source)
+        note(f"refit_keys {name}: objective {b:.4g} -> {a:.4g}", a / b)
+        T.check(f"mla_refit_keys_{name}_" + ("recovers_it" if name == "planted" else "lowers_the_score_error"),
+                a <= (1e-8 if name == "planted" else 0.9) * b, f"objective {b:.4g} -> {a:.4g}")
+        # the values, with the refitted keys' attention
+        target = planted_out if name == "planted" else (lambda i, x, pos: gqa_out[i])
+        fitted = ex.refit_values(c, after, Wo, xs, model(after), target)
+        b, a = value_objective(after, target), value_objective(fitted, target)
+        note(f"refit_values {name}: objective {b:.4g} -> {a:.4g}", a / b)
+        T.check(f"mla_refit_values_{name}_" + ("recovers_it" if name == "planted" else "lowers_the_output_error"),
+                a <= (1e-8 if name == "planted" else 0.9) * b, f"objective {b:.4g} -> {a:.4g}")
+    ex.MLA_RIDGE = ridge
+    # a layer too big for one system: W_UV by sweeps over the heads reaches the joint solution's error
+    limit, ex.MLA_REFIT_MAX_UNKNOWNS = ex.MLA_REFIT_MAX_UNKNOWNS, H * hd * dc - 1
+    swept = ex.refit_values(c, after, Wo, xs, model(after), target)
+    ex.MLA_REFIT_MAX_UNKNOWNS = limit
+    s = value_objective(swept, target)
+    note(f"refit_values by head sweeps: objective {s:.4g}, joint {a:.4g}", s / a - 1)
+    T.check("mla_refit_values_head_sweeps_reach_the_joint_solution", s <= 1.01 * a, f"objective {s:.4g}, joint {a:.4g}")
 
 
 # ----------------------------------------------------------------------------
@@ -277,6 +428,8 @@ def main():
         for latent in (512, 64):
             T.run(f"mla_q8_0_latent{latent}_logits_B1_match_reference_on_dequantized_weights", q8_0_matches_reference,
                   latent)
+        for latent in (512, 96):
+            T.run(f"mla_latent{latent}_kv_types_match_reference", kv_types_match_reference, latent)
         for name, cfg in full_shapes():
             T.run(f"mla_full_{name}_ppl_equals_source", full_is_exact, name, cfg)
         T.run("mla_full_stories260K_ppl_equals_source", full_is_exact_llama2c, "stories260K", "stories260K.bin",
@@ -285,6 +438,7 @@ def main():
               "aidreams260K-tok512.bin", 1500)
         T.run("mla_full_from_gguf_ppl_equals_source", full_is_exact_gguf)
         T.run("mla_lossy_48_logits_match_reference", lossy_matches_reference)
+        T.run("mla_refits_fit_planted_models_and_lower_their_objectives", refits_fit_planted_models_and_lower_their_objectives)
         T.run("info_native_mla_prints_attention_sizes_and_kv_bytes", info_lines)
         T.run("engine_refuses_kv_heads_1_on_mla", refusals)
     finally:
