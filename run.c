@@ -1447,7 +1447,7 @@ static size_t weight_bytes(const Transformer *m) {
         const Layer *L = &m->w.layers[l];
         const Matrix *mats[] = {&L->wq, &L->wk, &L->wv, &L->wq_rope, &L->wkv_a, &L->wv_b, // GQA or MLA: the others have 0 rows
                                 &L->wo, &L->w1, &L->w2, &L->w3};
-        for (int i = 0; i < 10; i++) bytes += matrix_bytes(mats[i]);
+        for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++) bytes += matrix_bytes(mats[i]);
         bytes += L->uk.C ? columns_bytes(&L->uk) : matrix_bytes(&L->wk_b); // MLA: as decode reads it
     }
     if (!m->h.tied_classifier) bytes += matrix_bytes(&m->w.classifier);
