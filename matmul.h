@@ -101,32 +101,33 @@ typedef struct {
     int n_shares;
 } MatmulTask;
 
-// Rows [r0, r1) of w for the T < VEC_LEN tokens of x.
-static void matvec_rows_q4(const MatmulTask *a, const Product *p, int r0, int r1);
-
-static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
+// Rows [r0, r1) of w for the T < VEC_LEN tokens of x, one loop per weight
+// type with its kernel inlined in it (the type a constant). Decode is
+// nearly all this loop. (With dot_q8 called once per row, 2048-wide q8_0
+// rows took 125 ns each instead of 90, and whole-model decode was 26 % slower
+// on one thread, 31 % on two: each call's entry and exit, and the spills
+// around it, stall the stream of loads that should run ahead into the next
+// row. Rows of 8192 barely noticed it.)
+static inline __attribute__((always_inline)) void matvec_rows_of(const MatmulTask *a, const Product *p, int r0,
+                                                                 int r1, int dtype) {
     const Matrix *w = p->w;
     const int n = w->cols;
-    if (w->dtype == DTYPE_Q4_0) { matvec_rows_q4(a, p, r0, r1); return; }
-    for (int r = r0; r < r1; r++)
+    const size_t rb = row_bytes(w), xn = padded_len(n), xg = n_groups(n);
+    const uint8_t *row = matrix_row(w, r0);
+    for (int r = r0; r < r1; r++, row += rb)
         for (int t = 0; t < a->T; t++)
-            p->out[(size_t)t * w->rows + r] = w->q
-                ? dot_q8(matrix_row(w, r), a->xq + (size_t)t * padded_len(n), a->xs + (size_t)t * n_groups(n),
-                         a->sum128 + (size_t)t * n_groups(n), n)
-                : dot(w->f + (size_t)r * n, a->x + (size_t)t * n, n);
+            p->out[(size_t)t * w->rows + r] =
+                dtype == DTYPE_F32 ? dot((const float *)row, a->x + (size_t)t * n, n)
+                                   : dot_int(row, a->xq + t * xn, a->xs + t * xg, a->sum128 + t * xg, n,
+                                             dtype == DTYPE_Q8_0 ? 8 : 4);
 }
 
-// The same for q4_0 rows. (Apart from the loop above, which keeps the shape
-// it had before q4_0: versions of it with a third branch decoded q8_0 5-10 %
-// slower in A/Bs of alternating single-thread runs on a loaded machine, with
-// the kernel's code unchanged; not pinned down.)
-static __attribute__((noinline)) void matvec_rows_q4(const MatmulTask *a, const Product *p, int r0, int r1) {
-    const Matrix *w = p->w;
-    const int n = w->cols;
-    const size_t xn = padded_len(n), xg = n_groups(n);
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < a->T; t++)
-            p->out[(size_t)t * w->rows + r] = dot_q4(matrix_row(w, r), a->xq + t * xn, a->xs + t * xg, a->sum128 + t * xg, n);
+static void matvec_rows(const MatmulTask *a, const Product *p, int r0, int r1) {
+    switch (p->w->dtype) {
+    case DTYPE_Q8_0: matvec_rows_of(a, p, r0, r1, DTYPE_Q8_0); break;
+    case DTYPE_Q4_0: matvec_rows_of(a, p, r0, r1, DTYPE_Q4_0); break;
+    default: matvec_rows_of(a, p, r0, r1, DTYPE_F32);
+    }
 }
 
 // Takes the first (front) or the last chunk of a share; -1 when it is empty.
