@@ -1252,11 +1252,13 @@ static inline __attribute__((always_inline)) float dot_int(const uint8_t *w, con
     return sum;
 }
 
-static float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
+// One row each, for callers outside decode's row loop (which inlines
+// dot_int itself: matvec_rows_of in matmul.h) and for the tests.
+static inline float dot_q8(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
     return dot_int(w, xq, xs, sum128, n, 8);
 }
 
-static float dot_q4(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
+static inline float dot_q4(const uint8_t *w, const int8_t *xq, const float *xs, const int32_t *sum128, int n) {
     return dot_int(w, xq, xs, sum128, n, 4);
 }
 

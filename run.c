@@ -821,17 +821,12 @@ static void head_task(void *arg, int ith, int nth) {
     const int C = w->cols, R = w->rows / a->heads;
     int lo, hi;
     split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
-    for (int item = lo; item < hi; item++) { // item = t * heads + h
+    for (int item = lo; item < hi; item++) { // item = t * heads + h: rows [h R, (h + 1) R) of W for x_item
         int h = item % a->heads;
-        const int8_t *xq = s->xq + (size_t)item * padded_len(C);
-        const float *xs = s->xs + (size_t)item * n_groups(C);
-        const int32_t *sum128 = s->sum128 + (size_t)item * n_groups(C);
-        for (int r = 0; r < R; r++) {
-            float *out = a->out + (size_t)item * R + r;
-            if (w->dtype == DTYPE_Q8_0) *out = dot_q8(matrix_row(w, h * R + r), xq, xs, sum128, C);
-            else if (w->dtype == DTYPE_Q4_0) *out = dot_q4(matrix_row(w, h * R + r), xq, xs, sum128, C);
-            else *out = dot(w->f + (size_t)(h * R + r) * C, a->x + (size_t)item * C, C);
-        }
+        MatmulTask one = {.T = 1, .x = a->x + (size_t)item * C, .xq = s->xq + (size_t)item * padded_len(C),
+                          .xs = s->xs + (size_t)item * n_groups(C), .sum128 = s->sum128 + (size_t)item * n_groups(C)};
+        Product p = {a->out + (size_t)(item - h) * R, w}; // row h R + r lands at item R + r
+        matvec_rows(&one, &p, h * R, (h + 1) * R);
     }
 }
 
