@@ -80,17 +80,21 @@ static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 // prefetchers follow such a stream only within a 4 KiB page: at every page
 // boundary they start over, and the cores wait for memory. So the decode
 // kernels also ask, for each cache line they load, for the line
-// PREFETCH_AHEAD bytes further on (PREFETCH_STREAM). Into L2, not L1: on the
-// AMD EPYC VM a 2048-wide q8_0 row streamed from memory in 87-91 ns on one
-// thread with the prefetches into L2, 98-101 ns into L1, 90-93 ns with none
-// (f32: 292 / 330-430 / 318 ns); the L1 has few slots for misses in flight,
-// and a prefetch that waits for one holds up the loads behind it. (Into L1
-// they had made the Xeon's f32 decode 5.6 -> 6.2 tok/s and q8_0 19.5 -> 20.9;
-// 4096 bytes ahead was slower than none there: the line then falls in the
-// L1 set of the one being loaded.) q4_0 is the exception: its kernel does
-// twice q8_0's arithmetic per byte, so it waits on its loads' latency more
-// than on memory, and it keeps prefetching into L1 (into L2 it ran its
-// matrices 10-25 % slower, while q8_0's ran 15-20 % faster).
+// PREFETCH_AHEAD bytes further on (Xeon, 2 threads, into L1: f32 decode 5.6
+// -> 6.2 tok/s, q8_0 19.5 -> 20.9; 4096 bytes ahead was slower than none:
+// the line then falls in the L1 set of the one being loaded).
+// PREFETCH_STREAM(p, light): into L2 when the kernel does little arithmetic
+// per byte (`light`: f32 numbers; q8_0 weights on AVX-512 VNNI), else into
+// L1. A light kernel reads faster than the L1's few slots for misses in
+// flight allow, and a prefetch into L1 that waits for one holds up the loads
+// behind it; a kernel with more arithmetic per byte waits on its loads'
+// latency instead, and gains from finding them in L1. On the AMD EPYC VM,
+// one thread, from memory: a 2048-wide q8_0 row 87-91 ns into L2, 98-101 ns
+// into L1, 90-93 ns with none (f32: 292 / 330-430 / 318 ns); whole decode,
+// into L2 rather than L1: q8_0 +19 %, f32 +11 %, but the AVX2 build's q8_0
+// (maddubs) 27 % slower and q4_0's matrices 10-25 % slower; one MHA layer's
+// attention at depth 4000 (bench/attention): f32 cache 1.9-2.2 ms against
+// 2.5-2.6, f16 1.5 against 1.2-1.25, q8_0 1.2 against 1.0.
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 3072
 #endif
@@ -101,8 +105,7 @@ static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 #define PREFETCH_L1(p) __builtin_prefetch((p), 0, 3)
 #define PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
 #endif
-#define PREFETCH_STREAM(p) PREFETCH_L2(p)
-#define PREFETCH_WEIGHTS(p, bits) do { if ((bits) == 4) PREFETCH_L1(p); else PREFETCH_L2(p); } while (0)
+#define PREFETCH_STREAM(p, light) do { if (light) PREFETCH_L2(p); else PREFETCH_L1(p); } while (0)
 
 // Dot product with eight vector accumulators: independent multiply-add
 // chains hide the FMA latency (four would do that), and eight vectors per
@@ -114,7 +117,7 @@ static float dot(const float *a, const float *b, int n) {
     int i = 0;
     for (; i + 8 * VEC_LEN <= n; i += 8 * VEC_LEN)
         for (int j = 0; j < 8; j++) {
-            if (j % (64 / VEC_BYTES) == 0) PREFETCH_STREAM((const char *)(a + i + j * VEC_LEN) + PREFETCH_AHEAD);
+            if (j % (64 / VEC_BYTES) == 0) PREFETCH_STREAM((const char *)(a + i + j * VEC_LEN) + PREFETCH_AHEAD, 1);
             acc[j] += *(const vfloat *)(a + i + j * VEC_LEN) * *(const vfloat *)(b + i + j * VEC_LEN);
         }
     for (; i + VEC_LEN <= n; i += VEC_LEN) acc[0] += *(const vfloat *)(a + i) * *(const vfloat *)(b + i);
@@ -321,7 +324,7 @@ static inline __attribute__((always_inline)) void weighted_sum(float *out, const
             const uint8_t *row = v + (size_t)p * rb;
             vfloat x[4];
             for (int i = 0; i < 4; i++) {
-                if (i * VEC_LEN * nb % 64 == 0) PREFETCH_STREAM(row + (d + i * VEC_LEN) * nb + PREFETCH_AHEAD);
+                if (i * VEC_LEN * nb % 64 == 0) PREFETCH_STREAM(row + (d + i * VEC_LEN) * nb + PREFETCH_AHEAD, type == KV_F32);
                 x[i] = kv_load(row, d + i * VEC_LEN, type, row_scale(row, d + i * VEC_LEN, hd, type));
                 IN_REGISTER(x[i]);
             }
@@ -382,7 +385,7 @@ static inline __attribute__((always_inline)) void tile_scores(float *att, size_t
         int d = d0;
         for (; d + 4 <= d1; d += 4)
             for (int i = 0; i < 4; i++) {
-                if ((d + i) * VEC_LEN * nb % 64 == 0) PREFETCH_STREAM(tile + (size_t)(d + i) * VEC_LEN * nb + PREFETCH_AHEAD);
+                if ((d + i) * VEC_LEN * nb % 64 == 0) PREFETCH_STREAM(tile + (size_t)(d + i) * VEC_LEN * nb + PREFETCH_AHEAD, type == KV_F32);
                 vfloat k = kv_load(tile, (size_t)(d + i) * VEC_LEN, type, s);
                 IN_REGISTER(k);
                 for (int h = 0; h < nh; h++) acc[h][i] += q[h * hd + d + i] * k;
@@ -987,8 +990,8 @@ static inline __attribute__((always_inline)) __m512i weight_row_512(const uint8_
 static inline __attribute__((always_inline)) __m512i chunk_512(const uint8_t *wq, const int8_t *xq, int bits) {
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}; // two chains hide the latency
     for (int i = 0; i < Q8_GROUP / 8; i++) {
-        PREFETCH_WEIGHTS(wq + (bits == 8 ? 128 : 64) * i + PREFETCH_AHEAD, bits);
-        if (bits == 8) PREFETCH_WEIGHTS(wq + 128 * i + 64 + PREFETCH_AHEAD, bits);
+        PREFETCH_STREAM(wq + (bits == 8 ? 128 : 64) * i + PREFETCH_AHEAD, bits == 8); // light: q8_0
+        if (bits == 8) PREFETCH_STREAM(wq + 128 * i + 64 + PREFETCH_AHEAD, 1);
         __m512i a, b;
         weight_rows_512(wq, i, bits, &a, &b);
         acc[0] = _mm512_dpbusd_epi32(acc[0], a, _mm512_loadu_si512(xq + 128 * i));
@@ -1144,7 +1147,7 @@ static inline __attribute__((always_inline)) void block_256(__m256 acc[2], const
         const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         d[2 * c] = d[2 * c + 1] = _mm256_setzero_si256();
         for (int r = 0; r < (bits == 8 ? Q8_GROUP / 4 : Q8_GROUP / 8); r++) {
-            PREFETCH_WEIGHTS(wc + 64 * r + PREFETCH_AHEAD, bits);
+            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0);
             for (int h = 0; h < 2; h++)
                 d[2 * c + h] = _mm256_add_epi32(d[2 * c + h], bits == 8 ? q8_quad_256((const int8_t *)wc, xc, r, h)
                                                                         : q4_quad_256(wc, xc, r, h));
@@ -1179,7 +1182,7 @@ static inline __attribute__((always_inline)) void block_neon(float32x4_t acc[4],
         const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         int32x4_t d[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; // groups 4k .. 4k + 3
         for (int r = 0; r < Q8_GROUP * bits / 32; r++) { // 64-byte rows of the chunk: 8 (q8_0) or 4 (q4_0)
-            PREFETCH_WEIGHTS(wc + 64 * r + PREFETCH_AHEAD, bits);
+            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0);
             for (int k = 0; k < 4; k++) {
                 if (bits == 8) {
                     d[k] = vdotq_s32(d[k], vld1q_s8((const int8_t *)wc + 64 * r + 16 * k), vld1q_s8(xc + 64 * r + 16 * k));
