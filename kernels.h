@@ -1147,7 +1147,7 @@ static inline __attribute__((always_inline)) void block_256(__m256 acc[2], const
         const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         d[2 * c] = d[2 * c + 1] = _mm256_setzero_si256();
         for (int r = 0; r < (bits == 8 ? Q8_GROUP / 4 : Q8_GROUP / 8); r++) {
-            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0);
+            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0); // into L1: more arithmetic per byte than VNNI
             for (int h = 0; h < 2; h++)
                 d[2 * c + h] = _mm256_add_epi32(d[2 * c + h], bits == 8 ? q8_quad_256((const int8_t *)wc, xc, r, h)
                                                                         : q4_quad_256(wc, xc, r, h));
@@ -1182,7 +1182,7 @@ static inline __attribute__((always_inline)) void block_neon(float32x4_t acc[4],
         const int8_t *xc = xq + c * Q8_CHUNK * Q8_GROUP;
         int32x4_t d[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}; // groups 4k .. 4k + 3
         for (int r = 0; r < Q8_GROUP * bits / 32; r++) { // 64-byte rows of the chunk: 8 (q8_0) or 4 (q4_0)
-            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0);
+            PREFETCH_STREAM(wc + 64 * r + PREFETCH_AHEAD, 0); // into L1: more arithmetic per byte than VNNI
             for (int k = 0; k < 4; k++) {
                 if (bits == 8) {
                     d[k] = vdotq_s32(d[k], vld1q_s8((const int8_t *)wc + 64 * r + 16 * k), vld1q_s8(xc + 64 * r + 16 * k));
