@@ -1,8 +1,9 @@
 /* matmul.h - the matrix products of run.c, put to work on the model's
    matrices across the threads: decode's matrix-vector products in row chunks
    that threads take from each other's shares, prefill's GEMM in register
-   tiles (kernels.h), and the quantization of activations for the integer
-   kernels. Included once, by run.c, after the model's structs: it is part of
+   tiles (kernels.h), the quantization of activations for the integer
+   kernels, and MLA's per-head products (head_matmul, column_matmul).
+   Included once, by run.c, after the model's structs: it is part of
    that file, kept apart so that run.c reads as the model. */
 
 _Static_assert(MAX_BATCH % GEMM_TOKENS == 0, "prefill blocks are whole tiles");
@@ -293,6 +294,41 @@ static void matmuls(Transformer *m, const float *x, int T, const Product *p, int
 
 static void matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     matmuls(m, x, T, &(Product){out, w}, 1);
+}
+
+// Per-head products of MLA's absorbed up-projections: out (T, heads, R) =
+// W_h (R, C) @ x (T, heads, C) for every head h, W = (heads * R, C) the
+// heads' matrices stacked. q8_0 weights meet x quantized head by head (a
+// q8_0 vector's values are interleaved within blocks of up to 32 groups, so
+// each head's C values are quantized as a vector of their own).
+typedef struct { Transformer *m; float *out; const float *x; const Matrix *w; int T, heads; } HeadTask;
+
+static void head_task(void *arg, int ith, int nth) {
+    const HeadTask *a = arg;
+    const RunState *s = &a->m->s;
+    const Matrix *w = a->w;
+    const int C = w->cols, R = w->rows / a->heads;
+    int lo, hi;
+    split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
+    for (int item = lo; item < hi; item++) { // item = t * heads + h: rows [h R, (h + 1) R) of W for x_item
+        int h = item % a->heads;
+        MatmulTask one = {.T = 1, .x = a->x + (size_t)item * C, .xq = s->xq + (size_t)item * padded_len(C),
+                          .xs = s->xs + (size_t)item * n_groups(C), .sum128 = s->sum128 + (size_t)item * n_groups(C)};
+        Product p = {a->out + (size_t)(item - h) * R, w}; // row h R + r lands at item R + r
+        matvec_rows(&one, &p, h * R, (h + 1) * R);
+    }
+}
+
+static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
+    const int heads = m->c.n_heads;
+    if (w->q) { // x (T * heads, C) quantized
+        QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
+        if (T < VEC_LEN) quantize_task(&q, 0, 1);
+        else pool_run(m->pool, quantize_task, &q);
+    }
+    HeadTask task = {m, out, x, w, T, heads};
+    if ((size_t)T * w->rows * w->cols < SMALL_WORK) head_task(&task, 0, 1);
+    else pool_run(m->pool, head_task, &task);
 }
 
 // MLA's W_UK^T, kept as its columns (run.c, make_columns): out (T, heads, R)

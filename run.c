@@ -807,29 +807,6 @@ static void gqa_attention(Transformer *m, int l, int T, int pos) {
     attend(m, l, T, pos, s->q, NULL, s->xb, 1.0f / sqrtf((float)c->head_dim));
 }
 
-// Per-head products of MLA's absorbed up-projections: out (T, heads, R) =
-// W_h (R, C) @ x (T, heads, C) for every head h, W = (heads * R, C) the
-// heads' matrices stacked. q8_0 weights meet x quantized head by head (a
-// q8_0 vector's values are interleaved within blocks of up to 32 groups, so
-// each head's C values are quantized as a vector of their own).
-typedef struct { Transformer *m; float *out; const float *x; const Matrix *w; int T, heads; } HeadTask;
-
-static void head_task(void *arg, int ith, int nth) {
-    const HeadTask *a = arg;
-    const RunState *s = &a->m->s;
-    const Matrix *w = a->w;
-    const int C = w->cols, R = w->rows / a->heads;
-    int lo, hi;
-    split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
-    for (int item = lo; item < hi; item++) { // item = t * heads + h: rows [h R, (h + 1) R) of W for x_item
-        int h = item % a->heads;
-        MatmulTask one = {.T = 1, .x = a->x + (size_t)item * C, .xq = s->xq + (size_t)item * padded_len(C),
-                          .xs = s->xs + (size_t)item * n_groups(C), .sum128 = s->sum128 + (size_t)item * n_groups(C)};
-        Product p = {a->out + (size_t)(item - h) * R, w}; // row h R + r lands at item R + r
-        matvec_rows(&one, &p, h * R, (h + 1) * R);
-    }
-}
-
 // q8_0 rows shorter than one chunk of Q8_CHUNK groups (512 values) have no
 // SIMD path in dot_q8 (q4_0 alike): W_UV's rows are kv_latent_dim long, and
 // when that is under 512 (small models) its per-head matrices are
@@ -877,18 +854,6 @@ static Columns make_columns(Transformer *m, const Matrix *w, int heads) {
 static size_t columns_bytes(const Columns *w) {
     size_t n = (size_t)w->heads * w->C * w->stride;
     return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->stride * sizeof(uint16_t);
-}
-
-static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
-    const int heads = m->c.n_heads;
-    if (w->q) { // x (T * heads, C) quantized
-        QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
-        if (T < VEC_LEN) quantize_task(&q, 0, 1);
-        else pool_run(m->pool, quantize_task, &q);
-    }
-    HeadTask task = {m, out, x, w, T, heads};
-    if ((size_t)T * w->rows * w->cols < SMALL_WORK) head_task(&task, 0, 1);
-    else pool_run(m->pool, head_task, &task);
 }
 
 // Multi-head latent attention (DeepSeek-V2, section 2.1, without the query's
