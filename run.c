@@ -54,10 +54,16 @@ static void die(const char *fmt, ...) {
     exit(1);
 }
 
+// Zeroed and 64-byte aligned: the kernels' 64-byte loads of activations
+// (quantized x, scales, scores) then never straddle two cache lines. calloc's
+// large blocks start 16 bytes into a page, which made every such load a split
+// one: the q4_0 row kernel took 25 % longer in cache.
 static void *xcalloc(size_t n, size_t size, const char *what) {
-    void *p = (n == 0 || size == 0) ? malloc(1) : calloc(n, size);
+    size_t bytes = n * size;
+    if (size && bytes / size != n) bytes = SIZE_MAX;
+    void *p = bytes > SIZE_MAX - 64 ? NULL : aligned_alloc(64, (bytes + 64) / 64 * 64);
     if (!p) die("out of memory allocating %s (%zu x %zu bytes); try a smaller -c", what, n, size);
-    return p;
+    return memset(p, 0, bytes);
 }
 
 // ----------------------------------------------------------------------------
