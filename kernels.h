@@ -95,6 +95,12 @@ static inline vfloat vbroadcast(float f) { return f - (vfloat){0}; }
 // (maddubs) 27 % slower and q4_0's matrices 10-25 % slower; one MHA layer's
 // attention at depth 4000 (bench/attention): f32 cache 1.9-2.2 ms against
 // 2.5-2.6, f16 1.5 against 1.2-1.25, q8_0 1.2 against 1.0.
+// One stream asks for nothing: q4_0's rows on AVX-512 VNNI, whose file
+// sits in 2 MiB pages (README: Memory). Its prefetches into L1 held its
+// loads up, and into L2 lost too: whole decode of a 1B q4_0 file, A/B of
+// alternating runs, none against L1: one thread 35.8 against 33.5 tok/s,
+// two threads 66-68 against 60-61 when the host gave ~60 GB/s, equal
+// (41 tok/s) at ~35 GB/s; into L2: 33.1 (one thread).
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 3072
 #endif
@@ -990,8 +996,10 @@ static inline __attribute__((always_inline)) __m512i weight_row_512(const uint8_
 static inline __attribute__((always_inline)) __m512i chunk_512(const uint8_t *wq, const int8_t *xq, int bits) {
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}; // two chains hide the latency
     for (int i = 0; i < Q8_GROUP / 8; i++) {
-        PREFETCH_STREAM(wq + (bits == 8 ? 128 : 64) * i + PREFETCH_AHEAD, bits == 8); // light: q8_0
-        if (bits == 8) PREFETCH_STREAM(wq + 128 * i + 64 + PREFETCH_AHEAD, 1);
+        if (bits == 8) { // light; q4_0 asks for none (PREFETCH_STREAM above)
+            PREFETCH_STREAM(wq + 128 * i + PREFETCH_AHEAD, 1);
+            PREFETCH_STREAM(wq + 128 * i + 64 + PREFETCH_AHEAD, 1);
+        }
         __m512i a, b;
         weight_rows_512(wq, i, bits, &a, &b);
         acc[0] = _mm512_dpbusd_epi32(acc[0], a, _mm512_loadu_si512(xq + 128 * i));
