@@ -615,7 +615,11 @@ static void malloc_run_state(Transformer *m) {
     s->hb2 = xcalloc((size_t)MAX_BATCH * c->hidden_dim, sizeof(float), "activations");
     s->att = xcalloc((size_t)m->n_threads * c->kv_mul * cache_len(c), sizeof(float), "attention scores");
     s->kv_f32 = xcalloc((size_t)m->n_threads * ATT_BLOCK * KV_F32_WIDTH(c), sizeof(float), "attention scratch");
-    s->logits = xcalloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float), "logits");
+    // The two vocab-sized buffers (65 MiB each at Llama 3's 128256 tokens) come from calloc, unaligned but
+    // untouched: a page is only resident once a block of that many tokens writes it (xcalloc's memset would
+    // make them all resident, +130 MiB of RSS for decode, which writes one row).
+    s->logits = calloc((size_t)MAX_BATCH * c->vocab_size, sizeof(float));
+    if (!s->logits) die("out of memory allocating logits");
     int max_cols = c->dim > c->q_dim ? c->dim : c->q_dim;
     if (c->hidden_dim > max_cols) max_cols = c->hidden_dim;
     if (c->attention == ATTENTION_MLA) { // MLA: every head's query or latent output, quantized head by head
@@ -632,7 +636,8 @@ static void malloc_run_state(Transformer *m) {
                         (size_t)c->q_dim + c->n_heads * dr + c->kv_latent_dim + dr}; // MLA: q, q_rope, [c; k_R]
     for (int i = 0; i < 4; i++) if (rows_of[i] > max_rows) max_rows = rows_of[i];
     s->xT = xcalloc((size_t)max_cols * MAX_BATCH, sizeof(float), "activations");
-    s->outT = xcalloc((size_t)max_rows * MAX_BATCH, sizeof(float), "activations");
+    s->outT = calloc((size_t)max_rows * MAX_BATCH, sizeof(float));
+    if (!s->outT) die("out of memory allocating activations");
     s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
     s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
