@@ -368,6 +368,22 @@ static void test_split_range_partitions_rows(void) {
     check(ok, "split_range_covers_every_row_once", "a split left a gap or an overlap");
 }
 
+// xcalloc's blocks, small and large (calloc gives large ones 16 bytes into a
+// page), start on a cache line, zeroed: the kernels' 64-byte activation loads
+// would otherwise straddle two lines (README: Activations 64-byte aligned).
+static void test_xcalloc_aligns_to_cache_lines(void) {
+    int ok = 1;
+    size_t sizes[] = {0, 1, 100, 4096, 1 << 20, 3 << 20};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        unsigned char *p = xcalloc(sizes[i], 1, "test");
+        if ((uintptr_t)p % 64) ok = 0;
+        for (size_t j = 0; j < sizes[i]; j += 4093) if (p[j]) ok = 0;
+        if (sizes[i] && p[sizes[i] - 1]) ok = 0;
+        free(p);
+    }
+    check(ok, "xcalloc_aligns_to_cache_lines", "a block not 64-byte aligned or not zeroed");
+}
+
 // Builds an f32 matrix of random values (rows, cols).
 static Matrix random_matrix(int rows, int cols, uint64_t *rng, float **storage) {
     *storage = xcalloc((size_t)rows * cols, sizeof(float), "test");
@@ -806,6 +822,7 @@ int main(void) {
     test_q8_rows();
     test_kv_store_rounding();
     test_split_range_partitions_rows();
+    test_xcalloc_aligns_to_cache_lines();
     test_matmul_paths();
     test_sampler();
     test_f16_conversions();
