@@ -640,8 +640,7 @@ static void malloc_run_state(Transformer *m) {
     if (!s->outT) die("out of memory allocating activations");
     s->scratch_stride = max_cols > GEMM_R * K_BLOCK ? max_cols : GEMM_R * K_BLOCK;
     s->scratch = xcalloc(m->n_threads * s->scratch_stride, sizeof(float), "matmul scratch");
-    s->shares = aligned_alloc(64, m->n_threads * sizeof(Share));
-    if (!s->shares) die("out of memory for the thread shares");
+    s->shares = xcalloc(m->n_threads, sizeof(Share), "the thread shares"); // a cache line each (xcalloc aligns)
     alloc_cache(&s->key_cache, c, c->key_dim, 1, "the key cache");
     alloc_cache(&s->value_cache, c, c->value_dim, 0, "the value cache");
     alloc_latent_queries(s, c, m->n_threads);
