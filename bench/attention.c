@@ -6,7 +6,11 @@
 // times whole tokens against the bandwidth: this says how much of a token
 // attention takes, and whether a cache type's kernels keep up with memory.
 //
-//   bench/attention [-K kv_heads|mla,...] [-d depth] [-r repeats]
+//   bench/attention [-K kv_heads|mla,...] [-d depth] [-r repeats] [-F 0|1]
+//
+// -F 1 flushes the caches before every run (writes 96 MiB elsewhere), as a
+// token's other layers do in decode: the cache then comes from memory, not
+// from L3, where a layer's cache of up to ~30 MB otherwise stays between runs.
 //
 // Prints per (KV heads, type): ms per layer and token, GB/s of cache read
 // per CPU-second, GFLOP/s per CPU-second (2 x the multiply-adds of the
@@ -25,7 +29,7 @@ static double thread_seconds(void) {
 // kv_heads 0 is MLA (DeepSeek-V2's shape: a latent c of 512 and a RoPE key of
 // 64 per position, all 32 query heads sharing them; query heads 64 + 512 wide
 // against the key [c; k_R], 512 wide against the value c).
-static void measure(int kv_heads, int type, int depth, int repeats) {
+static void measure(int kv_heads, int type, int depth, int repeats, int flush) {
     Transformer m;
     memset(&m, 0, sizeof m);
     Config *c = &m.c;
@@ -58,7 +62,9 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     // the token at position depth attends to depth + 1 positions
     AttentionTask at = {&m, 0, depth, 1, 1, q, mla ? q_row : NULL, out, 1.0f / sqrtf((float)(mla ? 64 + dr : 64))};
     double best = 1e30;
+    unsigned char *junk = flush ? xcalloc((size_t)96 << 20, 1, "flush") : NULL;
     for (int r = 0; r <= repeats; r++) { // the first a warm-up
+        for (size_t i = 0; junk && i < ((size_t)96 << 20); i += 64) junk[i]++;
         double t0 = thread_seconds();
         attention_task(&at, 0, 1);
         double t = thread_seconds() - t0;
@@ -72,17 +78,18 @@ static void measure(int kv_heads, int type, int depth, int repeats) {
     printf("%-11s %-4s depth %d: %.3f ms per layer and token, %.1f GB/s of cache per CPU-second, "
            "%.1f GFLOP/s per CPU-second, %.1f ns per (position, KV head)\n", label, kv_type_name(type), depth, best * 1e3, bytes / best / 1e9, flops / best / 1e9,
            best * 1e9 / (depth + 1) / kv_heads);
-    free(q); free(q_row); free(out); free(row); free(m.s.att); free(m.s.kv_f32);
+    free(junk); free(q); free(q_row); free(out); free(row); free(m.s.att); free(m.s.kv_f32);
     free(m.s.lat_q[0].q); free(m.s.lat_q[0].s); free(m.s.lat_q[0].sum128); free(m.s.lat_q); free(m.s.lat_order);
     free_cache(&m.s.key_cache); free_cache(&m.s.value_cache);
 }
 
 int main(int argc, char **argv) {
-    int heads[8] = {32, 8, 1, 0}, n_heads = 4, depth = 4000, repeats = 20;
-    const char *usage = "usage: bench/attention [-K kv_heads|mla,...] [-d depth] [-r repeats]";
+    int heads[8] = {32, 8, 1, 0}, n_heads = 4, depth = 4000, repeats = 20, flush = 0;
+    const char *usage = "usage: bench/attention [-K kv_heads|mla,...] [-d depth] [-r repeats] [-F 0|1]";
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "-d")) depth = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "-r")) repeats = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-F")) flush = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "-K")) {
             n_heads = 0;
             for (char *s = argv[i + 1], *end; *s && n_heads < 8; s = end + (*end == ',')) {
@@ -95,6 +102,6 @@ int main(int argc, char **argv) {
     }
     if (depth < 1 || repeats < 1) die("%s", usage);
     for (int k = 0; k < n_heads; k++)
-        for (int type = KV_F32; type <= KV_Q8_0; type++) measure(heads[k], type, depth, repeats);
+        for (int type = KV_F32; type <= KV_Q8_0; type++) measure(heads[k], type, depth, repeats, flush);
     return 0;
 }
