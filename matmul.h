@@ -341,10 +341,9 @@ static void column_task(void *arg, int ith, int nth) {
     int lo, hi;
     split_range(a->items, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) { // item = t * heads + h
-        size_t h = item % w->heads, at = h * w->C * w->stride;
+        size_t h = item % w->heads, at = h * w->C * w->padded;
         column_matvec(a->out + (size_t)item * w->R, a->x + (size_t)item * w->C, w->f ? w->f + at : NULL,
-                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->stride : NULL, w->R, w->C,
-                      w->stride);
+                      w->q ? w->q + at : NULL, w->q ? w->scale + h * n_groups(w->C) * w->padded : NULL, w->R, w->C);
     }
 }
 

@@ -101,11 +101,11 @@ typedef struct {
 // A matrix of `heads` blocks of R rows and C columns, kept column by column
 // (kernels.h, column_matvec): MLA's W_UK_h^T, whose rows are head_dim short.
 typedef struct {
-    const float *f;        // f32: (heads, C, stride)
-    const int8_t *q;       // q8_0, q4_0: (heads, C, stride) the int8 values ...
-    const uint16_t *scale; // ... and (heads, n_groups(C), stride) float16 scales of the rows' groups
+    const float *f;        // f32: (heads, C x padded) numbers, head h's number (i, r) at column_slot(C, i, r)
+    const int8_t *q;       // q8_0, q4_0: (heads, C x padded) the int8 values, as f ...
+    const uint16_t *scale; // ... and (heads, n_groups(C) x padded) float16 scales of the rows' groups
     int heads, R, C;
-    size_t stride;         // R rounded up to 16: whole vector loads
+    size_t padded;         // R rounded up to whole blocks of COLUMN_BLOCK rows (kernels.h)
 } Columns;
 
 typedef struct {
@@ -837,33 +837,33 @@ static void dequantize_short_rows(Transformer *m, Matrix *w) {
 // the int8 values of a q8_0 or q4_0 W and its rows' scales, or f32.
 static Columns make_columns(Transformer *m, const Matrix *w, int heads) {
     const int R = w->rows / heads, C = w->cols, G = n_groups(C);
-    Columns t = {.heads = heads, .R = R, .C = C, .stride = ((size_t)R + 15) / 16 * 16};
-    const size_t per_head = (size_t)C * t.stride;
+    Columns t = {.heads = heads, .R = R, .C = C, .padded = column_padded(R)};
+    const size_t per_head = (size_t)C * t.padded; // the padding rows stay 0 (owned_alloc zeroes)
     if (!w->q) {
         float *f = owned_alloc(m, heads * per_head, sizeof(float), "MLA up-projections");
         for (int h = 0; h < heads; h++)
             for (int r = 0; r < R; r++)
-                for (int i = 0; i < C; i++) f[h * per_head + i * t.stride + r] = w->f[((size_t)h * R + r) * C + i];
+                for (int i = 0; i < C; i++) f[h * per_head + column_slot(C, i, r)] = w->f[((size_t)h * R + r) * C + i];
         t.f = f;
         return t;
     }
     int8_t *q = owned_alloc(m, heads * per_head, 1, "MLA up-projections");
-    uint16_t *scale = owned_alloc(m, (size_t)heads * G * t.stride, sizeof(uint16_t), "MLA up-projections");
+    uint16_t *scale = owned_alloc(m, (size_t)heads * G * t.padded, sizeof(uint16_t), "MLA up-projections");
     for (int h = 0; h < heads; h++)
         for (int r = 0; r < R; r++)
             for (int g = 0; g < G; g++) {
                 int8_t v[Q8_GROUP];
-                scale[((size_t)h * G + g) * t.stride + r] = row_group(w, h * R + r, g, v);
+                scale[(size_t)h * G * t.padded + column_slot(G, g, r)] = row_group(w, h * R + r, g, v);
                 for (int i = g * Q8_GROUP; i < C && i < (g + 1) * Q8_GROUP; i++)
-                    q[h * per_head + i * t.stride + r] = v[i - g * Q8_GROUP];
+                    q[h * per_head + column_slot(C, i, r)] = v[i - g * Q8_GROUP];
             }
     t.q = q, t.scale = scale;
     return t;
 }
 
 static size_t columns_bytes(const Columns *w) {
-    size_t n = (size_t)w->heads * w->C * w->stride;
-    return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->stride * sizeof(uint16_t);
+    size_t n = (size_t)w->heads * w->C * w->padded;
+    return w->f ? n * sizeof(float) : n + (size_t)w->heads * n_groups(w->C) * w->padded * sizeof(uint16_t);
 }
 
 // Multi-head latent attention (DeepSeek-V2, section 2.1, without the query's

@@ -268,12 +268,12 @@ static void test_column_matvec(void) {
             memset(&m, 0, sizeof m);
             Columns cw = make_columns(&m, &mw, HEADS);
             for (int h = 0; h < HEADS; h++) {
-                size_t at = (size_t)h * C * cw.stride;
+                size_t at = (size_t)h * C * cw.padded;
                 const float *f = cw.f ? cw.f + at : NULL;
                 const int8_t *q = cw.q ? cw.q + at : NULL;
-                const uint16_t *sc = cw.q ? cw.scale + (size_t)h * n_groups(C) * cw.stride : NULL;
-                column_matvec(got + h * R, x + h * C, f, q, sc, R, C, cw.stride);
-                column_matvec_scalar(ref + h * R, x + h * C, f, q, sc, R, C, cw.stride);
+                const uint16_t *sc = cw.q ? cw.scale + (size_t)h * n_groups(C) * cw.padded : NULL;
+                column_matvec(got + h * R, x + h * C, f, q, sc, R, C);
+                column_matvec_scalar(ref + h * R, x + h * C, f, q, sc, R, C);
                 for (int r = 0; r < R; r++) {
                     matrix_slice(&mw, h * R + r, 0, C, row);
                     double exact = 0, mag = 0;
@@ -592,6 +592,45 @@ static int q8_value(const int8_t *q, int n, int j) {
     return q[(size_t)b * Q8_BLOCK * Q8_GROUP + q8_offset(groups < Q8_BLOCK ? groups : Q8_BLOCK, g % Q8_BLOCK, j % Q8_GROUP)];
 }
 
+// quantize_q8 (vectorized where the machine allows) against the rule written
+// out plainly, one group at a time: the largest |x| to 127, to nearest even,
+// clamped, NaN to 0; bit for bit, on random groups and on groups of ties
+// (x.5), infinities, NaN, tiny and huge values.
+static void test_quantize_q8_rounding(void) {
+    enum { GROUPS = 40, N = GROUPS * Q8_GROUP };
+    static float x[N], xs[GROUPS];
+    static int8_t xq[N];
+    static int32_t xsum[GROUPS];
+    uint64_t rng = 31;
+    for (int i = 0; i < N; i++) x[i] = frand(&rng);
+    for (int i = 0; i < Q8_GROUP; i++) x[i] = (float)(i - 16) + 0.5f; // group 0: ties, amax 15.5
+    x[Q8_GROUP] = 127.0f;                                              // group 1: ties at scale 1
+    for (int i = 1; i < Q8_GROUP; i++) x[Q8_GROUP + i] = (float)(i - 16) + 0.5f;
+    x[2 * Q8_GROUP] = NAN, x[2 * Q8_GROUP + 1] = INFINITY, x[2 * Q8_GROUP + 2] = -INFINITY; // group 2
+    x[3 * Q8_GROUP] = NAN;                                                                      // group 3
+    for (int i = 0; i < Q8_GROUP; i++) x[4 * Q8_GROUP + i] = (i - 16) * 1e-40f; // group 4: denormals
+    for (int i = 0; i < Q8_GROUP; i++) x[5 * Q8_GROUP + i] = (i - 16) * 2e37f;  // group 5: near the float max
+    for (int i = 0; i < Q8_GROUP; i++) x[6 * Q8_GROUP + i] = 0;                 // group 6: zeros
+    quantize_q8(xq, xs, xsum, x, N);
+    int same = 1;
+    for (int g = 0; g < GROUPS; g++) {
+        const float *xg = x + g * Q8_GROUP;
+        float amax = 0;
+        for (int i = 0; i < Q8_GROUP; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
+        float scale = amax / 127.0f, inv = scale > 0 ? 1.0f / scale : 0;
+        int32_t sum = 0;
+        for (int i = 0; i < Q8_GROUP; i++) {
+            float v = rintf(xg[i] * inv);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            int q = v == v ? (int)v : 0;
+            sum += q;
+            same &= q8_value(xq, N, g * Q8_GROUP + i) == q;
+        }
+        same &= memcmp(&xs[g], &scale, sizeof scale) == 0 && xsum[g] == 128 * sum;
+    }
+    check(same, "quantize_q8_matches_the_plain_rounding_rule", "a value, scale or sum differs");
+}
+
 static void test_q8_kernels(void) {
     uint64_t rng = 11;
     enum { N = 512, LONG = 2144 }; // LONG: two full blocks and 3 groups
@@ -826,6 +865,7 @@ int main(void) {
     test_matmul_paths();
     test_sampler();
     test_f16_conversions();
+    test_quantize_q8_rounding();
     test_q8_kernels();
     test_q4_kernels();
     // a random GQA model: 8 query heads sharing 2 KV heads
