@@ -314,6 +314,8 @@ static void head_task(void *arg, int ith, int nth) {
         int h = item % a->heads;
         MatmulTask one = {.T = 1, .x = a->x + (size_t)item * C, .xq = s->xq + (size_t)item * padded_len(C),
                           .xs = s->xs + (size_t)item * n_groups(C), .sum128 = s->sum128 + (size_t)item * n_groups(C)};
+        if (w->q) quantize_q8(s->xq + (size_t)item * padded_len(C), s->xs + (size_t)item * n_groups(C),
+                              s->sum128 + (size_t)item * n_groups(C), one.x, C); // by the thread that uses it
         Product p = {a->out + (size_t)(item - h) * R, w}; // row h R + r lands at item R + r
         matvec_rows(&one, &p, h * R, (h + 1) * R);
     }
@@ -321,11 +323,6 @@ static void head_task(void *arg, int ith, int nth) {
 
 static void head_matmul(Transformer *m, float *out, const float *x, const Matrix *w, int T) {
     const int heads = m->c.n_heads;
-    if (w->q) { // x (T * heads, C) quantized
-        QuantizeTask q = {&m->s, x, w->cols, T * heads, T * heads};
-        if (T < VEC_LEN) quantize_task(&q, 0, 1);
-        else pool_run(m->pool, quantize_task, &q);
-    }
     HeadTask task = {m, out, x, w, T, heads};
     if ((size_t)T * w->rows * w->cols < SMALL_WORK) head_task(&task, 0, 1);
     else pool_run(m->pool, head_task, &task);
