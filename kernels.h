@@ -1109,7 +1109,10 @@ static inline __attribute__((always_inline)) void gemm_tile_int(float *out, size
 #pragma GCC unroll 8
             for (int i = 0; i < Q8_GROUP / 4; i++) { // row i of q8_0's interleave (q4_0: half a row)
                 __m512i x[T];
-                for (int t = 0; t < T; t++) x[t] = _mm512_loadu_si512(xq + t * xn + g0 * Q8_GROUP + o + 64 * i);
+                for (int t = 0; t < T; t++) { // (in registers: GCC folds the load into each of the R vpdpbusd
+                    x[t] = _mm512_loadu_si512(xq + t * xn + g0 * Q8_GROUP + o + 64 * i); // that use it, and the
+                    IN_REGISTER(x[t]);                                                     // loads bound the tile)
+                }
                 for (int r = 0; r < R; r++) {
                     __m512i wv = weight_row_512(q[r] + c * CHUNK_BYTES_OF(bits), i, bits);
                     for (int t = 0; t < T; t++) d[r][t] = _mm512_dpbusd_epi32(d[r][t], wv, x[t]);
