@@ -710,16 +710,23 @@ static int32_t round_group_q8(int8_t *q, int groups, int g, const float *x, floa
     float inv = scale > 0 ? 1.0f / scale : 0;
     int8_t r[Q8_GROUP];
     int32_t sum = 0;
-#if defined(__AVX512F__) // the same numbers, 16 at a time (GCC's vectorization of the loop below
-                         // shuffled every byte through a mask register: 1 ns a value)
-    for (int i = 0; i < Q8_GROUP; i += 16) {
-        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv));
-        __mmask16 number = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q); // NaN -> 0
-        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-        __m512i n = _mm512_maskz_cvt_roundps_epi32(number, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128((__m128i *)(r + i), _mm512_cvtepi32_epi8(n));
-        sum += _mm512_reduce_add_epi32(n);
+#if defined(__AVX2__) // the same numbers, 8 at a time (GCC's vectorization of the loop below shuffled
+                      // every byte through mask registers: 1 ns a value); cvtps rounds to nearest even, as rintf
+    __m256i n[Q8_GROUP / 8], total = _mm256_setzero_si256();
+    for (int k = 0; k < Q8_GROUP / 8; k++) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), _mm256_set1_ps(inv));
+        __m256 number = _mm256_cmp_ps(v, v, _CMP_ORD_Q); // NaN -> 0
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        n[k] = _mm256_and_si256(_mm256_cvtps_epi32(v), _mm256_castps_si256(number));
+        total = _mm256_add_epi32(total, n[k]);
     }
+    // to bytes: packs work within 128-bit halves, so the 4-byte pieces come out as values 0-3 of n[0], n[1],
+    // n[2], n[3], then values 4-7 of each; the permute puts them in order
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256((__m256i *)r, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
 #else
     for (int i = 0; i < Q8_GROUP; i++) { // (written so that compilers vectorize it: no lrintf call)
         float v = rintf(x[i] * inv);     // to nearest even, as lrintf
@@ -739,13 +746,16 @@ static int32_t round_group_q8(int8_t *q, int groups, int g, const float *x, floa
 static float group_amax(const float *x) {
     vfloat m = {0};
     for (int i = 0; i < Q8_GROUP; i += VEC_LEN) {
-        vfloat a;
-        memcpy(&a, x + i, sizeof a);
-        a = (vfloat)((vint)a & 0x7fffffff); // |a|
+        vfloat a = *(const vfloat *)(x + i); // (vfloat is aligned(4): any float address)
+        a = (vfloat)((vint)a & 0x7fffffff);   // |a|
         m = vselect(a > m, a, m);
     }
 #if VEC_BYTES == 64 // (no lane is NaN: any order of the lanes' max is the same)
     return _mm512_reduce_max_ps((__m512)m);
+#elif VEC_BYTES == 32 && defined(__AVX__)
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128((__m256)m), _mm256_extractf128_ps((__m256)m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 #else
     float amax = 0;
     for (int j = 0; j < VEC_LEN; j++) amax = m[j] > amax ? m[j] : amax;
