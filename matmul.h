@@ -312,10 +312,12 @@ static void head_task(void *arg, int ith, int nth) {
     split_range(a->T * a->heads, ith, nth, 1, &lo, &hi);
     for (int item = lo; item < hi; item++) { // item = t * heads + h: rows [h R, (h + 1) R) of W for x_item
         int h = item % a->heads;
-        MatmulTask one = {.T = 1, .x = a->x + (size_t)item * C, .xq = s->xq + (size_t)item * padded_len(C),
-                          .xs = s->xs + (size_t)item * n_groups(C), .sum128 = s->sum128 + (size_t)item * n_groups(C)};
-        if (w->q) quantize_q8(s->xq + (size_t)item * padded_len(C), s->xs + (size_t)item * n_groups(C),
-                              s->sum128 + (size_t)item * n_groups(C), one.x, C); // by the thread that uses it
+        const float *x = a->x + (size_t)item * C;
+        int8_t *xq = s->xq + (size_t)item * padded_len(C);
+        float *xs = s->xs + (size_t)item * n_groups(C);
+        int32_t *sum128 = s->sum128 + (size_t)item * n_groups(C);
+        if (w->q) quantize_q8(xq, xs, sum128, x, C); // by the thread that uses it
+        MatmulTask one = {.T = 1, .x = x, .xq = xq, .xs = xs, .sum128 = sum128};
         Product p = {a->out + (size_t)(item - h) * R, w}; // row h R + r lands at item R + r
         matvec_rows(&one, &p, h * R, (h + 1) * R);
     }
